@@ -1,0 +1,142 @@
+"""SiteData: a site's channels, generated once and kept on the site's own disk.
+
+Each (site, split) is cached as ``<cache>/<name>-<spec hash>/<split>-<samples>.npz`` with
+a JSON sidecar holding the file's SHA-256. A changed spec changes the hash (so the data
+is regenerated); a corrupt or truncated file fails the checksum, is reported on stderr
+and regenerated, never used.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedfm.scenarios import SPLITS, SiteSpec, derive_seed, spec_hash, spec_to_dict, split_seed
+
+# Arrays of one split, in the order of the `generate` CLI contract (issue #2).
+ARRAY_NAMES = ("h_sub6", "h_mmwave", "distance_m", "pathloss_db", "los", "speed_mps", "best_beam")
+CHUNK = 256  # samples per Sionna call; each chunk has its own derived seed
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("FEDFM_CACHE_DIR")
+    if env:
+        return Path(env).expanduser().resolve()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "fedfm"
+
+
+def site_cache_dir(spec: SiteSpec, cache_dir: str | Path | None = None) -> Path:
+    root = Path(cache_dir).expanduser().resolve() if cache_dir else default_cache_dir()
+    return root / f"{spec.name}-{spec_hash(spec)}"
+
+
+def generate_split(spec: SiteSpec, split: str, samples: int | None = None) -> dict[str, np.ndarray]:
+    """Synthesise one split with Sionna (no cache). Same spec/split/samples → same bits."""
+    from fedfm.channels.synthesis import SiteChannelGenerator  # Sionna import is slow: only when needed
+
+    n = samples if samples is not None else getattr(spec.samples, split)
+    gen = SiteChannelGenerator(spec)
+    root = split_seed(spec, split)
+    chunks = [gen.generate(min(CHUNK, n - i), derive_seed(root, "chunk", i // CHUNK)) for i in range(0, n, CHUNK)]
+    out = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+    out["codebook"] = gen.codebook
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_cached(path: Path) -> dict[str, np.ndarray] | None:
+    """The cached arrays, or None if absent; raises ValueError if present but unusable."""
+    meta_path = path.with_suffix(".json")
+    if not path.exists() or not meta_path.exists():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        if _sha256(path) != meta["sha256"]:
+            raise ValueError("checksum mismatch (truncated or modified)")
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (ValueError, KeyError, OSError, zipfile.BadZipFile, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: corrupt cache file ({e})") from None
+    missing = set(ARRAY_NAMES + ("codebook",)) - set(arrays)
+    if missing:
+        raise ValueError(f"{path}: corrupt cache file (missing arrays {sorted(missing)})")
+    return arrays
+
+
+def _write_atomic(path: Path, arrays: dict[str, np.ndarray], spec: SiteSpec, split: str) -> None:
+    """Write npz then its sidecar, each via a temp file + rename: never a half-written cache."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
+    os.close(fd)
+    np.savez(tmp, **arrays)
+    meta = {"sha256": _sha256(Path(tmp)), "split": split, "spec_hash": spec_hash(spec),
+            "seed": split_seed(spec, split), "spec": spec_to_dict(spec)}
+    os.replace(tmp, path)
+    tmp_meta = path.with_suffix(".json.tmp")
+    tmp_meta.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp_meta, path.with_suffix(".json"))
+
+
+def load_split(spec: SiteSpec, split: str, cache_dir: str | Path | None = None,
+               samples: int | None = None) -> dict[str, np.ndarray]:
+    """Generate-or-load one split of a site. See the module docstring for caching."""
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+    n = samples if samples is not None else getattr(spec.samples, split)
+    path = site_cache_dir(spec, cache_dir) / f"{split}-{n}.npz"
+    try:
+        cached = _read_cached(path)
+    except ValueError as e:
+        print(f"fedfm: {e}; regenerating", file=sys.stderr)
+        cached = None
+    if cached is not None:
+        return cached
+    arrays = generate_split(spec, split, n)
+    _write_atomic(path, arrays, spec, split)
+    return arrays
+
+
+@dataclass
+class SiteData:
+    """A site's spec and its splits: ``splits[split][array_name]`` (see ARRAY_NAMES)."""
+
+    spec: SiteSpec
+    splits: dict[str, dict[str, np.ndarray]]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def load_site_data(spec: SiteSpec, splits: tuple[str, ...] = SPLITS,
+                   cache_dir: str | Path | None = None) -> SiteData:
+    return SiteData(spec, {s: load_split(spec, s, cache_dir) for s in splits})
+
+
+def summarize(site: SiteData) -> dict:
+    """One row of the dataset summary: shapes, label statistics per split."""
+    s = site.spec
+    row = {"site": s.name, "env": s.environment, "los_mode": s.los_mode, "fc_ghz": s.sub6.carrier_ghz,
+           "N": s.sub6.antennas, "K": s.sub6.subcarriers, "T+P": s.num_slots}
+    for split, a in site.splits.items():
+        row[f"{split}_n"] = int(a["h_sub6"].shape[0])
+    a = site.splits.get("train") or next(iter(site.splits.values()))
+    row.update(los_frac=float(a["los"].mean()), dist_m_mean=float(a["distance_m"].mean()),
+               pl_db_mean=float(a["pathloss_db"].mean()), speed_mps_mean=float(a["speed_mps"].mean()),
+               beams_used=int(np.unique(a["best_beam"]).size))
+    return row
