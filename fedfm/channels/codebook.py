@@ -30,10 +30,10 @@ def dft_codebook(num_antennas: int, num_beams: int) -> np.ndarray:
 
 
 def beam_gains(h_mmwave: np.ndarray, codebook: np.ndarray) -> np.ndarray:
-    """Beamforming gain of every beam summed over subcarriers.
+    """Beamforming gain |wᴴh|² of every beam w, summed over subcarriers.
 
     h_mmwave: complex [S, K_mm, N_mm]; codebook: complex [N_mm, B] → float64 [S, B]."""
-    y = np.einsum("skn,nb->skb", h_mmwave.astype(np.complex128), codebook.astype(np.complex128))
+    y = np.einsum("skn,nb->skb", h_mmwave.astype(np.complex128), codebook.conj().astype(np.complex128))
     return (np.abs(y) ** 2).sum(axis=1)
 
 

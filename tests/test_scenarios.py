@@ -1,0 +1,103 @@
+"""Site/federation YAML validation: every bad input gives one line naming file, key, value."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedfm.scenarios import (ConfigError, derive_seed, load_federation, load_site, site_from_dict,
+                             spec_hash, split_seed)
+
+ROOT = Path(__file__).resolve().parents[1]
+GOOD = (ROOT / "scenarios/sites/uma_1g9.yaml").read_text()
+
+
+def write(tmp_path, text, name="site.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_shipped_scenarios_load():
+    fed = load_federation(ROOT / "scenarios/federations/default.yaml")
+    assert len(fed.train_sites) >= 4 and len(fed.heldout_sites) >= 2
+    assert {s.environment for s in fed.train_sites} == {"uma", "umi", "rma", "inh"}
+    uma = load_site(ROOT / "scenarios/sites/uma_1g9.yaml")
+    # LLM4WM Table II defaults
+    assert (uma.sub6.carrier_ghz, uma.sub6.antennas, uma.sub6.subcarriers) == (1.9, 8, 64)
+    assert (uma.mmwave.carrier_ghz, uma.mmwave.antennas, uma.mmwave.codebook_beams) == (28.0, 64, 256)
+    assert (uma.time.history_slots, uma.time.horizon_slots, uma.time.slot_interval_ms) == (16, 4, 0.5)
+    assert uma.estimation.pilot_spacing == 4 and uma.estimation.snr_db_min == 10.0
+    held = {(s.sub6.antennas, s.sub6.subcarriers) for s in fed.heldout_sites}
+    train = {(s.sub6.antennas, s.sub6.subcarriers) for s in fed.train_sites}
+    assert held - train, "one held-out site must have a configuration no training site has"
+    bench = load_federation(ROOT / "scenarios/federations/benchmark.yaml")
+    assert all(s.samples.train >= 5000 for s in bench.train_sites)
+
+
+@pytest.mark.parametrize("old,new,key,fragment", [
+    ("antennas: 8 ", "antennas: -8 ", "sub6.antennas", "-8"),
+    ("subcarriers: 64         # sampled", "subcarriers: 0          # sampled", "sub6.subcarriers", "0"),
+    ("codebook_beams: 256", "codebook_beams: 32", "mmwave.codebook_beams", "32"),
+    ("history_slots: 16", "history_slots: 0", "time.history_slots", "0"),
+    ("horizon_slots: 4", "horizon_slots: 0", "time.horizon_slots", "0"),
+    ("speed_min_mps: 0.0", "speed_min_mps: 40.0", "ue.speed_min_mps", "40.0"),
+    ("environment: uma", "environment: suburb", "environment", "suburb"),
+    ("los_mode: auto", "los_mode: sometimes", "los_mode", "sometimes"),
+    ("antennas: 8 ", "antennas: eight ", "sub6.antennas", "eight"),
+    ("seed: 101", "seed: 101\ncolour: blue", "colour", "colour"),
+    ("  slot_interval_ms: 0.5", "  slot_interval_ms: 0.5\n  jitter: 1", "time.jitter", "jitter"),
+    ("name: uma_1g9\n", "", "name", "name"),
+])
+def test_bad_site_names_file_key_value(tmp_path, old, new, key, fragment):
+    # Prepare
+    assert old in GOOD
+    path = write(tmp_path, GOOD.replace(old, new, 1))
+    # Execute
+    with pytest.raises(ConfigError) as err:
+        load_site(path)
+    # Assert: one line naming the file, the key and the value
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert str(path) in msg and f"`{key}`" in msg and fragment in msg
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    path = write(tmp_path, "name: x\nsub6: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"site.yaml: malformed YAML at line \d"):
+        load_site(path)
+
+
+def test_cli_validate_one_line_and_exit_code(tmp_path):
+    bad = write(tmp_path, GOOD.replace("environment: uma", "environment: moon"))
+    r = subprocess.run([sys.executable, "-m", "fedfm.scenarios", "validate", str(bad)],
+                       capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and "`environment`" in lines[0] and "moon" in lines[0]
+
+
+def test_cli_generate_bad_site_no_traceback(tmp_path):
+    bad = write(tmp_path, GOOD.replace("antennas: 8 ", "antennas: 0 "))
+    out = tmp_path / "x.npz"
+    r = subprocess.run([sys.executable, "-m", "fedfm.scenarios", "generate", str(bad), "--out", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "`sub6.antennas`" in r.stderr
+    assert not out.exists()
+
+
+def test_federation_rejects_missing_site(tmp_path):
+    fed = write(tmp_path, "name: f\ntrain_sites: [nowhere.yaml]\n", "fed.yaml")
+    with pytest.raises(ConfigError, match="nowhere.yaml: cannot read file"):
+        load_federation(fed)
+
+
+def test_hash_and_seeds():
+    a = site_from_dict({"name": "a", "environment": "uma"}, "x.yaml")
+    b = site_from_dict({"name": "a", "environment": "uma"}, "elsewhere.yaml")
+    c = site_from_dict({"name": "a", "environment": "uma", "sub6": {"antennas": 16}}, "x.yaml")
+    assert spec_hash(a) == spec_hash(b) != spec_hash(c)  # the path is not part of the data
+    seeds = {split_seed(a, s) for s in ("train", "val", "test")}
+    assert len(seeds) == 3
+    assert derive_seed(1, "x") == derive_seed(1, "x") != derive_seed(2, "x")
