@@ -82,8 +82,8 @@ def _write_atomic(path: Path, arrays: dict[str, np.ndarray], spec: SiteSpec, spl
     """Write npz then its sidecar, each via a temp file + rename: never a half-written cache."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    os.close(fd)
-    np.savez(tmp, **arrays)
+    with os.fdopen(fd, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+        np.savez(f, **arrays)
     meta = {"sha256": _sha256(Path(tmp)), "split": split, "spec_hash": spec_hash(spec),
             "seed": split_seed(spec, split), "spec": spec_to_dict(spec)}
     os.replace(tmp, path)
