@@ -33,8 +33,8 @@ def beam_gains(h_mmwave: np.ndarray, codebook: np.ndarray) -> np.ndarray:
     """Beamforming gain |wᴴh|² of every beam w, summed over subcarriers.
 
     h_mmwave: complex [S, K_mm, N_mm]; codebook: complex [N_mm, B] → float64 [S, B]."""
-    y = np.einsum("skn,nb->skb", h_mmwave.astype(np.complex128), codebook.conj().astype(np.complex128))
-    return (np.abs(y) ** 2).sum(axis=1)
+    y = np.matmul(h_mmwave.astype(np.complex64), codebook.conj().astype(np.complex64))  # [S, K_mm, B], BLAS
+    return (y.real ** 2 + y.imag ** 2).sum(axis=1, dtype=np.float64)
 
 
 def best_beam(h_mmwave: np.ndarray, codebook: np.ndarray) -> np.ndarray:

@@ -1,0 +1,203 @@
+"""RunConfig: one federated run's settings, from Flower's flat kebab-case run config.
+
+Flower hands every app a flat mapping (``context.run_config``) whose defaults live in
+``[tool.flwr.app.config]`` of pyproject.toml and whose overrides come from
+``flwr run . --run-config "num-server-rounds=5 lora-r=16"``. :func:`RunConfig.from_flower`
+validates that mapping once; everything downstream reads the frozen dataclass.
+
+Paths: the ServerApp and ClientApp run from ``$FLWR_HOME/apps/...`` with a working
+directory nobody chooses (FLOWER_NOTES.md), so relative input paths (federation,
+backbone) resolve against ``base_dir`` — the app's own folder, which holds the
+``scenarios/`` YAMLs because the FAB ships ``*.yaml`` — and relative output paths
+(out-dir, cache-dir) against the current directory. ``scripts/run_federation.py``
+always passes absolute paths.
+
+Also: :func:`federation_site_paths`, a lenient reader of a federation file that keeps
+one broken site YAML from taking the whole federation down (issue 4: "a site with a
+broken YAML yields a clear error and the other sites' round completes").
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from fedfm.scenarios import ConfigError, SiteSpec, load_site
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
+STAGES = ("finetune", "pretrain")
+PRESETS = ("tiny", "small", "base", "large")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    federation: str = "scenarios/federations/default.yaml"  # which sites train, which are held out
+    backbone: str = ""              # pretrained backbone checkpoint; "" → server pretrains a small one first
+    preset: str = "tiny"            # model size: tiny (~1M) | small | base | large
+    stage: str = "finetune"         # finetune: LoRA+heads FL on a frozen backbone; pretrain: full-backbone FedAvg
+    num_server_rounds: int = 3
+    local_steps: int = 20           # optimiser steps per site per round (equal per-site compute)
+    batch_size: int = 32
+    lr: float = 1e-3
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    dwa_temperature: float = 2.0    # Dynamic Weight Averaging of task losses (LLM4WM)
+    strategy: str = "fedavg"
+    fedprox_mu: float = 0.01        # proximal weight, only used by fedprox
+    fedadam_eta: float = 1e-2       # server learning rate, only used by fedadam
+    fraction_train: float = 1.0     # fraction of connected sites sampled per round
+    min_train_nodes: int = 2        # Flower waits until this many sites are connected
+    round_timeout: float = 1800.0   # seconds the server waits for a round's replies
+    pretrain_steps: int = 200       # central pretraining steps when no backbone is given
+    eval_max_samples: int = 0       # cap on test samples per site in central evaluation; 0 = all
+    out_dir: str = "runs/latest"    # the run folder itself (config.json, metrics.jsonl, ...)
+    cache_dir: str = ""             # site data cache; "" → $FEDFM_CACHE_DIR or ~/.cache/fedfm
+    resume: str = ""                # a run folder to continue from its last complete round
+    seed: int = 0                   # root seed: every (site, split) and (site, round) derives from it
+    device: str = "auto"            # auto: cuda when present
+
+    def __post_init__(self) -> None:
+        _check("strategy", self.strategy, self.strategy in STRATEGIES, f"one of {', '.join(STRATEGIES)}")
+        _check("stage", self.stage, self.stage in STAGES, f"one of {', '.join(STAGES)}")
+        _check("preset", self.preset, self.preset in PRESETS, f"one of {', '.join(PRESETS)}")
+        _check("device", self.device, self.device in DEVICES, f"one of {', '.join(DEVICES)}")
+        _check("federation", self.federation, bool(self.federation), "a path to a federation YAML")
+        _check("out-dir", self.out_dir, bool(self.out_dir), "a folder path")
+        for key in ("num_server_rounds", "local_steps", "batch_size", "lora_r", "min_train_nodes"):
+            value = getattr(self, key)
+            _check(_kebab(key), value, value >= 1, "an integer >= 1")
+        for key in ("pretrain_steps", "eval_max_samples", "seed"):
+            value = getattr(self, key)
+            _check(_kebab(key), value, value >= 0, "an integer >= 0")
+        for key in ("lr", "lora_alpha", "dwa_temperature", "fedadam_eta", "round_timeout"):
+            value = getattr(self, key)
+            _check(_kebab(key), value, math.isfinite(value) and value > 0, "a finite number > 0")
+        _check("fedprox-mu", self.fedprox_mu, math.isfinite(self.fedprox_mu) and self.fedprox_mu >= 0,
+               "a finite number >= 0")
+        _check("fraction-train", self.fraction_train, 0 < self.fraction_train <= 1, "a number in (0, 1]")
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, Any], base_dir: str | Path | None = None) -> "RunConfig":
+        """Validate Flower's flat run config (kebab-case keys) and resolve its paths.
+
+        Unknown keys and wrong types raise ``ValueError`` naming the key, the value and
+        what is allowed."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in run_config.items():
+            name = key.replace("-", "_").replace(".", "_")
+            if name not in fields:
+                allowed = ", ".join(_kebab(n) for n in fields)
+                raise ValueError(f"run config: unknown key `{key}`; allowed keys: {allowed}")
+            kwargs[name] = _coerce(key, value, fields[name].type)
+        cfg = cls(**kwargs)
+        return cfg.resolve(base_dir)
+
+    def resolve(self, base_dir: str | Path | None = None) -> "RunConfig":
+        """Absolute paths: inputs against ``base_dir`` (default: cwd), outputs against cwd."""
+        base = Path(base_dir) if base_dir else Path.cwd()
+
+        def inp(p: str) -> str:
+            return str((base / p).resolve()) if p and not Path(p).is_absolute() else p
+
+        def out(p: str) -> str:
+            return str(Path(p).expanduser().resolve()) if p else p
+
+        return dataclasses.replace(self, federation=inp(self.federation), backbone=inp(self.backbone),
+                                   out_dir=out(self.out_dir), cache_dir=out(self.cache_dir),
+                                   resume=out(self.resume))
+
+    @property
+    def run_dir(self) -> Path:
+        """Where this run writes: the resumed run's folder when resuming, else out-dir."""
+        return Path(self.resume or self.out_dir)
+
+    def to_flower(self) -> dict[str, Any]:
+        """The kebab-case mapping :meth:`from_flower` accepts (round trip)."""
+        return {_kebab(k): v for k, v in dataclasses.asdict(self).items()}
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _check(key: str, value: Any, ok: bool, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"run config: `{key}` = {value!r} is not allowed; expected {allowed}")
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    typ = {"int": int, "float": float, "str": str}.get(typ, typ)  # annotations are strings here
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, typ) or isinstance(value, bool):
+        raise ValueError(f"run config: `{key}` = {value!r} is not allowed; expected a {typ.__name__}")
+    return value
+
+
+# ---- federation files, leniently -------------------------------------------------------
+@dataclass(frozen=True)
+class SiteEntry:
+    """One site line of a federation file: its spec, or why it cannot be used."""
+
+    path: str
+    role: str                       # 'train' | 'heldout'
+    spec: SiteSpec | None = None
+    error: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.spec.name if self.spec else Path(self.path).stem
+
+
+def federation_site_paths(path: str | Path) -> list[tuple[str, str]]:
+    """``[(absolute site YAML path, 'train'|'heldout'), ...]`` in file order (train first).
+
+    Reads only the list of paths, so a broken *site* file does not fail here."""
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{p}: cannot read federation file ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("train_sites"), list) or not data["train_sites"]:
+        raise ConfigError(f"{p}: `train_sites` must be a non-empty list of site YAML paths")
+    out = []
+    for key, role in (("train_sites", "train"), ("heldout_sites", "heldout")):
+        for entry in data.get(key) or []:
+            if not isinstance(entry, str):
+                raise ConfigError(f"{p}: `{key}` entry {entry!r} is not allowed; expected a site YAML path")
+            out.append((str((p.parent / entry).resolve()), role))
+    return out
+
+
+def load_federation_sites(path: str | Path) -> list[SiteEntry]:
+    """Every site of a federation, each loaded on its own: a bad file becomes an entry
+    with ``error`` set (the message names file, key and value) instead of an exception."""
+    entries = []
+    for site_path, role in federation_site_paths(path):
+        try:
+            entries.append(SiteEntry(site_path, role, spec=load_site(site_path)))
+        except ValueError as e:
+            entries.append(SiteEntry(site_path, role, error=str(e)))
+    return entries
+
+
+def train_site_for_partition(federation: str | Path, partition_id: int, num_partitions: int) -> SiteEntry:
+    """The training site a simulated SuperNode plays: partition ``i`` → i-th train site."""
+    entries = [e for e in federation_site_paths(federation) if e[1] == "train"]
+    if num_partitions != len(entries):
+        raise ValueError(f"{federation}: {len(entries)} training sites but num-partitions={num_partitions}; "
+                         f"run with --federation-config \"num-supernodes={len(entries)}\"")
+    if not 0 <= partition_id < len(entries):
+        raise ValueError(f"partition-id {partition_id} is not in [0, {len(entries)})")
+    site_path, role = entries[partition_id]
+    try:
+        return SiteEntry(site_path, role, spec=load_site(site_path))
+    except ValueError as e:
+        return SiteEntry(site_path, role, error=str(e))
+

@@ -1,0 +1,145 @@
+"""The run folder: everything a federated run writes, and resuming from it.
+
+    runs/<run-id>/
+      config.json            resolved run config, federation, seeds, backbone hash, versions
+      metrics.jsonl          one line per round × site × task (central evaluation), plus
+                             per-site local training losses (``source: "train"``)
+      baselines.json         classical baselines per site × task (computed once)
+      ledger.jsonl           bytes down/up per site per round, adapter vs full-model size
+      events.jsonl           site errors and rejected updates, by site name
+      checkpoints/round-NNN/ adapter.safetensors, strategy.safetensors, state.json (RNG, round)
+      report.md, report.json, plots/*.png   (fedfm.report)
+
+A checkpoint folder is written under a temporary name and renamed when complete, so a
+``round-NNN`` folder is always whole. Resuming truncates the JSONL files to that round,
+so an interrupted round leaves no duplicate lines.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+CHECKPOINTS = "checkpoints"
+JSONL_FILES = ("metrics.jsonl", "ledger.jsonl", "events.jsonl")
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    p = Path(path)
+    if not p.exists():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, float) and not np.isfinite(x):
+        return None  # JSON has no NaN/inf; None reads as "not available"
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Atomic JSON write (temp file + rename)."""
+    p = Path(path)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(obj), indent=1, sort_keys=False))
+    os.replace(tmp, p)
+
+
+class RunLog:
+    """Appends to and checkpoints into one run folder (created if missing)."""
+
+    def __init__(self, run_dir: str | Path):
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / CHECKPOINTS).mkdir(exist_ok=True)
+
+    # ---- append-only logs -------------------------------------------------------------
+    def _append(self, name: str, rows: Iterable[dict]) -> None:
+        lines = "".join(json.dumps(_jsonable(r)) + "\n" for r in rows)
+        if lines:
+            with open(self.dir / name, "a") as f:
+                f.write(lines)
+                f.flush()
+
+    def append_metrics(self, rows: Iterable[dict]) -> None:
+        self._append("metrics.jsonl", rows)
+
+    def append_ledger(self, rows: Iterable[dict]) -> None:
+        self._append("ledger.jsonl", rows)
+
+    def append_event(self, round_: int, site: str, level: str, message: str) -> None:
+        self._append("events.jsonl", [{"round": round_, "site": site, "level": level, "message": message}])
+
+    def write_config(self, config: dict) -> None:
+        write_json(self.dir / "config.json", config)
+
+    def read_config(self) -> dict:
+        return json.loads((self.dir / "config.json").read_text())
+
+    # ---- checkpoints ------------------------------------------------------------------
+    def checkpoint_dir(self, round_: int) -> Path:
+        return self.dir / CHECKPOINTS / f"round-{round_:03d}"
+
+    def save_checkpoint(self, round_: int, adapter: dict[str, np.ndarray],
+                        strategy_state: dict[str, np.ndarray], state: dict) -> Path:
+        """Write round ``round_``'s global adapter state (float32), the strategy's arrays
+        (e.g. FedAdam moments) and a JSON ``state`` (RNG state, round, hashes)."""
+        final = self.checkpoint_dir(round_)
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in adapter.items()},
+                  str(tmp / "adapter.safetensors"))
+        save_file({k: np.ascontiguousarray(v) for k, v in strategy_state.items()},
+                  str(tmp / "strategy.safetensors"))
+        write_json(tmp / "state.json", {"round": round_, **state})
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        return final
+
+    def complete_rounds(self) -> list[int]:
+        rounds = []
+        for d in (self.dir / CHECKPOINTS).glob("round-[0-9][0-9][0-9]"):
+            if (d / "state.json").exists() and (d / "adapter.safetensors").exists():
+                rounds.append(int(d.name.split("-")[1]))
+        return sorted(rounds)
+
+    def last_complete_round(self) -> int | None:
+        rounds = self.complete_rounds()
+        return rounds[-1] if rounds else None
+
+    def load_checkpoint(self, round_: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict]:
+        d = self.checkpoint_dir(round_)
+        if not (d / "state.json").exists():
+            raise ValueError(f"{d}: no complete checkpoint for round {round_}")
+        adapter = load_file(str(d / "adapter.safetensors"))
+        strategy = load_file(str(d / "strategy.safetensors"))
+        state = json.loads((d / "state.json").read_text())
+        return adapter, strategy, state
+
+    def truncate_after(self, round_: int) -> None:
+        """Forget everything logged after round ``round_`` (an interrupted round)."""
+        for name in JSONL_FILES:
+            rows = read_jsonl(self.dir / name)
+            keep = [r for r in rows if r.get("round") is None or r["round"] <= round_]
+            if len(keep) != len(rows):
+                tmp = self.dir / (name + ".tmp")
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+                os.replace(tmp, self.dir / name)
+        for d in (self.dir / CHECKPOINTS).iterdir():
+            stem = d.name.removesuffix(".tmp")
+            if d.name.endswith(".tmp") or (stem.startswith("round-") and int(stem[6:]) > round_):
+                shutil.rmtree(d, ignore_errors=True)
