@@ -1,0 +1,359 @@
+"""Classical baselines, one per task (issue #2), beside which every model score is shown.
+
+    b = fit_baseline("CE", train_tds["CE"], spec)       # headline baseline of the task
+    pred = b.predict(test_tds["CE"])                     # contract prediction format
+    fit_baseline("CE", train_tds["CE"], spec, "CE-LMMSE")  # a variant, reported separately
+
+BASELINES[task] lists a task's baselines, headline first:
+  CE   CE-interp    linear interpolation of the LS pilots across the comb
+       CE-LMMSE     frequency LMMSE with the site's channel covariance (fitted on train)
+  CP   CP-hold      last observed slot held over the horizon
+       CP-linear    linear extrapolation from the last two slots
+  PF   PF-AR        least-squares AR across subcarriers, fitted per sample on the lower half
+                    (order chosen on train); a plain line is a poor predictor over half a band
+       PF-linear    least-squares line over the last L observed subcarriers (L chosen on train)
+  BF   BF-AoA       sub-6 angular spectrum (Bartlett or Capon, chosen on train) at the
+                    mmWave beams' directions: AoA → nearest DFT beam
+  DE   DE-kNN       k-NN fingerprint on the shape of the normalised power-delay and angle
+                    profiles (spreads, peak shares; train split; k from {5, 10, 20, 40} by
+                    leave-one-out; median of the neighbours)
+       DE-logdist   log-range regressed on received power: the log-distance law fitted on train
+                    (sees power: a reference, not a baseline of the structure-only task)
+  PE   PE-kNN       as DE-kNN
+       PE-logdist   path loss regressed on received power (sees power: a reference)
+  LoS  LoS-Kfactor  peak delay-angle bin's power share (K-factor proxy) thresholded (train)
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from fedfm.channels.codebook import beam_grid, ula_steering
+from fedfm.metrics import error_for_score, nmse, score
+from fedfm.scenarios import SiteSpec
+from fedfm.tasks import TASKS, build_tasks
+from fedfm.tasks.sensing import peak_power_ratio, profile_features
+
+BASELINES = {"CE": ("CE-interp", "CE-LMMSE"), "CP": ("CP-hold", "CP-linear"), "PF": ("PF-AR", "PF-linear"),
+             "BF": ("BF-AoA",), "DE": ("DE-kNN", "DE-logdist"), "PE": ("PE-kNN", "PE-logdist"),
+             "LoS": ("LoS-Kfactor",)}
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A fitted baseline: ``predict(td)`` gives the contract prediction format for its task."""
+
+    name: str
+    task: str
+    params: dict = field(default_factory=dict)
+
+    def predict(self, td) -> np.ndarray:
+        if td.task != self.task:
+            raise ValueError(f"baseline {self.name} predicts {self.task}, got a {td.task} TaskData")
+        return _METHODS[self.name][1](td, **self.params)
+
+
+# ---- CE: comb interpolation and LMMSE ---------------------------------------------------
+def _interp_matrix(K: int, pilots: np.ndarray) -> np.ndarray:
+    """Real [K, K_p]: linear interpolation between pilots, linear extrapolation past the last."""
+    W = np.zeros((K, len(pilots)))
+    for k in range(K):
+        j = min(max(np.searchsorted(pilots, k, side="right") - 1, 0), len(pilots) - 2)
+        w = (k - pilots[j]) / (pilots[j + 1] - pilots[j])
+        W[k, j], W[k, j + 1] = 1 - w, w
+    return W
+
+
+def _pilots(td) -> np.ndarray:
+    return np.flatnonzero(td.known[0, :, 0])
+
+
+def _ce_interp(td) -> np.ndarray:
+    p = _pilots(td)
+    W = _interp_matrix(td.inputs.shape[2], p).astype(np.complex64)
+    return np.einsum("kp,sgpn->sgkn", W, td.inputs[:, :, p]).astype(np.complex64)
+
+
+def _fit_ce_lmmse(td, spec) -> dict:
+    """Frequency covariance of the true channels of the train split, unit mean diagonal."""
+    K = td.targets.shape[2]
+    R = np.zeros((K, K), np.complex128)
+    for s0 in range(0, td.targets.shape[0], 256):                             # bounded memory at 10k samples
+        h = td.targets[s0:s0 + 256].transpose(0, 1, 3, 2).reshape(-1, K)      # [S·G·N, K]
+        R += h.T @ h.conj()                                                   # Σ h hᴴ: [K, K]
+    return {"cov": (R / np.real(np.trace(R)) * R.shape[0]).astype(np.complex128)}
+
+
+def _ce_lmmse(td, cov) -> np.ndarray:
+    """ĥ = R_kp (R_pp + I/snr)⁻¹ y per sample: the scale of y cancels, only its SNR matters."""
+    p = _pilots(td)
+    snr = 10.0 ** (np.asarray(td.extras["snr_db"], np.float64) / 10.0)       # [S]
+    A = cov[np.ix_(p, p)][None] + np.eye(len(p))[None] / snr[:, None, None]   # [S, K_p, K_p]
+    W = (cov[:, p][None] @ np.linalg.inv(A)).astype(np.complex64)           # [S, K, K_p]
+    return np.einsum("skp,sgpn->sgkn", W, td.inputs[:, :, p]).astype(np.complex64)
+
+
+# ---- CP: hold and linear extrapolation in time -----------------------------------------
+def _history(td) -> int:
+    return int(td.known[:, 0, 0].sum())
+
+
+def _cp_hold(td) -> np.ndarray:
+    T, pred = _history(td), td.inputs.copy()
+    pred[:, T:] = td.inputs[:, T - 1:T]
+    return pred
+
+
+def _cp_linear(td) -> np.ndarray:
+    T, pred = _history(td), td.inputs.copy()
+    step = td.inputs[:, T - 1] - td.inputs[:, T - 2]
+    for j in range(pred.shape[1] - T):
+        pred[:, T + j] = td.inputs[:, T - 1] + (j + 1) * step
+    return pred
+
+
+# ---- PF: extrapolation across frequency -------------------------------------------------
+def _lower_band(td) -> int:
+    return int(td.known[0, :, 0].sum())
+
+
+def _pf_line(td, window: int) -> np.ndarray:
+    """Least-squares line over the last ``window`` observed subcarriers, per (sample, slot, antenna)."""
+    K0, K = _lower_band(td), td.inputs.shape[2]
+    k = np.arange(K0 - window, K0, dtype=np.float64)
+    X = np.stack([np.ones_like(k), k], 1)                                     # [L, 2]
+    coef = np.linalg.pinv(X) @ td.inputs[:, :, K0 - window:K0].transpose(2, 0, 1, 3).reshape(window, -1)
+    ext = np.stack([np.ones(K - K0), np.arange(K0, K)], 1) @ coef            # [K - K0, S·G·N]
+    pred = td.inputs.copy()
+    pred[:, :, K0:] = ext.reshape(K - K0, *td.inputs.shape[:2], td.inputs.shape[3]).transpose(1, 2, 0, 3)
+    return pred
+
+
+def _lag_covariance(x: np.ndarray, order: int, chunk: int = 64) -> np.ndarray:
+    """C[i, j] = Σ conj(x_{k-p+i}) x_{k-p+j} over k, slots and antennas: complex128 [S, p+1, p+1].
+
+    x: complex [S, G, K0, N]. Chunked over samples to bound the lag matrix's memory."""
+    S, G, K0, N = x.shape
+    out = np.empty((S, order + 1, order + 1), np.complex128)
+    for s0 in range(0, S, chunk):
+        seq = x[s0:s0 + chunk].transpose(0, 1, 3, 2).reshape(-1, G * N, K0)
+        L = np.stack([seq[:, :, j:K0 - order + j] for j in range(order + 1)], -1).reshape(seq.shape[0], -1, order + 1)
+        out[s0:s0 + chunk] = np.matmul(np.conj(L.transpose(0, 2, 1)), L)
+    return out
+
+
+def _ar_coefficients(x: np.ndarray, order: int) -> np.ndarray:
+    """Forward-backward least-squares AR fit across subcarriers (the modified covariance
+    method), pooled over slots and antennas: x complex [S, G, K0, N] → a complex [S, p] with
+    x_k ≈ Σ_i a_i x_{k-i}. The paths' delays are common to every slot and antenna
+    (TR 38.901 §7.5), so one predictor per sample serves them all."""
+    C = _lag_covariance(x, order)
+    p = order
+    i = np.arange(1, p + 1)
+    F, f = C[:, p - i[:, None], p - i[None, :]], C[:, p - i, p]       # forward normal equations
+    B, b = np.conj(C[:, i[:, None], i[None, :]]), np.conj(C[:, i, 0])  # backward (conjugate) ones
+    A = F + B
+    A += 1e-6 * np.trace(A, axis1=1, axis2=2).real[:, None, None] / p * np.eye(p)  # noise-only samples
+    return np.linalg.solve(A, (f + b)[..., None])[..., 0]
+
+
+def _stabilise(a: np.ndarray) -> np.ndarray:
+    """Pull AR poles outside the unit circle back onto it: a growing mode would explode over
+    half a band, and a channel's modes e^{-j2πfτ} have |z| = 1. a complex [S, p] → [S, p]."""
+    S, p = a.shape
+    comp = np.zeros((S, p, p), np.complex128)                          # companion matrix of z^p - Σ a_i z^{p-i}
+    comp[:, 0] = a
+    comp[:, np.arange(1, p), np.arange(p - 1)] = 1.0
+    z = np.linalg.eigvals(comp)
+    z = np.where(np.abs(z) > 1.0, z / np.abs(z), z)
+    poly = np.zeros((S, p + 1), np.complex128)                         # Π (1 - z_i q), q = z^-1
+    poly[:, 0] = 1.0
+    for r in range(p):
+        poly[:, 1:] = poly[:, 1:] - z[:, r:r + 1] * poly[:, :-1]
+    return -poly[:, 1:]
+
+
+def _pf_ar(td, order: int) -> np.ndarray:
+    K0, K = _lower_band(td), td.inputs.shape[2]
+    a = _stabilise(_ar_coefficients(td.inputs[:, :, :K0], order)).astype(np.complex64)   # [S, p]
+    pred = td.inputs.copy()
+    for k in range(K0, K):
+        past = pred[:, :, k - order:k][:, :, ::-1]                           # x_{k-1}, …, x_{k-p}
+        pred[:, :, k] = np.matmul(a[:, None, None, :], past)[:, :, 0]           # Σ_i a_i x_{k-i}
+    return pred
+
+
+def _fit_by_train(td, predict: Callable, grid: list[dict], max_samples: int = 128) -> dict:
+    """The parameters in ``grid`` whose predictions have the lowest NMSE on (the first
+    ``max_samples`` of) the train split."""
+    td = _head(td, max_samples)
+    errs = [nmse(predict(td, **p), td.targets, td.region) for p in grid]
+    return grid[int(np.argmin(errs))]
+
+
+def _head(td, n: int):
+    """The first n samples of a dense TaskData (a cheap subset to choose hyper-parameters on)."""
+    return dataclasses.replace(td, inputs=td.inputs[:n], targets=td.targets[:n], scale=td.scale[:n],
+                               extras={k: v[:n] for k, v in td.extras.items() if k == "snr_db"})
+
+
+def _fit_pf_ar(td, spec) -> dict:
+    return _fit_by_train(td, _pf_ar, [{"order": p} for p in (2, 4, 8, 12, 16) if p <= _lower_band(td) // 2])
+
+
+def _fit_pf_line(td, spec) -> dict:
+    K0 = _lower_band(td)
+    return _fit_by_train(td, _pf_line, [{"window": w} for w in (2, 4, 8, 16, 32, 64) if w <= K0])
+
+
+# ---- BF: sub-6 AoA → nearest mmWave DFT beam ---------------------------------------------
+def _spatial_covariance(x: np.ndarray) -> np.ndarray:
+    """Sample covariance over slots and subcarriers: x [S, G, K, N] → complex128 [S, N, N]."""
+    v = x.reshape(x.shape[0], -1, x.shape[3])
+    R = np.matmul(v.transpose(0, 2, 1), v.conj()) / v.shape[1]                 # Σ_m v_i v_j*
+    return R.astype(np.complex128)
+
+
+def _quadratic_form(A: np.ndarray, R: np.ndarray) -> np.ndarray:
+    """Re(a_bᴴ R_s a_b) for every beam b and sample s: A [B, N], R [S, N, N] → float64 [S, B]."""
+    return np.sum((A.conj()[None] @ R) * A[None], axis=-1).real
+
+
+def _bf_aoa(td, method: str, num_beams: int) -> np.ndarray:
+    """Angular spectrum of the sub-6 array at each codebook beam's u = sin(θ): float32 [S, B].
+
+    Both ULAs have half-wavelength spacing at their own carrier, so one direction has the
+    same u in both bands and the codebook's steering vectors (fedfm.channels.codebook) scan
+    the sub-6 array too; the best-scored beam is the one nearest the estimated AoA."""
+    R = _spatial_covariance(td.inputs)
+    N = R.shape[1]
+    A = ula_steering(N, beam_grid(num_beams)).astype(np.complex128)             # [B, N]
+    if method == "capon":  # MVDR: 1 / aᴴR⁻¹a, sharper peaks than Bartlett with 8 antennas
+        Rinv = np.linalg.inv(R + 1e-3 * np.trace(R, axis1=1, axis2=2).real[:, None, None] / N * np.eye(N))
+        p = 1.0 / np.maximum(_quadratic_form(A, Rinv), 1e-30)
+    else:  # Bartlett: aᴴRa
+        p = _quadratic_form(A, R)
+    return (p / p.max(axis=1, keepdims=True)).astype(np.float32)
+
+
+def _fit_bf(td, spec) -> dict:
+    B = td.extras["codebook"].shape[1]
+    acc = {m: np.mean(_bf_aoa(td, m, B).argmax(1) == td.targets) for m in ("bartlett", "capon")}
+    return {"method": max(acc, key=acc.get), "num_beams": B}
+
+
+# ---- DE/PE: kNN fingerprint and the power-seeing log-distance reference ------------------
+def _neighbours(q: np.ndarray, features: np.ndarray, k: int, exclude_self: bool = False) -> np.ndarray:
+    """Indices of the k nearest rows of ``features`` to each row of ``q``: int [S, k]."""
+    d2 = (q ** 2).sum(1)[:, None] - 2 * q @ features.T + (features ** 2).sum(1)[None]
+    if exclude_self:
+        np.fill_diagonal(d2, np.inf)
+    k = min(k, features.shape[0] - int(exclude_self))
+    return np.argpartition(d2, k - 1, axis=1)[:, :k]
+
+
+def _fit_knn(td, spec) -> dict:
+    """Standardised train fingerprints and labels; k in {5, 10, 20, 40} by leave-one-out MAE.
+
+    The median of the neighbours' labels (the MAE-optimal summary). DE averages log-range."""
+    f = profile_features(td.inputs)
+    mu, sd = f.mean(0), f.std(0) + 1e-9
+    f = (f - mu) / sd
+    y = np.log10(td.targets.astype(np.float64)) if td.task == "DE" else td.targets.astype(np.float64)
+    n = min(len(y), 2000)  # leave-one-out on a subset: an [n, n] distance matrix
+    loo = {k: np.mean(np.abs(np.median(y[:n][_neighbours(f[:n], f[:n], k, True)], 1) - y[:n]))
+           for k in (5, 10, 20, 40)}
+    return {"features": f, "labels": y, "mu": mu, "sd": sd, "k": min(loo, key=loo.get)}
+
+
+def _knn(td, features, labels, mu, sd, k) -> np.ndarray:
+    y = np.median(labels[_neighbours((profile_features(td.inputs) - mu) / sd, features, k)], 1)
+    return (10.0 ** y if td.task == "DE" else y).astype(np.float32)
+
+
+def _rx_power_db(td) -> np.ndarray:
+    """Received channel power [dB]: inputs have unit power, so it is 20 log10(scale), less the
+    share the estimation noise added (10 log10(1 + 1/snr))."""
+    snr = 10.0 ** (np.asarray(td.extras["snr_db"], np.float64) / 10.0)
+    return 20.0 * np.log10(np.asarray(td.scale, np.float64)) - 10.0 * np.log10(1.0 + 1.0 / snr)
+
+
+def _fit_logdist(td, spec) -> dict:
+    """Least-squares line from received power [dB] to log10 range (DE) or path loss [dB] (PE).
+
+    Regressing the label on power, not power on log-range and inverting, keeps shadow fading
+    (TR 38.901 Table 7.4.1-1: σ_SF 4–8 dB) from blowing ranges up when the line is inverted."""
+    y = np.log10(td.targets.astype(np.float64)) if td.task == "DE" else td.targets.astype(np.float64)
+    b, a = np.polyfit(_rx_power_db(td), y, 1)
+    return {"a": float(a), "b": float(b)}
+
+
+def _logdist(td, a, b) -> np.ndarray:
+    y = a + b * _rx_power_db(td)
+    return (10.0 ** y if td.task == "DE" else y).astype(np.float32)
+
+
+# ---- LoS: K-factor threshold ------------------------------------------------------------
+def _fit_los(td, spec) -> dict:
+    """The threshold on log peak-power share with the best train accuracy (±inf: one class)."""
+    r = np.log(peak_power_ratio(td.inputs))
+    order = np.argsort(r)
+    r, y = r[order], np.asarray(td.targets)[order] == 1
+    # Threshold below sorted sample i: NLoS called right among the first i, LoS among the rest.
+    correct = np.concatenate([[0], np.cumsum(~y)]) + np.concatenate([np.cumsum(y[::-1])[::-1], [0]])
+    cands = np.concatenate([[-np.inf], (r[1:] + r[:-1]) / 2, [np.inf]])
+    return {"threshold": float(cands[int(np.argmax(correct))])}
+
+
+def _los(td, threshold) -> np.ndarray:
+    r = np.log(peak_power_ratio(td.inputs))
+    # A sigmoid of the margin: p ≥ 0.5 exactly where the fitted rule says LoS.
+    return (1.0 / (1.0 + np.exp(-8.0 * np.clip(r - threshold, -10, 10)))).astype(np.float32)
+
+
+# ---- registry, fitting and evaluation ----------------------------------------------------
+def _no_fit(td, spec) -> dict:
+    return {}
+
+
+_METHODS: dict[str, tuple[Callable, Callable]] = {
+    "CE-interp": (_no_fit, _ce_interp), "CE-LMMSE": (_fit_ce_lmmse, _ce_lmmse),
+    "CP-hold": (_no_fit, _cp_hold), "CP-linear": (_no_fit, _cp_linear),
+    "PF-AR": (_fit_pf_ar, _pf_ar), "PF-linear": (_fit_pf_line, _pf_line),
+    "BF-AoA": (_fit_bf, _bf_aoa),
+    "DE-kNN": (_fit_knn, _knn), "DE-logdist": (_fit_logdist, _logdist),
+    "PE-kNN": (_fit_knn, _knn), "PE-logdist": (_fit_logdist, _logdist),
+    "LoS-Kfactor": (_fit_los, _los),
+}
+
+
+def fit_baseline(task: str, train_td, spec: SiteSpec, name: str | None = None) -> Baseline:
+    """Fit a task's baseline on its train-split TaskData (``name`` None = the headline one)."""
+    if task not in BASELINES:
+        raise ValueError(f"task {task!r} is not allowed; expected one of {', '.join(TASKS)}")
+    name = name or BASELINES[task][0]
+    if name not in BASELINES[task]:
+        raise ValueError(f"baseline {name!r} is not a {task} baseline; expected one of {', '.join(BASELINES[task])}")
+    if train_td.task != task:
+        raise ValueError(f"fit_baseline({task!r}): got a {train_td.task} TaskData")
+    return Baseline(name, task, _METHODS[name][0](train_td, spec))
+
+
+def evaluate_baselines(site_data, spec: SiteSpec, split: str = "test", variants: bool = False,
+                       tasks: tuple[str, ...] = TASKS) -> dict[str, dict[str, float]]:
+    """Fit on the site's train split, score on ``split``.
+
+    Returns ``{task: metrics}`` of each task's headline baseline, or with ``variants``
+    ``{baseline name: metrics}`` of every baseline (each metrics dict also holds 'error',
+    the number the average score compares)."""
+    train = build_tasks(site_data.splits["train"], spec, "train", tasks)
+    test = build_tasks(site_data.splits[split], spec, split, tasks)
+    out = {}
+    for task in tasks:
+        for name in BASELINES[task] if variants else BASELINES[task][:1]:
+            m = score(task, fit_baseline(task, train[task], spec, name).predict(test[task]), test[task])
+            out[name if variants else task] = {**m, "error": error_for_score(task, m)}
+    return out

@@ -1,0 +1,168 @@
+"""Metrics of the seven tasks, their headline numbers and the average score (DESIGN.md).
+
+Predictions follow the contract: dense complex64 [S, G, K, N] on the normalised scale of
+``td.targets`` (NMSE and SE are per-sample scale-invariant, so physical units give the same
+numbers); BF float32 [S, B] beam scores; DE metres; PE dB; LoS probability of LoS.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+HEADLINE = {"CE": "nmse_db", "CP": "nmse_db", "PF": "nmse_db", "BF": "top1",
+            "DE": "mae_m", "PE": "mae_db", "LoS": "accuracy"}
+UNITS = {"nmse_db": "dB", "nmse": "", "se": "bit/s/Hz", "se_perfect": "bit/s/Hz", "se_ratio": "",
+         "top1": "", "top3": "", "beam_se_ratio": "", "mae_m": "m", "mae_db": "dB", "accuracy": "", "f1": ""}
+SE_SNR_DB = 10.0  # LLM4WM evaluates SE at 10 dB
+
+
+# ---- dense channels -----------------------------------------------------------------
+def nmse(pred: np.ndarray, true: np.ndarray, region: np.ndarray | None = None) -> float:
+    """Mean over samples of ‖Ĥ−H‖²/‖H‖² (linear) over ``region``.
+
+    pred, true: complex [S, ...]; region: bool [...] (the per-sample shape) or None = all."""
+    pred, true = np.asarray(pred), np.asarray(true)
+    if pred.shape != true.shape:
+        raise ValueError(f"nmse: prediction shape {pred.shape} != target shape {true.shape}")
+    S = true.shape[0]
+    err = np.abs(pred - true) ** 2
+    ref = np.abs(true) ** 2
+    if region is not None:
+        err, ref = err[:, region], ref[:, region]
+    err = err.reshape(S, -1).sum(axis=1, dtype=np.float64)
+    ref = ref.reshape(S, -1).sum(axis=1, dtype=np.float64)
+    return float(np.mean(err / np.maximum(ref, 1e-30)))
+
+
+def nmse_db(x: float) -> float:
+    """10 log10 of a linear NMSE."""
+    return 10.0 * math.log10(max(float(x), 1e-30))
+
+
+def spectral_efficiency(h_est: np.ndarray, h_true: np.ndarray, snr_db: float = SE_SNR_DB,
+                        region: np.ndarray | None = None) -> tuple[float, float]:
+    """(SE with matched filtering from the estimate, SE with perfect CSI), bit/s/Hz.
+
+    h_est, h_true: complex [S, G, K, N]; region: bool [G, K] or [G, K, N] ((slot, subcarrier)
+    pairs scored; with N, a pair counts when all its antennas are in the region).
+    LLM4WM Eq. (4)/(7): per slot and subcarrier, w = ĥ/‖ĥ‖ and SE = log2(1 + ρ|hᴴw|²), with
+    ρ such that the sample's mean per-antenna channel power ρ·E|h_n|² equals ``snr_db``.
+    A zero estimate beamforms nowhere (SE 0). Both numbers are means over samples and pairs.
+    """
+    h_est, h_true = np.asarray(h_est), np.asarray(h_true)
+    if h_est.shape != h_true.shape:
+        raise ValueError(f"spectral_efficiency: estimate shape {h_est.shape} != channel shape {h_true.shape}")
+    if region is not None:
+        region = np.asarray(region, bool)
+        pairs = region.all(axis=-1) if region.ndim == 3 else region
+        h_est, h_true = h_est[:, pairs], h_true[:, pairs]                # [S, M, N]
+    else:
+        h_est = h_est.reshape(h_est.shape[0], -1, h_est.shape[-1])
+        h_true = h_true.reshape(h_true.shape[0], -1, h_true.shape[-1])
+    power = (np.abs(h_true) ** 2).mean(axis=(1, 2), dtype=np.float64)    # [S] per antenna
+    rho = 10.0 ** (snr_db / 10.0) / np.maximum(power, 1e-30)
+    norm2 = np.sum(np.abs(h_est.astype(np.complex128)) ** 2, axis=-1)   # ‖ĥ‖²: [S, M]
+    inner = np.abs(np.sum(h_true.conj() * h_est, axis=-1, dtype=np.complex128)) ** 2
+    gain = np.where(norm2 > 0, inner / np.where(norm2 > 0, norm2, 1.0), 0.0)  # |hᴴw|², w = ĥ/‖ĥ‖
+    perfect = np.sum(np.abs(h_true) ** 2, axis=-1)                        # |hᴴh/‖h‖|² = ‖h‖²
+    se = np.log2(1.0 + rho[:, None] * gain)
+    se_perfect = np.log2(1.0 + rho[:, None] * perfect)
+    return float(se.mean()), float(se_perfect.mean())
+
+
+# ---- beams ---------------------------------------------------------------------------
+def topk_accuracy(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """Fraction of samples whose label is among the k highest scores. scores [S, B], labels [S]."""
+    scores, labels = np.asarray(scores), np.asarray(labels)
+    k = min(int(k), scores.shape[1])
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    return float(np.mean((top == labels[:, None]).any(axis=1)))
+
+
+def beam_se_ratio(scores: np.ndarray, h_mmwave: np.ndarray, codebook: np.ndarray,
+                  snr_db: float = SE_SNR_DB) -> float:
+    """SE of the top-scored beam over SE of the best beam (ratio of means over samples).
+
+    scores: [S, B]; h_mmwave: complex [S, K_mm, N_mm]; codebook: complex [N_mm, B], unit-norm
+    columns. Per subcarrier SE = log2(1 + ρ|wᴴh|²), ρ giving ``snr_db`` per antenna at the
+    sample's mean channel power; the best beam is the one with the highest SE."""
+    h = np.asarray(h_mmwave, np.complex64)
+    S, K, N = h.shape
+    cb = np.asarray(codebook, np.complex64)
+    y = (h.reshape(S * K, N) @ cb.conj()).reshape(S, K, -1)               # wᴴh: [S, K_mm, B]
+    power = (np.abs(h) ** 2).mean(axis=(1, 2), dtype=np.float64)
+    rho = (10.0 ** (snr_db / 10.0) / np.maximum(power, 1e-30)).astype(np.float32)
+    gain = y.real ** 2 + y.imag ** 2
+    se = np.log2(1.0 + rho[:, None, None] * gain).mean(axis=1, dtype=np.float64)  # [S, B]
+    chosen = se[np.arange(se.shape[0]), np.asarray(scores).argmax(axis=1)]
+    return float(chosen.sum() / max(se.max(axis=1).sum(), 1e-30))
+
+
+# ---- regression and classification -------------------------------------------------
+def mae(pred: np.ndarray, true: np.ndarray) -> float:
+    return float(np.mean(np.abs(np.asarray(pred, np.float64) - np.asarray(true, np.float64))))
+
+
+def accuracy(pred_labels: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(np.asarray(pred_labels) == np.asarray(labels)))
+
+
+def f1(pred_labels: np.ndarray, labels: np.ndarray, positive: int = 1) -> float:
+    """F1 of the positive class (LoS = 1): 2TP / (2TP + FP + FN); 0 if there are no positives at all."""
+    p, y = np.asarray(pred_labels) == positive, np.asarray(labels) == positive
+    tp, fp, fn = np.sum(p & y), np.sum(p & ~y), np.sum(~p & y)
+    return float(2 * tp / (2 * tp + fp + fn)) if (2 * tp + fp + fn) else 0.0
+
+
+# ---- per task ------------------------------------------------------------------------
+def score(task: str, prediction: np.ndarray, td) -> dict[str, float]:
+    """All metrics of one task for a prediction in the contract format (see module docstring)."""
+    pred = np.asarray(prediction)
+    if task in ("CE", "CP", "PF"):
+        x = nmse(pred, td.targets, td.region)
+        se, se_perfect = spectral_efficiency(pred, td.targets, SE_SNR_DB, td.region)
+        return {"nmse": x, "nmse_db": nmse_db(x), "se": se, "se_perfect": se_perfect,
+                "se_ratio": se / se_perfect if se_perfect > 0 else 0.0}
+    if task == "BF":
+        return {"top1": topk_accuracy(pred, td.targets, 1), "top3": topk_accuracy(pred, td.targets, 3),
+                "beam_se_ratio": beam_se_ratio(pred, td.extras["h_mmwave"], td.extras["codebook"])}
+    if task in ("DE", "PE"):
+        y = np.asarray(td.targets, np.float64)
+        # NMSE of the scalar target (DESIGN.md lists it for PE): Σ(ŷ−y)² / Σy².
+        rel = float(np.sum((pred - y) ** 2) / max(np.sum(y ** 2), 1e-30))
+        return {"mae_m" if task == "DE" else "mae_db": mae(pred, y), "nmse": rel}
+    if task == "LoS":
+        labels = (pred >= 0.5).astype(np.int64)
+        return {"accuracy": accuracy(labels, td.targets), "f1": f1(labels, td.targets)}
+    raise ValueError(f"score: unknown task {task!r}; expected one of {', '.join(HEADLINE)}")
+
+
+def error_for_score(task: str, metrics: dict[str, float]) -> float:
+    """The error the average score compares (lower is better): NMSE (linear) for CE/CP/PF,
+    MAE for DE (m) / PE (dB), 1 − top-1 for BF, 1 − accuracy for LoS."""
+    if task in ("CE", "CP", "PF"):
+        return float(metrics["nmse"])
+    if task == "DE":
+        return float(metrics["mae_m"])
+    if task == "PE":
+        return float(metrics["mae_db"])
+    if task == "BF":
+        return 1.0 - float(metrics["top1"])
+    if task == "LoS":
+        return 1.0 - float(metrics["accuracy"])
+    raise ValueError(f"error_for_score: unknown task {task!r}; expected one of {', '.join(HEADLINE)}")
+
+
+def average_score(model_metrics: dict[str, dict], baseline_metrics: dict[str, dict]) -> float:
+    """Mean over tasks (those in both) of model error / baseline error (DESIGN.md "Average score").
+
+    Lower is better; 1.0 = no better than the classical baseline. A task whose baseline is
+    error-free contributes 1 if the model is error-free too, else +inf. NaN if no task is shared."""
+    ratios = []
+    for task in model_metrics:
+        if task not in baseline_metrics:
+            continue
+        m, b = error_for_score(task, model_metrics[task]), error_for_score(task, baseline_metrics[task])
+        ratios.append(m / b if b > 0 else (1.0 if m <= 0 else math.inf))
+    return float(np.mean(ratios)) if ratios else math.nan
