@@ -44,8 +44,8 @@ class RunConfig:
     local_steps: int = 20           # optimiser steps per site per round (equal per-site compute)
     batch_size: int = 32
     lr: float = 1e-3
-    lora_r: int = 8
-    lora_alpha: float = 16.0
+    lora_r: int = 4                 # LoRA rank on the frozen backbone (model preset default)
+    lora_alpha: int = 8
     dwa_temperature: float = 2.0    # Dynamic Weight Averaging of task losses (LLM4WM)
     strategy: str = "fedavg"
     fedprox_mu: float = 0.01        # proximal weight, only used by fedprox
@@ -68,13 +68,13 @@ class RunConfig:
         _check("device", self.device, self.device in DEVICES, f"one of {', '.join(DEVICES)}")
         _check("federation", self.federation, bool(self.federation), "a path to a federation YAML")
         _check("out-dir", self.out_dir, bool(self.out_dir), "a folder path")
-        for key in ("num_server_rounds", "local_steps", "batch_size", "lora_r", "min_train_nodes"):
+        for key in ("num_server_rounds", "local_steps", "batch_size", "lora_r", "lora_alpha", "min_train_nodes"):
             value = getattr(self, key)
             _check(_kebab(key), value, value >= 1, "an integer >= 1")
         for key in ("pretrain_steps", "eval_max_samples", "seed"):
             value = getattr(self, key)
             _check(_kebab(key), value, value >= 0, "an integer >= 0")
-        for key in ("lr", "lora_alpha", "dwa_temperature", "fedadam_eta", "round_timeout"):
+        for key in ("lr", "dwa_temperature", "fedadam_eta", "round_timeout"):
             value = getattr(self, key)
             _check(_kebab(key), value, math.isfinite(value) and value > 0, "a finite number > 0")
         _check("fedprox-mu", self.fedprox_mu, math.isfinite(self.fedprox_mu) and self.fedprox_mu >= 0,

@@ -106,6 +106,6 @@ class ModelConfig:
 PRESETS: dict[str, dict] = {
     "tiny": dict(d_model=128, n_layers=4, n_heads=4),                                   # ≈0.8M backbone
     "small": dict(d_model=256, n_layers=6, n_heads=8),                                  # ≈4.8M
-    "base": dict(d_model=384, n_layers=12, n_heads=6, adapter_hidden=24),               # ≈21M
+    "base": dict(d_model=384, n_layers=12, n_heads=6, adapter_hidden=16),               # ≈21M
     "large": dict(d_model=768, n_layers=12, n_heads=12, adapter_hidden=32, lora_r=4),   # ≈85M
 }

@@ -1,0 +1,134 @@
+"""Score a model beside the classical baselines on sites × tasks.
+
+    pred = predict(model, td)                          # contract prediction format
+    rows = evaluate_sites(model, {site: {task: td}}, {site: {task: baseline}})
+    print(markdown_table(rows)); summary = summarise(rows)
+
+Prediction format (shared with fedfm.baselines): dense complex64 [S, G, K, N] on the
+normalised scale of ``td.targets``; BF float32 [S, B] scores; DE float32 [S] metres;
+PE float32 [S] dB; LoS float32 [S] probability of LoS.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from fedfm.model.config import DENSE_TASKS
+from fedfm.train import as_real, autocast, resolve_device
+
+
+@torch.no_grad()
+def predict(model: nn.Module, td, batch_size: int = 64, device=None) -> np.ndarray:
+    """The model's prediction for every sample of a TaskData, in the contract format."""
+    device = resolve_device(device)
+    model.to(device).eval()
+    x = as_real(td.inputs)
+    known = torch.as_tensor(np.asarray(td.known, dtype=bool)).to(device)
+    outs = []
+    for i in range(0, x.shape[0], batch_size):
+        with autocast(device):
+            out = model(td.task, x[i:i + batch_size].to(device), known)
+        outs.append(out.float().cpu())
+    out = torch.cat(outs)
+    model.train()
+    if td.task in DENSE_TASKS:
+        return torch.view_as_complex(out.contiguous()).numpy().astype(np.complex64)
+    if td.task in ("DE", "PE"):
+        from fedfm.tasks import denormalise_target
+
+        return np.asarray(denormalise_target(td.task, out.numpy()), dtype=np.float32)
+    if td.task == "LoS":
+        return torch.softmax(out, dim=1)[:, 1].numpy().astype(np.float32)
+    return out.numpy().astype(np.float32)  # BF logits: higher = better beam
+
+
+def evaluate_sites(model: nn.Module, site_tds: dict, baselines: dict, roles: dict | None = None,
+                   batch_size: int = 64, device=None, predictions: dict | None = None) -> list[dict]:
+    """One row per (site, task): model and baseline metrics on the same TaskData.
+
+    site_tds: {site: {task: TaskData}} (usually test splits); baselines: {site: {task: Baseline}}
+    (fitted on that site's train split; a missing one leaves the baseline columns empty);
+    roles: {site: "train" | "heldout"}. ``predictions`` {(site, task): prediction} replaces the
+    model's forward (used by the single-task ablation, one model per task).
+    Row: site, role, task, model {metric: value}, baseline {...}, baseline_name, model_error,
+    baseline_error, ratio (model / baseline error; DESIGN.md "Average score").
+    """
+    from fedfm.metrics import error_for_score, score
+
+    rows = []
+    for site, tds in site_tds.items():
+        for task, td in tds.items():
+            pred = predictions[(site, task)] if predictions is not None else predict(model, td, batch_size, device)
+            m = score(task, pred, td)
+            row = {"site": site, "role": (roles or {}).get(site, ""), "task": task, "model": m,
+                   "baseline": None, "baseline_name": None, "model_error": float(error_for_score(task, m)),
+                   "baseline_error": None, "ratio": None}
+            b = baselines.get(site, {}).get(task)
+            if b is not None:
+                bm = score(task, b.predict(td), td)
+                be = float(error_for_score(task, bm))
+                row.update(baseline=bm, baseline_name=b.name, baseline_error=be,
+                           ratio=_ratio(row["model_error"], be))
+            rows.append(row)
+    return rows
+
+
+def _ratio(model_error: float, baseline_error: float) -> float:
+    """As fedfm.metrics.average_score: an error-free baseline gives 1 if the model is error-free too, else inf."""
+    if baseline_error > 0:
+        return model_error / baseline_error
+    return 1.0 if model_error <= 0 else math.inf
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Average score (mean model/baseline error ratio over tasks) per site, per role and overall;
+    per task the mean ratio over sites and how many sites the model beats the baseline on."""
+    def mean(v):
+        v = [x for x in v if x is not None and not math.isnan(x)]  # inf stays: it is a loss
+        return float(np.mean(v)) if v else None
+
+    sites = {}
+    for r in rows:
+        sites.setdefault(r["site"], []).append(r)
+    per_site = {s: mean([r["ratio"] for r in rs]) for s, rs in sites.items()}
+    per_role = {}
+    for s, rs in sites.items():
+        per_role.setdefault(rs[0]["role"] or "all", []).append(per_site[s])
+    tasks = {}
+    for r in rows:
+        tasks.setdefault(r["task"], []).append(r)
+    per_task = {t: {"ratio": mean([r["ratio"] for r in rs]),
+                    "wins": sum(1 for r in rs if r["ratio"] is not None and r["ratio"] < 1), "sites": len(rs)}
+                for t, rs in tasks.items()}
+    return {"average_score": mean(list(per_site.values())), "per_site": per_site,
+            "per_role": {k: mean(v) for k, v in per_role.items()}, "per_task": per_task}
+
+
+HEADLINE_KEYS = {"CE": "nmse_db", "CP": "nmse_db", "PF": "nmse_db", "BF": "top1", "DE": "mae_m",
+                 "PE": "mae_db", "LoS": "accuracy"}
+
+
+def _headline(task: str) -> str:
+    try:
+        from fedfm.metrics import HEADLINE
+
+        return HEADLINE.get(task, HEADLINE_KEYS[task])
+    except ImportError:
+        return HEADLINE_KEYS[task]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """site | role | task | metric | model | baseline (name) | error ratio — one line per row."""
+    lines = ["| site | role | task | metric | model | baseline | baseline method | error ratio |",
+             "| --- | --- | --- | --- | ---: | ---: | --- | ---: |"]
+    for r in rows:
+        key = _headline(r["task"])
+        mv = r["model"].get(key)
+        bv = r["baseline"].get(key) if r["baseline"] else None
+        fmt = (lambda v: "—" if v is None else f"{v:.3f}")
+        lines.append(f"| {r['site']} | {r['role']} | {r['task']} | {key} | {fmt(mv)} | {fmt(bv)} | "
+                     f"{r['baseline_name'] or '—'} | {fmt(r['ratio'])} |")
+    return "\n".join(lines)

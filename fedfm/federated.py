@@ -1,0 +1,296 @@
+"""The steps of a federated round, without Flower: what a site does with the adapter
+state it receives, and how the server builds, evaluates and sizes the model.
+
+``clients/app.py`` and ``server/`` only turn Flower messages into these calls and back
+(DESIGN.md: "server/ and clients/ hold no maths"); ``scripts/finetune_site.py`` and
+``scripts/compare.py`` call the same functions, so local-only, federated and per-site
+fine-tuning train with the exact same loop.
+
+State dicts crossing this module are ``{name: np.ndarray float32}``: Flower's
+ArrayRecord takes them as they are and safetensors writes them.
+"""
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedfm.config import RunConfig
+from fedfm.data import load_split
+from fedfm.scenarios import SiteSpec, derive_seed, spec_hash
+
+# Per-sample arrays of a split (first axis = sample); `codebook` is per site.
+_PER_SAMPLE = ("h_sub6", "h_mmwave", "distance_m", "pathloss_db", "los", "speed_mps", "best_beam")
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("run config: `device` = 'cuda' but no CUDA device is visible here")
+    return name
+
+
+def model_config(cfg: RunConfig, num_beams: int):
+    """The run's ModelConfig: preset + LoRA rank/alpha + the federation's codebook size."""
+    from fedfm.model import ModelConfig
+
+    return ModelConfig.from_preset(cfg.preset, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                   num_beams=num_beams, seed=cfg.seed)
+
+
+def round_seed(cfg: RunConfig, site: str, round_: int) -> int:
+    """Seed of one site's local training in one round (recorded in the ledger)."""
+    return derive_seed(cfg.seed, site, "round", round_)
+
+
+def numpy_state(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {k: v.detach().to("cpu", torch.float32).numpy() for k, v in state.items()}
+
+
+def torch_state(state: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.asarray(v, dtype=np.float32).copy()) for k, v in state.items()}
+
+
+def state_bytes(state: dict[str, np.ndarray]) -> int:
+    return int(sum(np.asarray(v).nbytes for v in state.values()))
+
+
+def load_site_tasks(spec: SiteSpec, split: str, cache_dir: str = "", max_samples: int = 0) -> dict:
+    """``{task: TaskData}`` of one split of a site, generated or loaded from its own cache.
+
+    ``max_samples`` > 0 keeps the first samples only (central evaluation budget)."""
+    from fedfm.tasks import build_tasks
+
+    arrays = load_split(spec, split, cache_dir or None)
+    if max_samples:
+        arrays = {k: (v[:max_samples] if k in _PER_SAMPLE else v) for k, v in arrays.items()}
+    return build_tasks(arrays, spec, split)
+
+
+_HASHED: dict = {}  # (path, size, mtime) → sha256: a site hashes its backbone once, not every round
+
+
+def check_backbone(path: str, expected_hash: str) -> str:
+    """The backbone file's hash, after checking it is the one the server uses."""
+    from fedfm.model import load_backbone
+
+    if not path:
+        raise ValueError("no backbone checkpoint configured (run config `backbone`)")
+    p = Path(path)
+    key = (str(p), p.stat().st_size, p.stat().st_mtime_ns) if p.exists() else None
+    digest = _HASHED.get(key)
+    if digest is None:
+        _, _, digest = load_backbone(path)  # ValueError naming the file if it does not match its sidecar
+        _HASHED[key] = digest
+    if expected_hash and digest != expected_hash:
+        raise ValueError(f"{path}: backbone hash mismatch: this site has sha256 {digest}, the server uses "
+                         f"{expected_hash}; every site must load the federation's backbone")
+    return digest
+
+
+def build_run_model(cfg: RunConfig, num_beams: int, backbone: str | None, device: str = "cpu"):
+    """The one model factory, with the run's settings (server and sites alike)."""
+    from fedfm.model import build_model
+
+    return build_model(model_config(cfg, num_beams), backbone or None).to(device)
+
+
+def full_model_bytes(model: torch.nn.Module) -> int:
+    """float32 bytes of the deployed model (frozen backbone included): the 'send it all' cost."""
+    from fedfm.model import parameter_summary
+
+    return int(parameter_summary(model)["total"]) * 4
+
+
+@dataclass
+class LocalResult:
+    state: dict[str, np.ndarray]     # adapter state after local training, float32
+    num_examples: int                # training samples of the site (FedAvg weight)
+    losses: dict[str, float]         # last per-task losses of local training
+    local_time_s: float
+    seed: int
+
+
+# Ray reuses a ClientApp actor across rounds and sites: keep the last site's model and
+# tasks so that a site drawn again does not rebuild them (one entry bounds the memory).
+_LAST: dict = {}
+
+
+def _site_model_and_tasks(cfg: RunConfig, spec: SiteSpec, num_beams: int, backbone: str, device: str):
+    key = (spec_hash(spec), cfg.preset, cfg.lora_r, cfg.lora_alpha, num_beams, backbone, cfg.cache_dir, device)
+    if _LAST.get("key") != key:
+        _LAST.clear()
+        tasks = load_site_tasks(spec, "train", cfg.cache_dir)
+        model = build_run_model(cfg, num_beams, backbone, device)
+        _LAST.update(key=key, tasks=tasks, model=model)
+    return _LAST["model"], _LAST["tasks"]
+
+
+def local_train(cfg: RunConfig, spec: SiteSpec, state: dict[str, np.ndarray], round_: int, *,
+                num_beams: int, backbone: str, proximal_mu: float = 0.0, steps: int | None = None,
+                tasks: dict | None = None) -> LocalResult:
+    """One site's local multi-task fine-tuning (DWA) from the received adapter state."""
+    from fedfm.model import get_adapter_state, set_adapter_state
+    from fedfm.train import finetune
+
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    model, site_tasks = _site_model_and_tasks(cfg, spec, num_beams, backbone, device)
+    tasks = tasks if tasks is not None else site_tasks
+    set_adapter_state(model, torch_state(state))
+    seed = round_seed(cfg, spec.name, round_)
+    kwargs = dict(steps=steps if steps is not None else cfg.local_steps, batch_size=cfg.batch_size,
+                  lr=cfg.lr, dwa_temperature=cfg.dwa_temperature, seed=seed, device=device)
+    if proximal_mu > 0:
+        if "proximal_mu" not in inspect.signature(finetune).parameters:
+            raise ValueError("strategy fedprox needs fedfm.train.finetune(proximal_mu=...)")
+        kwargs["proximal_mu"] = proximal_mu
+    losses = finetune(model, tasks, **kwargs)
+    new_state = numpy_state(get_adapter_state(model))
+    num_examples = int(next(iter(tasks.values())).targets.shape[0])
+    return LocalResult(new_state, num_examples, {k: float(v) for k, v in losses.items()},
+                       time.perf_counter() - t0, seed)
+
+
+# ---- server side -----------------------------------------------------------------------
+def package_versions() -> dict[str, str]:
+    import importlib.metadata as md
+    import platform
+
+    out = {"python": platform.python_version()}
+    for name in ("fedfm", "torch", "flwr", "ray", "numpy", "peft", "sionna-no-rt", "safetensors"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def python_random_state(rng) -> list:
+    """``random.Random.getstate()`` as JSON (for the checkpoint's RNG state)."""
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def set_python_random_state(rng, state: list) -> None:
+    version, internal, gauss = state
+    rng.setstate((version, tuple(internal), gauss))
+
+
+def pretrain_backbone_centrally(cfg: RunConfig, train_specs: list[SiteSpec], num_beams: int, out_dir: Path) -> str:
+    """A small backbone pretrained by masked reconstruction on the federation's own
+    training sites' train splits, pooled at the server (issue 4 accepts this for the
+    default run when the report says so; ``stage=pretrain`` is the federated way)."""
+    from fedfm.model import base_model, save_backbone
+    from fedfm.train import pretrain
+
+    device = resolve_device(cfg.device)
+    arrays = [load_split(spec, "train", cfg.cache_dir or None) for spec in train_specs]
+    model = build_run_model(cfg, num_beams, None, device)
+    pretrain(model, list(zip(train_specs, arrays)), steps=cfg.pretrain_steps, batch_size=cfg.batch_size,
+             lr=cfg.lr, seed=derive_seed(cfg.seed, "pretrain"), device=device)
+    path = out_dir / "backbone.safetensors"
+    save_backbone(path, base_model(model).backbone, model_config(cfg, num_beams),
+                  meta={"source": "central", "sites": [s.name for s in train_specs], "steps": cfg.pretrain_steps})
+    return str(path)
+
+
+@dataclass
+class RunSetup:
+    """Everything the server needs before round 1 (or before the resumed round)."""
+
+    runlog: "RunLog"
+    sites: list                      # [SiteEntry] train then held-out; broken ones carry .error
+    num_beams: int
+    backbone: str                    # absolute path of the checkpoint every site loads
+    backbone_sha256: str
+    model: torch.nn.Module           # server copy: initial state and central evaluation
+    initial_state: dict[str, np.ndarray]
+    strategy_state: dict[str, np.ndarray]
+    round_offset: int                # rounds already complete (resume)
+    random_state: list | None        # python `random` state to restore (Flower's node sampling)
+    full_model_bytes: int
+
+
+def setup_run(cfg: RunConfig) -> RunSetup:
+    """Open the run folder, load the federation site by site, get the backbone (given, or
+    pretrained centrally when none is configured), build the model and either the fresh
+    initial adapter state or the last complete round's checkpoint (``resume``)."""
+    from fedfm.config import load_federation_sites
+    from fedfm.model import get_adapter_state
+    from fedfm.runlog import RunLog
+
+    runlog = RunLog(cfg.run_dir)
+    sites = load_federation_sites(cfg.federation)
+    for e in sites:
+        if e.error:
+            runlog.append_event(0, e.name, "error", f"site excluded: {e.error}")
+    good = [e for e in sites if e.spec is not None]
+    if not any(e.role == "train" for e in good):
+        raise ValueError(f"{cfg.federation}: no usable training site (see {runlog.dir / 'events.jsonl'})")
+    num_beams = good[0].spec.mmwave.codebook_beams
+    backbone, source = cfg.backbone, "given"
+    if cfg.resume and (runlog.dir / "config.json").exists():
+        backbone, source = runlog.read_config()["backbone"]["path"], runlog.read_config()["backbone"]["source"]
+    elif not backbone:
+        print(f"fedfm: no backbone given: pretraining one centrally ({cfg.pretrain_steps} steps)", flush=True)
+        backbone = pretrain_backbone_centrally(cfg, [e.spec for e in good if e.role == "train"], num_beams,
+                                               runlog.dir / "backbone")
+        source = "central masked pretraining on the federation's training sites' synthetic train splits"
+    digest = check_backbone(backbone, "")
+    model = build_run_model(cfg, num_beams, backbone, resolve_device(cfg.device))
+    initial, strategy_state, offset, rstate = numpy_state(get_adapter_state(model)), {}, 0, None
+    last = runlog.last_complete_round() if cfg.resume else None
+    if last is not None:
+        initial, strategy_state, state = runlog.load_checkpoint(last)
+        offset, rstate = last, state.get("python_random")
+        runlog.truncate_after(last)
+    setup = RunSetup(runlog, sites, num_beams, backbone, digest, model, initial, strategy_state, offset, rstate,
+                     full_model_bytes(model))
+    write_run_config(cfg, setup, source)
+    return setup
+
+
+def write_run_config(cfg: RunConfig, s: RunSetup, backbone_source: str) -> None:
+    from fedfm.scenarios import SPLITS, split_seed
+
+    previous = s.runlog.read_config() if (s.runlog.dir / "config.json").exists() else {}
+    adapter = state_bytes(s.initial_state)
+    s.runlog.write_config({
+        "run_config": cfg.to_flower(),
+        "federation": {"path": cfg.federation, "sites": [
+            {"name": e.name, "role": e.role, "path": e.path, "error": e.error,
+             "spec_hash": spec_hash(e.spec) if e.spec else None,
+             "split_seeds": {sp: split_seed(e.spec, sp) for sp in SPLITS} if e.spec else None}
+            for e in s.sites]},
+        "seeds": {"root": cfg.seed, "round_seed": "derive_seed(root, site, 'round', round)"},
+        "backbone": {"path": s.backbone, "sha256": s.backbone_sha256, "source": backbone_source},
+        "model": {"preset": cfg.preset, "config": model_config(cfg, s.num_beams).to_dict(),
+                  "adapter_bytes": adapter, "full_model_bytes": s.full_model_bytes,
+                  "adapter_fraction": adapter / s.full_model_bytes},
+        "versions": package_versions(),
+        "resumed_at_rounds": previous.get("resumed_at_rounds", []) + ([s.round_offset] if cfg.resume else []),
+    })
+
+
+def evaluate_site(cfg: RunConfig, spec: SiteSpec, state: dict[str, np.ndarray], *, num_beams: int,
+                  backbone: str, split: str = "val") -> tuple[int, dict[str, float]]:
+    """(samples, {'CE-nmse_db': ..., ...}) of the adapters on one of the site's own splits."""
+    from fedfm.evaluate import predict
+    from fedfm.metrics import HEADLINE, score
+    from fedfm.model import set_adapter_state
+
+    model = build_run_model(cfg, num_beams, backbone, resolve_device(cfg.device))
+    set_adapter_state(model, torch_state(state))
+    model.eval()
+    tds = load_site_tasks(spec, split, cfg.cache_dir)
+    out = {}
+    for task, td in tds.items():
+        pred = predict(model, td, device=resolve_device(cfg.device))
+        out[f"{task}-{HEADLINE[task]}"] = float(score(task, pred, td)[HEADLINE[task]])
+    return int(next(iter(tds.values())).targets.shape[0]), out

@@ -1,0 +1,87 @@
+"""Backbone checkpoints: safetensors weights + JSON sidecar (config, sha256 of the weights file).
+
+    save_backbone("runs/x/backbone.safetensors", model.backbone, cfg)  → writes .safetensors + .json
+    state, cfg, digest = load_backbone("runs/x/backbone.safetensors")
+
+Every participant of a federation loads the same frozen backbone; the hash is how they
+prove it (DESIGN.md: a client whose backbone hash differs refuses to train).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from fedfm.model.config import ModelConfig
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sidecar_path(path: str | Path) -> Path:
+    return Path(path).with_suffix(".json")
+
+
+def backbone_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The backbone's own weights with plain keys (``blocks.0.attn.qkv.weight``), whether
+    ``model`` is a Backbone, a FedFM, a Pretrainer or a peft-wrapped FedFM (LoRA dropped:
+    it is not part of the shared backbone)."""
+    m = model.get_base_model() if hasattr(model, "get_base_model") else model
+    m = getattr(m, "backbone", m)
+    return {k.replace(".base_layer.", "."): v for k, v in m.state_dict().items() if "lora_" not in k}
+
+
+def save_backbone(path: str | Path, model: nn.Module, cfg: ModelConfig | None = None,
+                  meta: dict | None = None) -> str:
+    """Write the backbone's float32 state to ``path`` and the JSON sidecar; return the sha256.
+
+    ``model``: anything ``backbone_state`` accepts; ``cfg`` defaults to ``model.cfg``."""
+    path = Path(path)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = cfg if cfg is not None else getattr(base, "cfg", None)
+    if cfg is None:
+        raise ValueError(f"{path}: save_backbone needs `cfg` for a module without a .cfg attribute")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().contiguous().cpu() for k, v in backbone_state(model).items()}
+    tmp = path.with_suffix(".safetensors.tmp")
+    save_file(state, str(tmp))
+    digest = _sha256(tmp)
+    os.replace(tmp, path)
+    sidecar = {"config": cfg.to_dict(), "sha256": digest, "meta": meta or {}}
+    sidecar_path(path).write_text(json.dumps(sidecar, indent=1))
+    return digest
+
+
+def load_backbone(path: str | Path, expected_hash: str | None = None) -> tuple[dict[str, torch.Tensor], ModelConfig, str]:
+    """(state, cfg, sha256) of a saved backbone. The file's hash must match its sidecar and,
+    when given, ``expected_hash``; otherwise ValueError naming the file."""
+    path = Path(path)
+    meta_path = sidecar_path(path)
+    if not path.exists():
+        raise ValueError(f"{path}: backbone checkpoint not found")
+    if not meta_path.exists():
+        raise ValueError(f"{meta_path}: backbone sidecar (config + sha256) not found")
+    try:
+        meta = json.loads(meta_path.read_text())
+        recorded = meta["sha256"]
+        cfg = ModelConfig.from_dict(meta["config"], where=str(meta_path))
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{meta_path}: unreadable backbone sidecar ({e!r})") from None
+    digest = _sha256(path)
+    if digest != recorded:
+        raise ValueError(f"{path}: backbone hash mismatch: file has sha256 {digest}, "
+                         f"{meta_path.name} records {recorded} (modified or truncated checkpoint)")
+    if expected_hash is not None and digest != expected_hash:
+        raise ValueError(f"{path}: backbone hash mismatch: file has sha256 {digest}, expected {expected_hash} "
+                         f"(a different backbone than the federation's)")
+    return load_file(str(path)), cfg, digest

@@ -1,0 +1,77 @@
+"""Per-task parts around the shared backbone (LLM4WM §IV-B input adapters, §IV-D output heads).
+
+These are what a site trains besides LoRA and what travels in FL (peft ``modules_to_save``).
+Each head's ``forward`` takes everything it needs as arguments: peft wraps it and forwards
+calls only.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fedfm.model.tokeniser import unpatchify
+
+
+class TokenAdapter(nn.Module):
+    """Task embedding + residual bottleneck MLP on tokens: y = x + e + W2 gelu(W1 LN(x + e)).
+
+    x: [B, L, d] → [B, L, d]. The learned task vector e tells the shared backbone which task
+    it serves (the grids of CE and PF can look alike); it lives here so that it travels with
+    the adapter.
+    """
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.task_embedding = nn.Parameter(torch.zeros(d_model))
+        self.ln = nn.LayerNorm(d_model)
+        self.fc = nn.Linear(d_model, hidden)
+        self.proj = nn.Linear(hidden, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.task_embedding
+        return x + self.proj(F.gelu(self.fc(self.ln(x))))
+
+
+class DenseHead(nn.Module):
+    """Tokens → full grid [B, G, K, N, 2] (CE/CP/PF "fill the grid").
+
+    Per-token bottleneck MLP to a patch, un-patchified and cropped, plus the observed input
+    (so the head learns a correction to what was seen; zero where unknown), then a small
+    residual 3-D conv over (slot, subcarrier, antenna): LLM4WM's CNN head, which smooths
+    across patch borders that a per-token linear map cannot see.
+    """
+
+    def __init__(self, d_model: int, hidden: int, patch: tuple[int, int, int], conv_channels: int):
+        super().__init__()
+        self.patch = tuple(patch)
+        self.ln = nn.LayerNorm(d_model)
+        self.fc = nn.Linear(d_model, hidden)
+        self.proj = nn.Linear(hidden, patch[0] * patch[1] * patch[2] * 2)
+        self.conv = None
+        if conv_channels:
+            self.conv = nn.Sequential(nn.Conv3d(2, conv_channels, 3, padding=1), nn.GELU(),
+                                      nn.Conv3d(conv_channels, 2, 3, padding=1))
+
+    def forward(self, h: torch.Tensor, x: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+        """h: [B, L, d]; x: [B, G, K, N, 2]; known: bool [G, K, N] or [B, G, K, N] → [B, G, K, N, 2]."""
+        B, G, K, N, _ = x.shape
+        y = unpatchify(self.proj(F.gelu(self.fc(self.ln(h)))), (G, K, N), self.patch)  # (B, G, K, N, 2)
+        y = y.float() + x * known.to(x.dtype).expand(B, G, K, N)[..., None]
+        if self.conv is not None:
+            c = y.permute(0, 4, 1, 2, 3)                                    # (B, 2, G, K, N)
+            y = y + self.conv(c.to(self.conv[0].weight.dtype)).permute(0, 2, 3, 4, 1).float()
+        return y
+
+
+class PooledHead(nn.Module):
+    """Mean over tokens → LN → MLP → [B, out] (BF logits, DE/PE value, LoS logits)."""
+
+    def __init__(self, d_model: int, hidden: int, out: int):
+        super().__init__()
+        self.ln = nn.LayerNorm(d_model)
+        self.fc = nn.Linear(d_model, hidden)
+        self.proj = nn.Linear(hidden, out)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(self.ln(h.mean(dim=1)))))

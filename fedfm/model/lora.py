@@ -1,0 +1,76 @@
+"""LoRA through peft, and the one pair of functions that move a site's trainable state.
+
+Trainable = LoRA A/B on the backbone's attention and MLP projections + every task adapter
+and head (peft ``modules_to_save``). The tokeniser, blocks and final LayerNorm stay frozen.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+from fedfm.model.config import ModelConfig
+
+
+def lora_config(cfg: ModelConfig) -> LoraConfig:
+    # A full-match regex: a bare "proj" would also hit the heads' and adapters' proj layers.
+    targets = "|".join(t.replace(".", r"\.") for t in cfg.lora_targets)
+    return LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
+        target_modules=rf"backbone\.blocks\.\d+\.({targets})",
+        modules_to_save=[f"adapters.{t}" for t in cfg.tasks] + [f"heads.{t}" for t in cfg.tasks],
+    )
+
+
+def wrap_lora(model: nn.Module, cfg: ModelConfig) -> PeftModel:
+    """peft-wrap ``model``; LoRA A is re-drawn from ``cfg.seed`` (peft uses the global RNG)."""
+    peft_model = get_peft_model(model, lora_config(cfg))
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_A" in name:  # peft's kaiming_uniform(a=√5) bound, 1/√fan_in
+                bound = 1.0 / math.sqrt(p.shape[1])
+                p.copy_((torch.rand(p.shape, generator=gen) * 2 - 1) * bound)
+    return peft_model
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The FedFM module inside a PeftModel (or the module itself)."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def get_adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
+    """Exactly the trainable state (LoRA + adapters + heads), float32 CPU copies, sorted keys."""
+    state = get_peft_model_state_dict(model)
+    return {k: state[k].detach().float().cpu().clone() for k in sorted(state)}
+
+
+def set_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
+    """Load a state from ``get_adapter_state``; keys and shapes must match exactly."""
+    expected = {k: v.shape for k, v in get_peft_model_state_dict(model).items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"set_adapter_state: keys do not match this model: missing {missing[:5]}"
+                         f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                         f"{'...' if len(unexpected) > 5 else ''}")
+    for k, shape in expected.items():
+        if tuple(state[k].shape) != tuple(shape):
+            raise ValueError(f"set_adapter_state: `{k}` has shape {tuple(state[k].shape)}, model expects {tuple(shape)}")
+    with torch.no_grad():
+        set_peft_model_state_dict(model, {k: torch.as_tensor(v) for k, v in state.items()})
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for n, p in model.named_parameters() if "lora_" in n]
+
+
+def parameter_summary(model: nn.Module) -> dict[str, int | float]:
+    """Trainable vs total parameters (total counts each weight once: originals of modules_to_save
+    copies are excluded, as are LoRA matrices, so it is the deployed model's size)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for n, p in model.named_parameters()
+                if "lora_" not in n and ".original_module." not in n)
+    return {"trainable": trainable, "total": total, "trainable_pct": 100.0 * trainable / total}

@@ -1,0 +1,50 @@
+"""FedFM: backbone + per-task adapters and heads; one forward for all seven tasks.
+
+    model(task, x, known)
+      x: float32 [B, G, K, N, 2] (real/imag, unknown elements zero); known: bool [G, K, N]
+      → dense (CE/CP/PF): [B, G, K, N, 2] on the normalised scale of the targets
+        BF: logits [B, num_beams]; DE/PE: [B] normalised target; LoS: logits [B, 2]
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from fedfm.model.backbone import Backbone, init_weights
+from fedfm.model.config import DENSE_TASKS, POOLED_OUTPUTS, ModelConfig
+from fedfm.model.heads import DenseHead, PooledHead, TokenAdapter
+
+
+class FedFM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = Backbone(cfg)
+        self.adapters = nn.ModuleDict({t: TokenAdapter(cfg.d_model, cfg.adapter_hidden) for t in cfg.tasks})
+        heads = {}
+        for t in cfg.tasks:
+            if t in DENSE_TASKS:
+                heads[t] = DenseHead(cfg.d_model, cfg.head_hidden, cfg.patch, cfg.conv_channels)
+            else:
+                heads[t] = PooledHead(cfg.d_model, cfg.head_hidden, POOLED_OUTPUTS.get(t, cfg.num_beams))
+        self.heads = nn.ModuleDict(heads)
+        init_weights(self, cfg.seed, cfg.n_layers)
+        with torch.no_grad():  # adapters start as identity and dense heads as "the observed input"
+            for a in self.adapters.values():
+                a.proj.weight.zero_()
+            for t in DENSE_TASKS:
+                if t in self.heads:
+                    self.heads[t].proj.weight.zero_()
+                    if self.heads[t].conv is not None:
+                        self.heads[t].conv[2].weight.zero_()
+        self.backbone_hash: str | None = None  # sha256 of the loaded checkpoint, None = random init
+
+    def forward(self, task: str, x: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+        if task not in self.heads:
+            raise ValueError(f"FedFM: task {task!r} has no head; this model serves {', '.join(self.heads)}")
+        tokens = self.adapters[task](self.backbone.tokeniser(x, known))  # (B, L, d)
+        h = self.backbone.encode(tokens)                                  # (B, L, d)
+        if task in DENSE_TASKS:
+            return self.heads[task](h, x, known)                          # (B, G, K, N, 2)
+        out = self.heads[task](h).float()                                 # (B, out)
+        return out[:, 0] if task in ("DE", "PE") else out

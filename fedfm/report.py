@@ -1,0 +1,254 @@
+"""report.md / report.json / plots/*.png from a run folder's files alone.
+
+    python scripts/report.py runs/<run-id>
+
+Inputs (fedfm.runlog): config.json, metrics.jsonl, baselines.json, ledger.jsonl,
+events.jsonl and, when scripts/compare.py wrote it, compare.json (local-only and
+centralized scores of the same sites). Nothing is recomputed from data or models.
+
+Average score (DESIGN.md): per task, model error / baseline error on the same split
+(NMSE for CE/CP/PF, MAE for DE/PE, 1 − top-1 for BF, 1 − accuracy for LoS); a site's
+score is the mean over tasks. Lower is better; 1.0 = no better than the baseline.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from fedfm.metrics import HEADLINE, average_score
+from fedfm.runlog import read_jsonl, write_json
+
+TASK_ORDER = ("CE", "CP", "PF", "BF", "DE", "PE", "LoS")
+_UNITS = {"nmse_db": " dB", "mae_m": " m", "mae_db": " dB"}
+
+
+def _fmt(metric: str, value) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    if metric in ("top1", "top3", "accuracy", "f1", "beam_se_ratio", "se_ratio"):
+        return f"{value:.2f}"
+    return f"{value:.1f}{_UNITS.get(metric, '')}"
+
+
+def load_run(run_dir: str | Path) -> dict:
+    d = Path(run_dir)
+    if not (d / "config.json").exists():
+        raise ValueError(f"{d}: not a run folder (no config.json)")
+
+    def opt_json(name):
+        p = d / name
+        return json.loads(p.read_text()) if p.exists() else {}
+
+    return {"dir": d, "config": json.loads((d / "config.json").read_text()),
+            "metrics": read_jsonl(d / "metrics.jsonl"), "ledger": read_jsonl(d / "ledger.jsonl"),
+            "events": read_jsonl(d / "events.jsonl"), "baselines": opt_json("baselines.json"),
+            "compare": opt_json("compare.json")}
+
+
+def summarize(run: dict) -> dict:
+    """The report's numbers (report.json)."""
+    fed = [r for r in run["metrics"] if r.get("source") == "federated"]
+    rounds = sorted({r["round"] for r in fed})
+    roles = {s["name"]: s["role"] for s in run["config"]["federation"]["sites"]}
+    by_round: dict[int, dict[str, dict[str, dict]]] = {}
+    for r in fed:
+        by_round.setdefault(r["round"], {}).setdefault(r["site"], {})[r["task"]] = _metrics_only(r)
+    final = rounds[-1] if rounds else None
+    sites = {}
+    for site, role in roles.items():
+        model = by_round.get(final, {}).get(site, {})
+        base = {t: _metrics_only(m) for t, m in run["baselines"].get(site, {}).items()}
+        entry = {"role": role, "tasks": {}, "avg_score": _avg(model, base)}
+        for task in TASK_ORDER:
+            if task in model or task in base:
+                entry["tasks"][task] = {"federated": model.get(task), "baseline": base.get(task)}
+        for kind in ("local_only", "centralized"):
+            other = run["compare"].get(kind, {}).get(site)
+            if other:
+                for task, m in other.items():
+                    entry["tasks"].setdefault(task, {})[kind] = m
+                entry[f"avg_score_{kind}"] = _avg(other, base)
+        sites[site] = entry
+    per_round = []
+    for rnd in rounds:
+        row = {"round": rnd}
+        for role in ("train", "heldout"):
+            vals = [_avg(m, run["baselines"].get(s, {})) for s, m in by_round[rnd].items() if roles.get(s) == role]
+            vals = [v for v in vals if v is not None and math.isfinite(v)]  # ∞ sites listed in the table
+            row[f"avg_score_{role}"] = float(np.mean(vals)) if vals else None
+        per_round.append(row)
+    return {"run_dir": str(run["dir"]), "final_round": final, "rounds": rounds,
+            "strategy": run["config"]["run_config"].get("strategy"),
+            "backbone": run["config"].get("backbone"), "sites": sites, "per_round": per_round,
+            "avg_score": per_round[-1] if per_round else {},
+            "communication": _communication(run), "events": run["events"]}
+
+
+def _metrics_only(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in ("round", "site", "role", "task", "source", "baseline")}
+
+
+def _avg(model: dict, base: dict) -> float | None:
+    tasks = [t for t in model if t in base]
+    if not tasks:
+        return None
+    v = average_score({t: model[t] for t in tasks}, {t: base[t] for t in tasks})
+    return None if v is None or math.isnan(v) else float(v)  # inf: a baseline is error-free on a task
+
+
+def _communication(run: dict) -> dict:
+    model = run["config"].get("model", {})
+    per_round = {}
+    for r in run["ledger"]:
+        row = per_round.setdefault(r["round"], {"round": r["round"], "bytes_down": 0, "bytes_up": 0,
+                                                "sites_ok": 0, "sites_failed": 0})
+        row["bytes_down"] += r["bytes_down"]
+        row["bytes_up"] += r["bytes_up"]
+        row["sites_ok" if r["status"] == "ok" else "sites_failed"] += 1
+    return {"adapter_bytes": model.get("adapter_bytes"), "full_model_bytes": model.get("full_model_bytes"),
+            "adapter_fraction": model.get("adapter_fraction"), "per_round": [per_round[k] for k in sorted(per_round)]}
+
+
+# ---- markdown -------------------------------------------------------------------------
+def _ratio(v, digits: int = 2) -> str:
+    if v is None:
+        return "–"
+    return "∞" if math.isinf(v) else f"{v:.{digits}f}"
+
+
+def _cell(task: str, entry: dict) -> str:
+    key = HEADLINE[task]
+    parts = [_fmt(key, (entry.get(k) or {}).get(key)) for k in ("federated", "baseline")]
+    extra = [_fmt(key, (entry.get(k) or {}).get(key)) for k in ("local_only", "centralized") if k in entry]
+    return " / ".join(parts + extra)
+
+
+def _site_table(summary: dict, role: str) -> list[str]:
+    sites = {n: s for n, s in summary["sites"].items() if s["role"] == role}
+    if not sites:
+        return ["(none)", ""]
+    has_cmp = any("avg_score_local_only" in s or "avg_score_centralized" in s for s in sites.values())
+    head = "| site | " + " | ".join(f"{t} {HEADLINE[t]}" for t in TASK_ORDER) + " | avg score |"
+    lines = [head, "|" + "---|" * (len(TASK_ORDER) + 2)]
+    for name, s in sites.items():
+        cells = [_cell(t, s["tasks"].get(t, {})) for t in TASK_ORDER]
+        keys = ("avg_score", "avg_score_local_only", "avg_score_centralized") if has_cmp else ("avg_score",)
+        avg = " / ".join(_ratio(s.get(k)) for k in keys)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {avg} |")
+    cols = "federated / baseline" + (" / local-only / centralized" if has_cmp else "")
+    return lines + ["", f"Cells: {cols}. Avg score: mean over tasks of model error ÷ baseline error "
+                        "(lower is better, 1.0 = baseline).", ""]
+
+
+def _markdown(s: dict) -> str:
+    bb = s.get("backbone") or {}
+    lines = [f"# fedfm run report — {Path(s['run_dir']).name}", "",
+             f"Strategy `{s['strategy']}`, {len(s['rounds']) - 1 if s['rounds'] else 0} rounds after round 0 "
+             f"(final round {s['final_round']}). Backbone: {bb.get('source', '?')} "
+             f"(sha256 {str(bb.get('sha256', ''))[:12]}). NMSE in dB.", "",
+             "## Training sites (test split, final round)", ""]
+    lines += _site_table(s, "train")
+    lines += ["## Held-out sites (never trained on)", ""]
+    lines += _site_table(s, "heldout")
+    lines += ["∞: a baseline is error-free on some task of that site (its ratio is undefined).", "",
+              "## Average score per round", "", "| round | train sites | held-out sites |", "|---|---|---|"]
+    for r in s["per_round"]:
+        lines.append(f"| {r['round']} | " + " | ".join(
+            _ratio(r[k], 3) for k in ("avg_score_train", "avg_score_heldout")) + " |")
+    c = s["communication"]
+    lines += ["", "## Communication", ""]
+    if c.get("full_model_bytes"):
+        lines.append(f"Adapter state {c['adapter_bytes']:,} B vs full model {c['full_model_bytes']:,} B "
+                     f"({100 * c['adapter_fraction']:.2f}% of the model per site and direction).")
+    lines += ["", "| round | bytes down | bytes up | sites ok | sites failed |", "|---|---|---|---|---|"]
+    for r in c["per_round"]:
+        lines.append(f"| {r['round']} | {r['bytes_down']:,} | {r['bytes_up']:,} | {r['sites_ok']} | {r['sites_failed']} |")
+    if s["events"]:
+        lines += ["", "## Site errors and rejected updates", ""]
+        lines += [f"- round {e['round']}, site `{e['site']}`: {e['message']}" for e in s["events"]]
+    lines += ["", "Plots: `plots/`. Rebuild: `python scripts/report.py " + s["run_dir"] + "`.", ""]
+    return "\n".join(lines)
+
+
+# ---- plots ------------------------------------------------------------------------------
+def _plots(run: dict, s: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(exist_ok=True)
+    written = []
+    fed = [r for r in run["metrics"] if r.get("source") == "federated"]
+    for task in TASK_ORDER:
+        key = HEADLINE[task]
+        rows = [r for r in fed if r["task"] == task and r.get(key) is not None]
+        if not rows:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for i, site in enumerate(sorted({r["site"] for r in rows})):
+            pts = sorted((r["round"], r[key]) for r in rows if r["site"] == site)
+            line, = ax.plot(*zip(*pts), marker="o", label=f"{site} ({s['sites'][site]['role']})")
+            base = (run["baselines"].get(site, {}).get(task) or {}).get(key)
+            if base is not None:
+                ax.axhline(base, color=line.get_color(), ls="--", lw=0.8)
+        ax.set(xlabel="round", ylabel=f"{task} {key}", title=f"{task}: {key} vs round (dashed: baseline)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(_save(fig, out / f"{task}_vs_round.png"))
+    names = list(s["sites"])
+    ratios = np.full((len(names), len(TASK_ORDER)), np.nan)
+    from fedfm.metrics import error_for_score
+    for i, n in enumerate(names):
+        for j, t in enumerate(TASK_ORDER):
+            e = s["sites"][n]["tasks"].get(t, {})
+            if e.get("federated") and e.get("baseline"):
+                b = error_for_score(t, e["baseline"])
+                ratios[i, j] = error_for_score(t, e["federated"]) / b if b else np.nan
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / max(len(names), 1)
+    for i, n in enumerate(names):
+        ax.bar(np.arange(len(TASK_ORDER)) + i * width, ratios[i], width, label=n)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks(np.arange(len(TASK_ORDER)) + 0.4 - width / 2, TASK_ORDER)
+    ax.set(ylabel="model error / baseline error", title="final round vs classical baseline (lower is better)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    written.append(_save(fig, out / "final_vs_baseline.png"))
+    comm = s["communication"]["per_round"]
+    if comm:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        r = [c["round"] for c in comm]
+        ax.plot(r, [c["bytes_down"] for c in comm], marker="o", label="down (all sites)")
+        ax.plot(r, [c["bytes_up"] for c in comm], marker="s", label="up (all sites)")
+        full = s["communication"]["full_model_bytes"]
+        if full:
+            ax.axhline(full * max(c["sites_ok"] + c["sites_failed"] for c in comm), color="k", ls="--",
+                       label="full model, all sites")
+        ax.set(xlabel="round", ylabel="bytes", yscale="log", title="bytes per round")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(_save(fig, out / "bytes_per_round.png"))
+    return written
+
+
+def _save(fig, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path.name
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write report.md, report.json and plots/ into ``run_dir``; return report.md's path."""
+    run = load_run(run_dir)
+    s = summarize(run)
+    s["plots"] = _plots(run, s, run["dir"] / "plots")
+    write_json(run["dir"] / "report.json", s)
+    path = run["dir"] / "report.md"
+    path.write_text(_markdown(s))
+    return path

@@ -1,0 +1,288 @@
+"""Local training loops: masked-reconstruction pretraining and multi-task fine-tuning (DWA).
+
+    pretrainer = pretrain(model, [(spec, arrays), ...], steps=2000)       # writes into model's backbone
+    losses = finetune(model, {"CE": td_ce, ...}, steps=500, seed=3)       # LoRA + adapters + heads
+
+Both take an explicit seed (torch.Generator; global RNG untouched), pick CUDA when it is
+there (``device`` overrides) and use bf16 autocast on GPU only.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fedfm.model.config import DENSE_TASKS
+from fedfm.model.lora import base_model, lora_parameters
+from fedfm.model.pretrain import MASK_TYPES, Pretrainer, make_mask, masked_nmse
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; plain float32 on CPU (CPU bf16 is slower than fp32 on most hosts)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def lr_at(step: int, steps: int, lr: float) -> float:
+    """Linear warm-up (5% of steps, ≤ 50) then cosine decay to lr/10."""
+    warm = min(50, max(1, steps // 20))
+    if step < warm:
+        return lr * (step + 1) / warm
+    progress = (step - warm) / max(1, steps - warm)
+    return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+def as_real(a: np.ndarray) -> torch.Tensor:
+    """complex64 [...] → float32 [..., 2] without copying."""
+    return torch.view_as_real(torch.from_numpy(np.ascontiguousarray(a, dtype=np.complex64)))
+
+
+# ---- task batches and losses -----------------------------------------------------------
+def task_targets(td) -> torch.Tensor:
+    """A TaskData's training target: dense [S, G, K, N, 2]; BF/LoS class ids; DE/PE normalised."""
+    if td.task in DENSE_TASKS:
+        return as_real(td.targets)
+    if td.task in ("DE", "PE"):
+        from fedfm.tasks import normalise_target
+
+        return torch.as_tensor(np.asarray(normalise_target(td.task, td.targets), dtype=np.float32))
+    return torch.as_tensor(np.asarray(td.targets, dtype=np.int64))
+
+
+def task_loss(task: str, out: torch.Tensor, y: torch.Tensor, region: torch.Tensor | None) -> torch.Tensor:
+    """NMSE on the region (CE/CP/PF), cross-entropy (BF, LoS), L1 on normalised targets (DE, PE)."""
+    if task in DENSE_TASKS:
+        return masked_nmse(out.float(), y, region)
+    if task in ("DE", "PE"):
+        return F.l1_loss(out.float(), y)
+    return F.cross_entropy(out.float(), y)
+
+
+class TaskSampler:
+    """Random batches of one task pooled over one or more sites (sites may differ in shape:
+    a batch comes from one site, chosen with probability ∝ its samples)."""
+
+    def __init__(self, tds, device: torch.device):
+        self.tds = list(tds) if isinstance(tds, (list, tuple)) else [tds]
+        self.task = self.tds[0].task
+        self.x = [as_real(td.inputs) for td in self.tds]
+        self.y = [task_targets(td) for td in self.tds]
+        self.known = [torch.as_tensor(np.asarray(td.known, dtype=bool)).to(device) for td in self.tds]
+        self.region = [torch.as_tensor(np.asarray(td.region, dtype=bool)).to(device)
+                       if self.task in DENSE_TASKS else None for td in self.tds]
+        self.sizes = torch.tensor([float(x.shape[0]) for x in self.x])
+        self.device = device
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.sizes.sum())
+
+    def batch(self, batch_size: int, gen: torch.Generator):
+        i = int(torch.multinomial(self.sizes, 1, generator=gen)) if len(self.x) > 1 else 0
+        idx = torch.randint(self.x[i].shape[0], (batch_size,), generator=gen)
+        return (self.x[i][idx].to(self.device, non_blocking=True), self.known[i],
+                self.y[i][idx].to(self.device, non_blocking=True), self.region[i])
+
+
+# ---- Dynamic Weight Averaging ------------------------------------------------------------
+def dwa_weights(prev: dict[str, float] | None, prev2: dict[str, float] | None,
+                temperature: float) -> dict[str, float]:
+    """LLM4WM Eq. 27 (Liu et al. 2019): w_i = K·exp(r_i/T) / Σ_j exp(r_j/T), r_i = L_i(t−1)/L_i(t−2).
+
+    Until two windows of losses exist every weight is 1.
+    """
+    if temperature <= 0:
+        raise ValueError(f"dwa_temperature should be > 0, got {temperature}")
+    if not prev or not prev2:
+        return {t: 1.0 for t in (prev or prev2 or {})}
+    tasks = list(prev)
+    r = torch.tensor([prev[t] / max(prev2[t], 1e-12) for t in tasks], dtype=torch.float64)
+    w = len(tasks) * torch.softmax(r / temperature, dim=0)
+    return {t: float(v) for t, v in zip(tasks, w)}
+
+
+# ---- fine-tuning -------------------------------------------------------------------------
+def finetune(model: nn.Module, tasks: dict, steps: int, batch_size: int = 32, lr: float = 1e-3,
+             dwa_temperature: float = 2.0, seed: int = 0, device=None, dwa_window: int = 10,
+             stage1_steps: int = 0, train_lora: bool = True, proximal_mu: float = 0.0,
+             weight_decay: float = 0.0, history: list | None = None) -> dict[str, float]:
+    """Multi-task fine-tuning of the trainable state (LoRA + adapters + heads) with DWA.
+
+    tasks: {task: TaskData or [TaskData, ...] (pooled sites)}. Every step draws one batch per
+    task and descends Σ_i w_i L_i; DWA re-weights once per window of ``dwa_window`` steps.
+    ``stage1_steps``: LLM4WM §IV-E two-stage schedule (LoRA frozen for the first steps).
+    ``train_lora=False``: the frozen-backbone ablation. ``proximal_mu``: FedProx term
+    μ/2·‖θ − θ_start‖². ``history`` (if given) receives one dict per window.
+    Returns each task's mean loss over the last window.
+    """
+    if steps <= 0 or batch_size <= 0:
+        raise ValueError(f"finetune: `steps` and `batch_size` should be positive, got {steps}, {batch_size}")
+    device = resolve_device(device)
+    model.to(device).train()
+    samplers = {t: TaskSampler(td, device) for t, td in tasks.items()}
+    gen = torch.Generator().manual_seed(seed)
+    lora = lora_parameters(model)
+    lora_flags = [p.requires_grad for p in lora]
+    params = [p for p in model.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in params] if proximal_mu > 0 else None
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    windows: list[dict[str, float]] = []
+    acc = {t: 0.0 for t in samplers}
+    n_acc = 0
+    try:
+        for step in range(steps):
+            for p, flag in zip(lora, lora_flags):
+                p.requires_grad_(flag and train_lora and step >= stage1_steps)
+            weights = dwa_weights(windows[-1] if windows else None, windows[-2] if len(windows) > 1 else None,
+                                  dwa_temperature) or {t: 1.0 for t in samplers}
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, steps, lr)
+            opt.zero_grad(set_to_none=True)
+            for t, sampler in samplers.items():  # one backward per task: one graph in memory at a time
+                x, known, y, region = sampler.batch(batch_size, gen)
+                with autocast(device):
+                    loss = task_loss(t, model(t, x, known), y, region)
+                (weights.get(t, 1.0) * loss / len(samplers)).backward()
+                acc[t] += float(loss.detach())
+            if start is not None:
+                prox = sum(((p - p0) ** 2).sum() for p, p0 in zip(params, start) if p.requires_grad)
+                (0.5 * proximal_mu * prox).backward()
+            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], 1.0)
+            opt.step()
+            n_acc += 1
+            if n_acc == dwa_window or step == steps - 1:
+                windows.append({t: v / n_acc for t, v in acc.items()})
+                if history is not None:
+                    history.append({"step": step + 1, "losses": windows[-1], "weights": weights})
+                acc, n_acc = {t: 0.0 for t in samplers}, 0
+    finally:
+        for p, flag in zip(lora, lora_flags):
+            p.requires_grad_(flag)
+    return windows[-1]
+
+
+@torch.no_grad()
+def task_losses(model: nn.Module, tasks: dict, batch_size: int = 64, device=None) -> dict[str, float]:
+    """Each task's training loss over all its samples (eval mode), e.g. before/after fine-tuning."""
+    device = resolve_device(device)
+    model.to(device).eval()
+    out = {}
+    for t, td in tasks.items():
+        s = TaskSampler(td, device)
+        total, count = 0.0, 0
+        for x, y, known, region in zip(s.x, s.y, s.known, s.region):
+            for i in range(0, x.shape[0], batch_size):
+                xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+                with autocast(device):
+                    total += float(task_loss(t, model(t, xb, known), yb, region)) * xb.shape[0]
+                count += xb.shape[0]
+        out[t] = total / count
+    model.train()
+    return out
+
+
+# ---- pretraining --------------------------------------------------------------------------
+def _site_grids(sites) -> list[tuple[torch.Tensor, float, float]]:
+    """[(h_sub6 as float [S, T+P, K, N, 2], snr_db_min, snr_db_max)] from (spec, arrays) pairs."""
+    out = []
+    for spec, arrays in sites:
+        est = spec.estimation
+        out.append((as_real(arrays["h_sub6"]), float(est.snr_db_min), float(est.snr_db_max)))
+    return out
+
+
+def masked_batch(h: torch.Tensor, kind: str, snr_db: tuple[float, float], patch, gen: torch.Generator,
+                 ratio: float | None = None):
+    """Noisy, masked, normalised input and clean target for one batch of true CSI.
+
+    h: float [B, G, K, N, 2]. Noise at a per-sample SNR ~ U[snr_db] (the site's estimation SNR),
+    scale = RMS of the visible noisy elements (as fedfm.tasks normalises inputs).
+    Returns x, visible (bool [B, G, K, N]), target, mask (hidden elements).
+    """
+    B, G, K, N, _ = h.shape
+    mask = make_mask(kind, B, (G, K, N), patch, gen, ratio).to(h.device)
+    snr = snr_db[0] + (snr_db[1] - snr_db[0]) * torch.rand(B, generator=gen)
+    power = (h ** 2).sum(-1).flatten(1).mean(1)                                       # (B,)
+    sigma = (power / 10 ** (snr.to(h.device) / 10) / 2).sqrt()                        # per real dimension
+    noisy = h + sigma.view(B, 1, 1, 1, 1) * torch.randn(h.shape, generator=gen).to(h.device)
+    visible = ~mask
+    vis_power = ((noisy ** 2).sum(-1) * visible).flatten(1).sum(1) / visible.flatten(1).sum(1).clamp_min(1)
+    scale = vis_power.clamp_min(1e-30).sqrt().view(B, 1, 1, 1, 1)
+    return noisy * visible[..., None] / scale, visible, h / scale, mask
+
+
+def pretrain(model: nn.Module, sites, steps: int, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
+             device=None, mask_types: tuple[str, ...] = MASK_TYPES, history: list | None = None,
+             log_every: int = 50) -> Pretrainer:
+    """Masked reconstruction of the sites' true sub-6 CSI (all T+P slots), trained into the
+    backbone of ``model`` (a FedFM, peft-wrapped or not, or a Pretrainer).
+
+    sites: [(SiteSpec, split arrays)]. Steps cycle through ``mask_types``. Returns the
+    Pretrainer (backbone + decoder) for ``reconstruction_nmse``; save with ``save_backbone``.
+    """
+    if steps <= 0:
+        raise ValueError(f"pretrain: `steps` should be positive, got {steps}")
+    device = resolve_device(device)
+    pre = model if isinstance(model, Pretrainer) else Pretrainer(base_model(model).cfg, base_model(model).backbone)
+    pre.to(device).train()
+    grids = _site_grids(sites)
+    sizes = torch.tensor([float(g[0].shape[0]) for g in grids])
+    # Only the backbone's own weights and the decoder learn (LoRA, if wrapped, stays at B = 0).
+    params = [p for n, p in pre.named_parameters() if "lora_" not in n]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(seed)
+    running = {k: [] for k in mask_types}
+    try:
+        for step in range(steps):
+            kind = mask_types[step % len(mask_types)]
+            i = int(torch.multinomial(sizes, 1, generator=gen))
+            h, lo, hi = grids[i]
+            idx = torch.randint(h.shape[0], (batch_size,), generator=gen)
+            x, visible, target, mask = masked_batch(h[idx].to(device), kind, (lo, hi), pre.cfg.patch, gen)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, steps, lr)
+            with autocast(device):
+                loss = masked_nmse(pre(x, visible), target, mask)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            running[kind].append(float(loss.detach()))
+            if history is not None and ((step + 1) % log_every == 0 or step == steps - 1):
+                history.append({"step": step + 1, **{f"nmse_{k}": float(np.mean(v[-log_every:]))
+                                                     for k, v in running.items() if v}})
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+    return pre
+
+
+@torch.no_grad()
+def reconstruction_nmse(pre: Pretrainer, spec, arrays: dict, kind: str, seed: int = 0,
+                        batch_size: int = 64, device=None) -> float:
+    """Linear NMSE on the hidden elements of a split's true CSI under one mask type."""
+    device = resolve_device(device)
+    pre.to(device).eval()
+    (h, lo, hi), = _site_grids([(spec, arrays)])
+    gen = torch.Generator().manual_seed(seed)
+    total = 0.0
+    for i in range(0, h.shape[0], batch_size):
+        x, visible, target, mask = masked_batch(h[i:i + batch_size].to(device), kind, (lo, hi), pre.cfg.patch, gen)
+        with autocast(device):
+            total += float(masked_nmse(pre(x, visible), target, mask)) * x.shape[0]
+    pre.train()
+    return total / h.shape[0]

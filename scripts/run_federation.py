@@ -1,0 +1,228 @@
+#!/usr/bin/env python
+"""Run the federation with `flwr run .` on a local simulation SuperLink, check the real
+outcome, stop the SuperLink, print where the report is. What `make run` calls.
+
+    python scripts/run_federation.py                                  # default federation, tiny preset
+    python scripts/run_federation.py --federation scenarios/federations/benchmark.yaml \\
+        --set num-server-rounds=5 --set strategy=fedprox --num-cpus 1 --num-gpus 0.25
+
+Why not a bare `flwr run .` (FLOWER_NOTES.md): the local SuperLink it starts keeps running,
+re-installs the project for every run unless told not to, and `--stream` exits 0 even when
+the run failed. So this script
+- uses a project-local FLWR_HOME (.flwr/) and its own free port, so it never talks to
+  someone else's SuperLink, and disables runtime dependency installation / update checks;
+- starts the SuperLink itself and stops it by PID when done, also on failure or Ctrl-C;
+- passes absolute paths (the apps run from $FLWR_HOME/apps/... in a cwd nobody chooses);
+- sets one simulated SuperNode per training site and Ray resources per site;
+- reads the run status with `flwr ls --run-id ID --format json` and checks report.md exists.
+Exit status 0 only if the run finished:completed and its report exists.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fedfm.config import RunConfig, federation_site_paths  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flwr_env(flwr_home: Path, port: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(FLWR_HOME=str(flwr_home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+               FLWR_DISABLE_UPDATE_CHECK="1", FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(port),
+               FLWR_LOCAL_CONTROL_API_PORT=str(free_port()), PYTHONUNBUFFERED="1",
+               # one OpenMP thread per process unless told otherwise: Ray runs one site per CPU,
+               # and oversubscribed busy-waiting threads slow small models ~50× on 2 cores
+               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               # flower-superlink / flower-superexec must be this venv's
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    return env
+
+
+def start_superlink(flwr_home: Path, env: dict[str, str], port: int, timeout_s: float = 60.0) -> subprocess.Popen:
+    """A simulation SuperLink in its own session (so its SuperExec children stop with it)."""
+    (flwr_home / "local-superlink").mkdir(parents=True, exist_ok=True)
+    cmd = [str(Path(sys.executable).parent / "flower-superlink"), "--insecure", "--simulation",
+           "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(port),
+           "--database", str(flwr_home / "local-superlink" / "state.db"),
+           "--log-file", str(flwr_home / "local-superlink" / "superlink.log"),
+           "--disable-runtime-dependency-installation"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"flower-superlink exited with {proc.returncode}; see {flwr_home}/local-superlink/superlink.log")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=0.5) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.3)
+    stop_superlink(proc)
+    raise RuntimeError(f"flower-superlink did not become healthy on port {port} within {timeout_s:.0f} s")
+
+
+def stop_superlink(proc: subprocess.Popen) -> None:
+    """SIGTERM the SuperLink's process group (it and the SuperExec/simulation it spawned), then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def write_run_config(path: Path, values: dict) -> None:
+    """A flat TOML file for `flwr run --run-config FILE.toml` (avoids shell quoting of paths)."""
+    lines = []
+    for k, v in values.items():
+        lines.append(f"{k} = {json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else v}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def run_status(env: dict[str, str], run_id: str, timeout_s: float = 30.0) -> dict:
+    """The run's `flwr ls` record once it is finished (or the last one seen)."""
+    deadline, rec = time.monotonic() + timeout_s, {}
+    while time.monotonic() < deadline:
+        out = subprocess.run([str(Path(sys.executable).parent / "flwr"), "ls", "--run-id", run_id, "--format", "json"],
+                             env=env, capture_output=True, text=True, cwd=ROOT)
+        try:
+            runs = json.loads(out.stdout).get("runs", [])
+            rec = runs[0] if runs else rec
+        except json.JSONDecodeError:
+            pass
+        if str(rec.get("status", "")).startswith("finished"):
+            return rec
+        time.sleep(1.0)
+    return rec
+
+
+def run_federation(overrides: dict, num_supernodes: int, flwr_home: Path, num_cpus: int = 1,
+                   num_gpus: float = 0.0, log=sys.stdout, timeout_s: float = 3600) -> dict:
+    """Start a SuperLink, `flwr run . --stream`, check the outcome, stop the SuperLink.
+
+    Returns {'run_id', 'status', 'status_details', 'run_dir', 'report', 'wall_s', 'ok'}."""
+    cfg = RunConfig.from_flower(overrides, base_dir=ROOT)  # validate before starting anything
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    run_config_file = run_dir / "run_config.toml"
+    write_run_config(run_config_file, cfg.to_flower())
+    port = free_port()
+    env = flwr_env(flwr_home, port)
+    t0 = time.monotonic()
+    proc = start_superlink(flwr_home, env, port)
+    result = {"run_dir": str(run_dir), "run_id": None, "status": "not started", "status_details": ""}
+    try:
+        # Flower wants an integer CPU count (a float fails with "'float' object cannot be interpreted
+        # as an integer"); the GPU share may be fractional.
+        fed = (f"num-supernodes={num_supernodes} client-resources-num-cpus={max(1, int(num_cpus))} "
+               f"client-resources-num-gpus={float(num_gpus)}")
+        cmd = [str(Path(sys.executable).parent / "flwr"), "run", str(ROOT), "--stream",
+               "--run-config", str(run_config_file), "--federation-config", fed]
+        stream = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        with open(run_dir / "flwr_run.log", "a") as tee:
+            for line in stream.stdout:
+                log.write(line)
+                tee.write(line)
+                m = re.search(r"Successfully started run (\d+)", line)
+                if m:
+                    result["run_id"] = m.group(1)
+                if time.monotonic() - t0 > timeout_s:
+                    stream.kill()
+                    break
+        stream.wait()
+        if result["run_id"]:
+            rec = run_status(env, result["run_id"])
+            result.update(status=rec.get("status", "unknown"), status_details=rec.get("status-details", ""))
+    finally:
+        stop_superlink(proc)
+    report = run_dir / "report.md"
+    result.update(report=str(report), wall_s=time.monotonic() - t0,
+                  ok=result["status"] == "finished:completed" and report.exists())
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--federation", default="scenarios/federations/default.yaml")
+    p.add_argument("--out", default=None, help="run folder (default: runs/<timestamp> in the current directory)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="run-config override, e.g. --set num-server-rounds=5 (repeatable)")
+    p.add_argument("--num-cpus", type=int, default=1, help="Ray CPUs per simulated site (integer)")
+    p.add_argument("--num-gpus", type=float, default=None, help="Ray GPU fraction per site (default: 0, or "
+                   "1/num-sites when a GPU is visible)")
+    p.add_argument("--flwr-home", default=str(ROOT / ".flwr"))
+    args = p.parse_args(argv)
+
+    overrides: dict = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            print(f"--set {item!r}: expected KEY=VALUE", file=sys.stderr)
+            return 2
+        overrides[key] = _parse_value(value)
+    overrides["federation"] = str(Path(args.federation).resolve())
+    overrides["out-dir"] = str(Path(args.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}").resolve())
+    try:
+        train_sites = [pth for pth, role in federation_site_paths(overrides["federation"]) if role == "train"]
+        overrides.setdefault("min-train-nodes", len(train_sites))
+        num_gpus = args.num_gpus if args.num_gpus is not None else _default_gpus(len(train_sites))
+        result = run_federation(overrides, len(train_sites), Path(args.flwr_home), args.num_cpus, num_gpus)
+    except ValueError as e:  # bad config: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"\nfedfm: run {result['run_id']} {result['status']} in {result['wall_s']:.0f} s "
+          f"{result['status_details'] if result['status_details'] != 'N/A' else ''}".rstrip())
+    if not result["ok"]:
+        print(f"fedfm: run FAILED; logs: {result['run_dir']}/flwr_run.log", file=sys.stderr)
+        return 1
+    print(f"fedfm: report: {result['report']}")
+    return 0
+
+
+def _parse_value(v: str):
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(v.lower(), v)
+
+
+def _default_gpus(num_sites: int) -> float:
+    try:
+        import torch
+
+        return round(1.0 / max(num_sites, 1), 3) if torch.cuda.is_available() else 0.0
+    except ImportError:
+        return 0.0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

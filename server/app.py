@@ -1,0 +1,67 @@
+"""ServerApp: run config → run setup → strategy.start() with central evaluation → report.
+
+    flwr run . --run-config "num-server-rounds=3 strategy=fedprox fedprox-mu=0.01"
+
+Only adapter state travels. Each round: broadcast the global adapters → sites train
+locally → the strategy aggregates (server/strategy.py) → the central evaluator scores
+every site (server/evaluator.py) → a checkpoint marks the round complete.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from fedfm.config import RunConfig
+from fedfm.federated import python_random_state, set_python_random_state, setup_run
+from fedfm.report import write_report
+from server.evaluator import get_evaluate_fn
+from server.strategy import build_strategy
+
+# The app folder (a checkout, or $FLWR_HOME/apps/<fab>/): relative input paths resolve here.
+APP_DIR = Path(__file__).resolve().parents[1]
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = RunConfig.from_flower(context.run_config, base_dir=APP_DIR)
+    if cfg.stage != "finetune":
+        raise ValueError(f"run config: `stage` = {cfg.stage!r} is not implemented yet; use 'finetune'")
+    run = setup_run(cfg)
+    offset = run.round_offset
+    strategy = build_strategy(cfg, run.runlog, run.full_model_bytes, round_offset=offset)
+    strategy.set_state(run.strategy_state)
+    if run.random_state:  # Flower samples sites with the `random` module (fraction-train < 1)
+        set_python_random_state(random, run.random_state)
+
+    def checkpoint(round_: int, arrays: ArrayRecord) -> None:
+        run.runlog.save_checkpoint(round_, {k: a.numpy() for k, a in arrays.items()}, strategy.get_state(),
+                                   {"python_random": python_random_state(random), "seed": cfg.seed,
+                                    "backbone_sha256": run.backbone_sha256, "sites": strategy.last_round_sites})
+
+    evaluate = get_evaluate_fn(cfg, run.sites, run.model, run.runlog, on_round_end=checkpoint)
+
+    def evaluate_fn(round_: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if round_ == 0 and offset > 0:
+            return None  # resumed: round `offset` was evaluated and checkpointed already
+        return evaluate(round_ + offset, arrays)
+
+    site_config = ConfigRecord({"backbone-path": run.backbone, "backbone-sha256": run.backbone_sha256,
+                                "num-beams": run.num_beams})
+    remaining = cfg.num_server_rounds - offset
+    if remaining > 0:
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord({k: Array(v) for k, v in run.initial_state.items()}),
+            num_rounds=remaining,
+            timeout=cfg.round_timeout,
+            train_config=site_config,
+            evaluate_config=ConfigRecord(dict(site_config)),
+            evaluate_fn=evaluate_fn,
+        )
+    report = write_report(run.runlog.dir)
+    print(f"fedfm: run complete: {cfg.num_server_rounds} rounds; report at {report}", flush=True)

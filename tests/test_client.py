@@ -1,0 +1,84 @@
+"""ClientApp handlers, message in → message out (no Ray): a site trains and replies with
+float32 adapter state + metrics; a broken site, a wrong backbone or a bad partition count
+reply with an error that names the site."""
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
+
+from clients.app import train
+from fedfm.config import RunConfig
+from fedfm.federated import build_run_model, numpy_state
+from fl_fixtures import NUM_BEAMS, make_backbone, run_config, task_identity, train_message, write_federation  # noqa: F401
+
+TASKS = ("CE", "CP", "PF", "BF", "DE", "PE", "LoS")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, cache_dir):
+    root = tmp_path_factory.mktemp("client")
+    backbone, digest = make_backbone(root / "backbone.safetensors")
+    from fedfm.model import get_adapter_state
+
+    state = numpy_state(get_adapter_state(build_run_model(RunConfig(seed=5), NUM_BEAMS, backbone)))
+    return root, backbone, digest, state, cache_dir
+
+
+def _context(rc, pid=0, n=2):
+    return Context(run_id=1, node_id=100, node_config={"partition-id": pid, "num-partitions": n},
+                   state=RecordDict(), run_config=rc)
+
+
+def _message(state, backbone, digest, round_=1):
+    arrays = ArrayRecord({k: Array(v) for k, v in state.items()})
+    conf = ConfigRecord({"server-round": round_, "backbone-path": backbone, "backbone-sha256": digest,
+                         "num-beams": NUM_BEAMS})
+    return train_message(arrays, conf)
+
+
+def test_train_replies_adapter_state_and_metrics(setup, task_identity):
+    root, backbone, digest, state, cache = setup
+    rc = run_config(write_federation(root / "ok"), root / "run", cache, backbone)
+    reply = train(_message(state, backbone, digest), _context(rc))
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    arrays, metrics = reply.content["arrays"], reply.content["metrics"]
+    assert set(arrays.keys()) == set(state)
+    out = {k: a.numpy() for k, a in arrays.items()}
+    assert all(v.dtype == np.float32 and v.shape == state[k].shape and np.isfinite(v).all() for k, v in out.items())
+    assert any(not np.array_equal(out[k], state[k]) for k in state)  # it trained
+    assert metrics["num-examples"] == 64
+    assert metrics["bytes-up"] == sum(v.nbytes for v in out.values())
+    assert {f"loss-{t}" for t in TASKS} <= set(metrics.keys())
+    assert reply.content["site"]["name"] == "alpha"
+
+
+def test_same_round_same_state(setup, task_identity):
+    # Explicit per-(site, round) seeds: a repeated round reproduces the update bit for bit.
+    root, backbone, digest, state, cache = setup
+    rc = run_config(write_federation(root / "rep"), root / "run", cache, backbone)
+    a = train(_message(state, backbone, digest, 3), _context(rc))
+    b = train(_message(state, backbone, digest, 3), _context(rc))
+    for k in state:
+        np.testing.assert_array_equal(a.content["arrays"][k].numpy(), b.content["arrays"][k].numpy())
+
+
+def test_broken_site_yaml_replies_named_error(setup, task_identity):
+    root, backbone, digest, state, cache = setup
+    rc = run_config(write_federation(root / "broken", broken_site=True), root / "run", cache, backbone)
+    reply = train(_message(state, backbone, digest), _context(rc, pid=1))
+    assert reply.has_error()
+    assert reply.error.reason.startswith("site=beta:") and "sub6.antennas" in reply.error.reason
+
+
+def test_wrong_backbone_hash_refuses_to_train(setup, task_identity):
+    root, backbone, digest, state, cache = setup
+    rc = run_config(write_federation(root / "hash"), root / "run", cache, backbone)
+    reply = train(_message(state, backbone, "0" * 64), _context(rc))
+    assert reply.has_error() and "site=alpha:" in reply.error.reason
+    assert "backbone.safetensors" in reply.error.reason and "hash" in reply.error.reason
+
+
+def test_partition_count_mismatch_is_explained(setup, task_identity):
+    root, backbone, digest, state, cache = setup
+    rc = run_config(write_federation(root / "count"), root / "run", cache, backbone)
+    reply = train(_message(state, backbone, digest), _context(rc, pid=0, n=3))
+    assert reply.has_error() and "num-supernodes=2" in reply.error.reason

@@ -1,0 +1,53 @@
+"""RunConfig from Flower's flat run config; pyproject defaults in sync; lenient federation loading."""
+import dataclasses
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fedfm.config import RunConfig, federation_site_paths, load_federation_sites, train_site_for_partition
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pyproject_run_config_matches_dataclass_defaults():
+    flwr_cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    fields = {f.name.replace("_", "-"): f.default for f in dataclasses.fields(RunConfig)}
+    assert set(flwr_cfg) == set(fields)  # every key Flower accepts is a RunConfig field and back
+    assert {k: v for k, v in flwr_cfg.items()} == fields
+
+
+def test_from_flower_resolves_paths_and_coerces_ints(tmp_path):
+    cfg = RunConfig.from_flower({"lr": 1, "federation": "fed.yaml", "out-dir": str(tmp_path / "r")}, base_dir=tmp_path)
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
+    assert cfg.federation == str(tmp_path / "fed.yaml") and cfg.run_dir == tmp_path / "r"
+    assert RunConfig.from_flower(cfg.to_flower()) == cfg  # round trip
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("strategy", "fedsgd", "one of fedavg, fedprox, fedadam"),
+    ("num-server-rounds", 0, "integer >= 1"),
+    ("fraction-train", 1.5, "(0, 1]"),
+    ("lr", "fast", "expected a float"),
+    ("lora-r", True, "expected a int"),
+    ("nonsense-key", 1, "allowed keys"),
+])
+def test_bad_values_name_key_value_and_allowed(key, value, needle):
+    with pytest.raises(ValueError) as e:
+        RunConfig.from_flower({key: value})
+    assert f"`{key}`" in str(e.value) and needle in str(e.value)
+
+
+def test_broken_site_yaml_is_isolated(tmp_path):
+    (tmp_path / "good.yaml").write_text("name: good\nenvironment: uma\n")
+    (tmp_path / "bad.yaml").write_text("name: bad\nenvironment: uma\nsub6: {antennas: -4}\n")
+    fed = tmp_path / "fed.yaml"
+    fed.write_text("name: f\ntrain_sites: [good.yaml, bad.yaml]\nheldout_sites: [good.yaml]\n")
+    assert [role for _, role in federation_site_paths(fed)] == ["train", "train", "heldout"]
+    entries = load_federation_sites(fed)
+    assert entries[0].spec.name == "good" and not entries[0].error
+    assert entries[1].spec is None and entries[1].name == "bad"
+    assert "sub6.antennas" in entries[1].error and "-4" in entries[1].error
+    assert train_site_for_partition(fed, 1, 2).error == entries[1].error
+    with pytest.raises(ValueError, match="num-supernodes=2"):
+        train_site_for_partition(fed, 0, 3)

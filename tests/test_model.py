@@ -1,0 +1,200 @@
+"""fedfm.model: tokeniser, factory, LoRA state, checkpoints and masks (tiny sizes, CPU)."""
+import json
+
+import pytest
+import torch
+
+from fedfm.model import (DENSE_TASKS, TASKS, ModelConfig, base_model, build_model, get_adapter_state,
+                         load_backbone, parameter_summary, save_backbone, set_adapter_state)
+from fedfm.model.pretrain import make_mask
+from fedfm.model.tokeniser import Tokeniser, patchify, unpatchify
+
+D_MODEL, LAYERS = 32, 2
+SHAPES = [(16, 64, 8), (20, 32, 16)]  # (slots, subcarriers, antennas): LLM4WM's site and the N=16 held-out site
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run faster on one thread; on a loaded 2-core host two OpenMP threads spin
+    against each other (measured: a [2560, 32] × [32, 96] linear took 15 ms vs 0.2 ms)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_cfg(**kw):
+    return ModelConfig(**{"d_model": D_MODEL, "n_layers": LAYERS, "n_heads": 2, "num_beams": 16,
+                          "adapter_hidden": 8, "head_hidden": 16, "conv_channels": 4, **kw})
+
+
+def grid(shape, batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, *shape, 2, generator=g)
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(5, 30, 3)])
+def test_patchify_round_trip_and_padding(shape):
+    # Prepare: a grid whose sizes may not divide the (2, 8, 4) patch
+    x = grid(shape)
+    patch = (2, 8, 4)
+    # Execute
+    p = patchify(x, patch)
+    back = unpatchify(p, shape, patch)
+    # Assert: exact inverse; token count = product of rounded-up patch counts
+    gt, gk, gn = (-(-s // q) for s, q in zip(shape, patch))
+    assert p.shape == (2, gt * gk * gn, 2 * 8 * 4 * 2)
+    assert torch.equal(back, x)
+
+
+def test_patch_holds_one_contiguous_block():
+    x = torch.arange(4 * 16 * 8, dtype=torch.float32).view(1, 4, 16, 8, 1)
+    p = patchify(x, (2, 8, 4))
+    first = p[0, 0].view(2, 8, 4)
+    assert torch.equal(first, x[0, :2, :8, :4, 0])
+    # second token moves along antennas (innermost patch axis), then frequency, then time
+    assert torch.equal(p[0, 1].view(2, 8, 4), x[0, :2, :8, 4:8, 0])
+    assert torch.equal(p[0, 2].view(2, 8, 4), x[0, :2, 8:16, :4, 0])
+
+
+def test_tokeniser_positions_differ_per_axis_and_ignore_unknown_values():
+    tok = Tokeniser((2, 8, 4), D_MODEL, 16)
+    shape = (4, 16, 8)
+    known = torch.zeros(shape, dtype=torch.bool)
+    a, b = tok(grid(shape, seed=1), known), tok(grid(shape, seed=2), known)
+    # nothing is known: the values must not leak in, and every token position is distinct
+    assert torch.allclose(a, b)
+    assert torch.unique(a[0].round(decimals=5), dim=0).shape[0] == a.shape[1]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_one_model_serves_both_site_shapes(shape):
+    model = build_model(tiny_cfg())
+    G, K, N = shape
+    known = torch.ones(shape, dtype=torch.bool)
+    for task in TASKS:
+        out = model(task, grid(shape), known)
+        expected = {"BF": (2, 16), "DE": (2,), "PE": (2,), "LoS": (2, 2)}.get(task, (2, G, K, N, 2))
+        assert tuple(out.shape) == expected, task
+
+
+def test_dense_head_starts_from_the_observed_input():
+    # Zero-initialised correction: before training the CE head returns the observations, zeros elsewhere
+    model = build_model(tiny_cfg())
+    shape = SHAPES[0]
+    known = torch.zeros(shape, dtype=torch.bool)
+    known[:, ::4] = True
+    x = grid(shape)
+    out = model("CE", x, known)
+    assert torch.allclose(out, x * known[..., None], atol=1e-6)
+
+
+def test_lora_targets_only_backbone_projections():
+    model = build_model(tiny_cfg())
+    lora = {n.split(".lora_")[0] for n, _ in model.named_parameters() if "lora_" in n}
+    expected = {f"base_model.model.backbone.blocks.{i}.{m}" for i in range(LAYERS)
+                for m in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")}
+    assert lora == expected
+
+
+def test_adapter_state_is_exactly_the_trainable_state_and_round_trips():
+    # Prepare
+    a, b = build_model(tiny_cfg(seed=1)), build_model(tiny_cfg(seed=2))
+    with torch.no_grad():  # make LoRA B non-zero so that the round trip is observable
+        for n, p in a.named_parameters():
+            if p.requires_grad:
+                p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
+    # Execute
+    state = get_adapter_state(a)
+    set_adapter_state(b, state)
+    # Assert: same number of tensors/values as trainable parameters, float32, exact round trip
+    trainable = [p for p in a.parameters() if p.requires_grad]
+    assert len(state) == len(trainable)
+    assert sum(v.numel() for v in state.values()) == sum(p.numel() for p in trainable)
+    assert all(v.dtype == torch.float32 for v in state.values())
+    assert not any(".blocks." in k and "lora_" not in k for k in state)
+    again = get_adapter_state(b)
+    assert state.keys() == again.keys() and all(torch.equal(state[k], again[k]) for k in state)
+    x, known = grid(SHAPES[0]), torch.ones(SHAPES[0], dtype=torch.bool)
+    c = build_model(tiny_cfg(seed=1))
+    set_adapter_state(c, state)
+    assert all(torch.equal(c(t, x, known), a(t, x, known)) for t in ("CE", "BF"))
+
+
+def test_set_adapter_state_names_bad_keys():
+    model = build_model(tiny_cfg())
+    state = get_adapter_state(model)
+    state["bogus.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match="bogus.weight"):
+        set_adapter_state(model, state)
+
+
+def test_backbone_checkpoint_round_trip_and_wrong_hash(tmp_path):
+    cfg = tiny_cfg(seed=5)
+    path = tmp_path / "backbone.safetensors"
+    digest = save_backbone(path, build_model(cfg))
+    model = build_model(tiny_cfg(seed=9), backbone=path, expected_hash=digest)
+    ref = base_model(build_model(cfg, lora=False)).backbone.state_dict()
+    got = {k.replace(".base_layer.", "."): v for k, v in base_model(model).backbone.state_dict().items()
+           if "lora_" not in k}
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    assert base_model(model).backbone_hash == digest
+    # a federation expecting another backbone is refused, naming the file
+    with pytest.raises(ValueError, match="backbone.safetensors.*hash mismatch"):
+        build_model(cfg, backbone=path, expected_hash="0" * 64)
+    # a modified file no longer matches its sidecar
+    meta = json.loads(path.with_suffix(".json").read_text())
+    meta["sha256"] = "f" * 64
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=str(path.name) + ".*hash mismatch"):
+        load_backbone(path)
+
+
+def test_backbone_with_other_shape_is_refused(tmp_path):
+    path = tmp_path / "b.safetensors"
+    save_backbone(path, build_model(tiny_cfg()))
+    with pytest.raises(ValueError, match="d_model"):
+        build_model(tiny_cfg(d_model=64), backbone=path)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_masks_hide_what_they_claim(shape):
+    G, K, N = shape
+    gen = torch.Generator().manual_seed(0)
+    time = make_mask("time", 3, shape, (2, 8, 4), gen)
+    assert time[:, G // 2:].all() and not time[:, :G // 2].any()
+    freq = make_mask("frequency", 3, shape, (2, 8, 4), gen)
+    assert freq[:, :, K // 2:].all() and not freq[:, :, :K // 2].any()
+    rnd = make_mask("random", 3, shape, (2, 8, 4), gen)
+    per_patch = patchify(rnd[..., None].float(), (2, 8, 4))  # (B, L, elements)
+    # whole patches are hidden, 85% of them, differently per sample
+    assert ((per_patch == 0) | (per_patch == 1)).all()
+    assert torch.equal(per_patch.amin(-1), per_patch.amax(-1))
+    frac = per_patch[..., 0].mean(1)
+    L = per_patch.shape[1]
+    assert torch.allclose(frac, torch.full_like(frac, round(0.85 * L) / L))
+    assert not torch.equal(rnd[0], rnd[1])
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ValueError, match="`n_heads`"):
+        ModelConfig(d_model=30, n_heads=4)
+    with pytest.raises(ValueError, match="`lora_r`"):
+        ModelConfig(lora_r=0)
+    with pytest.raises(ValueError, match="preset 'huge'"):
+        ModelConfig.from_preset("huge")
+    with pytest.raises(ValueError, match="unknown key"):
+        ModelConfig.from_dict({"d_modle": 3})
+
+
+def test_base_preset_trains_at_most_three_percent():
+    summary = parameter_summary(build_model(ModelConfig.from_preset("base")))
+    assert 15e6 < summary["total"] < 30e6
+    assert summary["trainable_pct"] <= 3.0
+
+
+def test_task_ids_mirror_fedfm_tasks():
+    tasks = pytest.importorskip("fedfm.tasks")
+    if not hasattr(tasks, "TASKS"):
+        pytest.skip("fedfm.tasks not written yet")
+    assert tuple(tasks.TASKS) == TASKS and tuple(tasks.DENSE_TASKS) == DENSE_TASKS

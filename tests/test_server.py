@@ -1,0 +1,107 @@
+"""ServerApp end to end in process (real ClientApp handlers, no Ray): what a run writes,
+resume equivalence, and a broken site YAML that leaves the other sites' rounds intact."""
+import json
+
+import numpy as np
+import pytest
+
+from fedfm.metrics import HEADLINE
+from fedfm.runlog import RunLog, read_jsonl
+from fl_fixtures import (InProcessGrid, make_backbone, run_config, server_context, task_identity,  # noqa: F401
+                         write_federation)
+from server.app import main as server_main
+
+TASKS = {"CE", "CP", "PF", "BF", "DE", "PE", "LoS"}
+
+
+def run_server(rc: dict, nodes: int = 2) -> RunLog:
+    server_main(InProcessGrid(rc, nodes), server_context(rc))
+    return RunLog(rc.get("resume") or rc["out-dir"])
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory):
+    return make_backbone(tmp_path_factory.mktemp("bb") / "backbone.safetensors")
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, cache_dir, backbone):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    root = tmp_path_factory.mktemp("server")
+    rc = run_config(write_federation(root), root / "run-a", cache_dir, backbone[0])
+    return rc, run_server(rc)
+
+
+def test_run_folder_contents(full_run, backbone):
+    rc, log = full_run
+    conf = log.read_config()
+    assert conf["backbone"] == {"path": backbone[0], "sha256": backbone[1], "source": "given"}
+    assert [s["name"] for s in conf["federation"]["sites"]] == ["alpha", "beta", "gamma"]
+    assert conf["versions"]["flwr"].startswith("1.") and conf["run_config"]["seed"] == 5
+    fed = [r for r in read_jsonl(log.dir / "metrics.jsonl") if r["source"] == "federated"]
+    assert {(r["round"], r["site"], r["task"]) for r in fed} == {
+        (rnd, s, t) for rnd in (0, 1, 2) for s in ("alpha", "beta", "gamma") for t in TASKS}
+    assert len(fed) == 3 * 3 * 7  # no duplicates
+    assert {r["role"] for r in fed if r["site"] == "gamma"} == {"heldout"}
+    baselines = json.loads((log.dir / "baselines.json").read_text())
+    assert set(baselines) == {"alpha", "beta", "gamma"} and set(baselines["gamma"]) == TASKS
+    adapter = conf["model"]["adapter_bytes"]
+    ledger = read_jsonl(log.dir / "ledger.jsonl")
+    assert {(r["round"], r["site"], r["status"]) for r in ledger} == {
+        (rnd, s, "ok") for rnd in (1, 2) for s in ("alpha", "beta")}
+    assert all(r["bytes_down"] == r["bytes_up"] == adapter for r in ledger)
+    assert 0 < adapter < conf["model"]["full_model_bytes"]
+    assert log.complete_rounds() == [0, 1, 2]
+
+
+def test_report_files(full_run):
+    _, log = full_run
+    report = json.loads((log.dir / "report.json").read_text())
+    assert report["final_round"] == 2 and report["rounds"] == [0, 1, 2]
+    assert set(report["sites"]) == {"alpha", "beta", "gamma"}
+    for site in report["sites"].values():  # every task: finite headline for model and baseline
+        assert set(site["tasks"]) == TASKS
+        for task, entry in site["tasks"].items():
+            key = HEADLINE[task]
+            assert np.isfinite(entry["federated"][key]) and np.isfinite(entry["baseline"][key])
+        # avg score: a positive number, or null where a baseline is error-free on a task (ratio ∞)
+        assert site["avg_score"] is None or site["avg_score"] > 0
+    md = (log.dir / "report.md").read_text()
+    assert md.index("## Training sites") < md.index("## Held-out sites") < md.index("## Communication")
+    assert "| alpha |" in md and "| gamma |" in md
+    assert {"CE_vs_round.png", "final_vs_baseline.png", "bytes_per_round.png"} <= set(report["plots"])
+    assert all((log.dir / "plots" / p).stat().st_size > 1000 for p in report["plots"])
+
+
+def test_resume_matches_uninterrupted_run(full_run, tmp_path, cache_dir, backbone, task_identity):
+    rc_full, full = full_run
+    rc = run_config(rc_full["federation"], tmp_path / "run-b", cache_dir, backbone[0], **{"num-server-rounds": 1})
+    run_server(rc)
+    # an interrupted round 2: stray lines that resume must drop
+    RunLog(tmp_path / "run-b").append_ledger([{"round": 2, "site": "alpha", "status": "ok", "bytes_down": 0,
+                                               "bytes_up": 0}])
+    resumed = run_server({**rc, "num-server-rounds": 2, "resume": str(tmp_path / "run-b")})
+    a, _, _ = full.load_checkpoint(2)
+    b, _, state = resumed.load_checkpoint(2)
+    assert set(a) == set(b)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    assert resumed.read_config()["resumed_at_rounds"] == [1]
+    fed = [r for r in read_jsonl(resumed.dir / "metrics.jsonl") if r["source"] == "federated"]
+    assert len(fed) == 3 * 3 * 7
+    assert len(read_jsonl(resumed.dir / "ledger.jsonl")) == 2 * 2
+
+
+def test_broken_site_yaml_logged_and_round_completes(tmp_path, cache_dir, backbone, task_identity):
+    rc = run_config(write_federation(tmp_path / "fed", broken_site=True), tmp_path / "run", cache_dir, backbone[0])
+    log = run_server(rc)
+    events = read_jsonl(log.dir / "events.jsonl")
+    beta = [e for e in events if e["site"] == "beta"]
+    assert beta and all("sub6.antennas" in e["message"] for e in beta)
+    assert {e["round"] for e in beta} == {0, 1, 2}  # excluded at setup, then an error reply each round
+    status = {(r["round"], r["site"]): r["status"] for r in read_jsonl(log.dir / "ledger.jsonl")}
+    assert status == {(1, "alpha"): "ok", (1, "beta"): "error", (2, "alpha"): "ok", (2, "beta"): "error"}
+    assert log.complete_rounds() == [0, 1, 2]
+    assert "sub6.antennas" in (log.dir / "report.md").read_text()

@@ -1,0 +1,148 @@
+"""Strategy factory: aggregation of adapter states vs hand-computed averages, the byte
+ledger vs the arrays' sizes, rejection of NaN / malformed updates, site-named errors,
+FedAdam state round trip. Messages are built by hand; no Ray, no SuperLink."""
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedfm.config import RunConfig
+from fedfm.runlog import RunLog, read_jsonl
+from server.strategy import build_strategy
+
+FULL_MODEL_BYTES = 10_000
+
+
+class FakeGrid:
+    """Just what FedAvg.configure_train asks of a Grid: the connected node ids."""
+
+    def __init__(self, node_ids):
+        self.node_ids = node_ids
+
+    def get_node_ids(self):
+        return list(self.node_ids)
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    # Message() stamps run/node ids from the running task; outside Flower we set them.
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def arrays(**named):
+    return ArrayRecord({k: Array(np.asarray(v, dtype=np.float32)) for k, v in named.items()})
+
+
+def reply(to: Message, site: str, n: int, **named) -> Message:
+    content = RecordDict({"arrays": arrays(**named),
+                          "metrics": MetricRecord({"num-examples": n, "loss-CE": float(n), "local-time-s": 0.5}),
+                          "site": ConfigRecord({"name": site})})
+    return Message(content, reply_to=to)
+
+
+def send(strategy, global_arrays, nodes=(11, 22, 33), round_=1):
+    msgs = list(strategy.configure_train(round_, global_arrays, ConfigRecord(), FakeGrid(nodes)))
+    return {m.metadata.dst_node_id: m for m in msgs}
+
+
+def test_fedavg_weighted_average_and_ledger(tmp_path):
+    # Prepare
+    log = RunLog(tmp_path)
+    strategy = build_strategy(RunConfig(min_train_nodes=3), log, FULL_MODEL_BYTES)
+    glob = arrays(a=np.zeros((2, 3)), b=np.zeros(4))
+    sent = send(strategy, glob)
+    a1, b1 = np.arange(6.0).reshape(2, 3), np.ones(4)
+    a2, b2 = np.full((2, 3), 3.0), np.full(4, 5.0)
+    replies = [reply(sent[11], "siteA", 1, a=a1, b=b1), reply(sent[22], "siteB", 3, a=a2, b=b2),
+               Message(Error(1, "site=siteC: ValueError: broken YAML"), reply_to=sent[33])]
+    # Execute
+    agg, metrics = strategy.aggregate_train(1, replies)
+    # Assert: (1·x1 + 3·x2) / 4 by hand
+    np.testing.assert_allclose(agg["a"].numpy(), (a1 + 3 * a2) / 4, rtol=1e-6)
+    np.testing.assert_allclose(agg["b"].numpy(), np.full(4, (1 + 15) / 4), rtol=1e-6)
+    assert metrics["loss-CE"] == pytest.approx((1 * 1 + 3 * 3) / 4)
+    ledger = {r["site"]: r for r in read_jsonl(tmp_path / "ledger.jsonl")}
+    payload = (6 + 4) * 4  # float32 elements × 4 bytes
+    assert ledger["siteA"]["bytes_down"] == ledger["siteB"]["bytes_down"] == ledger["siteC"]["bytes_down"] == payload
+    assert ledger["siteA"]["bytes_up"] == ledger["siteB"]["bytes_up"] == payload
+    assert ledger["siteA"]["wire_bytes_up"] >= payload  # serialised arrays carry small headers
+    assert ledger["siteC"] == {**ledger["siteC"], "status": "error", "bytes_up": 0}
+    assert all(r["full_model_bytes"] == FULL_MODEL_BYTES and r["round"] == 1 for r in ledger.values())
+    events = read_jsonl(tmp_path / "events.jsonl")
+    assert [e["site"] for e in events] == ["siteC"] and "broken YAML" in events[0]["message"]
+    losses = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["source"] == "train"]
+    assert {(r["site"], r["task"], r["loss"]) for r in losses} == {("siteA", "CE", 1.0), ("siteB", "CE", 3.0)}
+
+
+def test_nan_and_malformed_updates_are_rejected(tmp_path):
+    strategy = build_strategy(RunConfig(min_train_nodes=3), RunLog(tmp_path), FULL_MODEL_BYTES)
+    glob = arrays(a=np.zeros(3))
+    sent = send(strategy, glob)
+    replies = [reply(sent[11], "good", 2, a=[1.0, 2.0, 3.0]),
+               reply(sent[22], "nan", 5, a=[np.nan, 0.0, 0.0]),
+               reply(sent[33], "wrong", 5, a=[1.0, 2.0])]  # wrong shape
+    agg, _ = strategy.aggregate_train(1, replies)
+    np.testing.assert_array_equal(agg["a"].numpy(), [1.0, 2.0, 3.0])  # only the good site counts
+    status = {r["site"]: r["status"] for r in read_jsonl(tmp_path / "ledger.jsonl")}
+    assert status == {"good": "ok", "nan": "rejected", "wrong": "rejected"}
+    messages = {e["site"]: e["message"] for e in read_jsonl(tmp_path / "events.jsonl")}
+    assert "NaN" in messages["nan"] and "shape" not in messages["nan"]
+    assert "float32[2]" in messages["wrong"] and "float32[3]" in messages["wrong"]
+
+
+def test_all_updates_unusable_keeps_global_state(tmp_path):
+    strategy = build_strategy(RunConfig(min_train_nodes=2), RunLog(tmp_path), FULL_MODEL_BYTES)
+    sent = send(strategy, arrays(a=np.zeros(2)), nodes=(1, 2))
+    replies = [Message(Error(1, "site=x: no data"), reply_to=sent[1]), reply(sent[2], "y", 1, a=[np.inf, 0])]
+    assert strategy.aggregate_train(1, replies) == (None, None)
+
+
+def test_missing_reply_is_a_timeout_in_the_ledger(tmp_path):
+    strategy = build_strategy(RunConfig(min_train_nodes=2), RunLog(tmp_path), FULL_MODEL_BYTES)
+    sent = send(strategy, arrays(a=np.zeros(2)), nodes=(1, 2))
+    strategy.aggregate_train(1, [reply(sent[1], "fast", 1, a=[1, 1])])
+    status = sorted(r["status"] for r in read_jsonl(tmp_path / "ledger.jsonl"))
+    assert status == ["ok", "timeout"]
+
+
+def test_aggregation_order_does_not_depend_on_reply_order():
+    # Resume equivalence needs bit-identical sums: replies are sorted by site name first.
+    rng = np.random.default_rng(0)
+    vals = {s: (rng.normal(size=257) * 1e3).astype(np.float32) for s in ("a", "b", "c")}
+    weight = {"a": 1, "b": 7, "c": 3}
+    outs = []
+    for order in (("a", "b", "c"), ("c", "b", "a"), ("b", "c", "a")):
+        strategy = build_strategy(RunConfig(min_train_nodes=3), None, FULL_MODEL_BYTES)
+        msgs = list(send(strategy, arrays(w=np.zeros(257))).values())
+        replies = [reply(m, s, weight[s], w=vals[s]) for m, s in zip(msgs, order)]
+        outs.append(strategy.aggregate_train(1, replies)[0]["w"].numpy())
+    assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
+    np.testing.assert_allclose(outs[0], sum(weight[s] * vals[s] for s in vals) / 11, rtol=1e-5)
+
+
+def test_fedprox_sends_mu_and_fedadam_state_round_trip():
+    prox = build_strategy(RunConfig(strategy="fedprox", fedprox_mu=0.3, min_train_nodes=1), None, 1)
+    msg = next(iter(send(prox, arrays(a=np.zeros(2)), nodes=(5,)).values()))
+    assert msg.content["config"]["proximal-mu"] == pytest.approx(0.3)
+
+    adam = build_strategy(RunConfig(strategy="fedadam", fedadam_eta=0.1, min_train_nodes=1), None, 1)
+    sent = send(adam, arrays(a=np.zeros(2)), nodes=(5,))
+    agg, _ = adam.aggregate_train(1, [reply(sent[5], "s", 1, a=[1.0, -1.0])])
+    state = adam.get_state()
+    assert set(state) == {"m_t/a", "v_t/a"}
+    np.testing.assert_allclose(state["m_t/a"], 0.1 * np.array([1.0, -1.0]), rtol=1e-6)  # (1-β1)·Δ
+    fresh = build_strategy(RunConfig(strategy="fedadam", fedadam_eta=0.1, min_train_nodes=1), None, 1)
+    fresh.set_state(state)
+    np.testing.assert_array_equal(fresh.m_t["a"], state["m_t/a"])
+    assert agg["a"].numpy()[0] > 0 > agg["a"].numpy()[1]
+
+
+def test_round_offset_numbers_rounds_for_resume(tmp_path):
+    strategy = build_strategy(RunConfig(min_train_nodes=1), RunLog(tmp_path), 1, round_offset=4)
+    sent = send(strategy, arrays(a=np.zeros(1)), nodes=(9,), round_=1)
+    assert sent[9].content["config"]["server-round"] == 5
+    strategy.aggregate_train(1, [reply(sent[9], "s", 1, a=[1.0])])
+    assert read_jsonl(tmp_path / "ledger.jsonl")[0]["round"] == 5
