@@ -19,8 +19,11 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
+# The main job: every site generates (or loads) its data, then `flwr run .` federates them.
+# Pass options through RUN_ARGS, e.g. make run RUN_ARGS="--set num-server-rounds=5".
 run: $(STAMP)
-	$(PY) scripts/main.py
+	$(PY) scripts/dataset_summary.py scenarios/federations/default.yaml
+	$(PY) scripts/run_federation.py $(RUN_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
