@@ -1,6 +1,7 @@
 """fedfm.model: tokeniser, factory, LoRA state, checkpoints and masks (tiny sizes, CPU)."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -78,15 +79,37 @@ def test_one_model_serves_both_site_shapes(shape):
         assert tuple(out.shape) == expected, task
 
 
-def test_dense_head_starts_from_the_observed_input():
-    # Zero-initialised correction: before training the CE head returns the observations, zeros elsewhere
+def test_dense_heads_start_from_their_classical_prior():
+    # Zero-initialised correction: before training CE returns the comb interpolation of its
+    # pilots, CP the last observed slot held, PF the observed half with zeros above.
     model = build_model(tiny_cfg())
     shape = SHAPES[0]
-    known = torch.zeros(shape, dtype=torch.bool)
-    known[:, ::4] = True
+    G, K, N = shape
     x = grid(shape)
-    out = model("CE", x, known)
-    assert torch.allclose(out, x * known[..., None], atol=1e-6)
+    comb = torch.zeros(shape, dtype=torch.bool)
+    comb[:, ::4] = True
+    ce = model("CE", x * comb[..., None], comb)
+    torch.testing.assert_close(ce[:, :, ::4], x[:, :, ::4])                      # pilots kept
+    torch.testing.assert_close(ce[:, :, 2], 0.5 * (x[:, :, 0] + x[:, :, 4]))      # midway: mean
+    torch.testing.assert_close(ce[:, :, 1], 0.75 * x[:, :, 0] + 0.25 * x[:, :, 4])
+    torch.testing.assert_close(ce[:, :, K - 1], x[:, :, K - 4])                   # beyond last pilot: held
+    past = torch.zeros(shape, dtype=torch.bool)
+    past[: G - 2] = True
+    cp = model("CP", x * past[..., None], past)
+    torch.testing.assert_close(cp[:, G - 1], x[:, G - 3])
+    lower = torch.zeros(shape, dtype=torch.bool)
+    lower[:, : K // 2] = True
+    pf = model("PF", x * lower[..., None], lower)
+    torch.testing.assert_close(pf, x * lower[..., None])
+
+
+def test_comb_matrix_by_hand():
+    from fedfm.model.prior import _comb_matrix
+
+    w = _comb_matrix(np.array([1, 0, 0, 1, 0], bool).tobytes(), 5)
+    expected = np.array([[1, 0, 0, 0, 0], [2 / 3, 0, 0, 1 / 3, 0], [1 / 3, 0, 0, 2 / 3, 0],
+                         [0, 0, 0, 1, 0], [0, 0, 0, 1, 0]], np.float32)
+    np.testing.assert_allclose(w, expected, rtol=1e-6)
 
 
 def test_lora_targets_only_backbone_projections():

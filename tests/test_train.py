@@ -165,7 +165,8 @@ def test_predict_returns_the_contract_format(rng):
     model = build_model(tiny_cfg())
     ce, bf, los = (predict(model, tasks[t], batch_size=3) for t in ("CE", "BF", "LoS"))
     assert ce.dtype == np.complex64 and ce.shape == tasks["CE"].targets.shape
-    # untrained CE head returns the observed pilots (zero-initialised correction)
-    np.testing.assert_allclose(ce, tasks["CE"].inputs, atol=1e-5)
+    # untrained CE head keeps the observed pilots (zero-initialised correction on the comb prior)
+    known = tasks["CE"].known
+    np.testing.assert_allclose(ce[:, known], tasks["CE"].inputs[:, known], atol=1e-5)
     assert bf.dtype == np.float32 and bf.shape == (8, 16)
     assert los.dtype == np.float32 and los.shape == (8,) and ((los >= 0) & (los <= 1)).all()

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fedfm.model.prior import classical_prior
 from fedfm.model.tokeniser import unpatchify
 
 
@@ -36,15 +37,18 @@ class TokenAdapter(nn.Module):
 class DenseHead(nn.Module):
     """Tokens → full grid [B, G, K, N, 2] (CE/CP/PF "fill the grid").
 
-    Per-token bottleneck MLP to a patch, un-patchified and cropped, plus the observed input
-    (so the head learns a correction to what was seen; zero where unknown), then a small
+    Per-token bottleneck MLP to a patch, un-patchified and cropped, plus a classical first
+    guess built from the observed input (``fedfm.model.prior``: comb interpolation for CE,
+    last slot held for CP, observed half for PF), so the head learns a correction; then a small
     residual 3-D conv over (slot, subcarrier, antenna): LLM4WM's CNN head, which smooths
     across patch borders that a per-token linear map cannot see.
     """
 
-    def __init__(self, d_model: int, hidden: int, patch: tuple[int, int, int], conv_channels: int):
+    def __init__(self, d_model: int, hidden: int, patch: tuple[int, int, int], conv_channels: int,
+                 prior: str = "observed"):
         super().__init__()
         self.patch = tuple(patch)
+        self.prior = prior
         self.ln = nn.LayerNorm(d_model)
         self.fc = nn.Linear(d_model, hidden)
         self.proj = nn.Linear(hidden, patch[0] * patch[1] * patch[2] * 2)
@@ -57,7 +61,7 @@ class DenseHead(nn.Module):
         """h: [B, L, d]; x: [B, G, K, N, 2]; known: bool [G, K, N] or [B, G, K, N] → [B, G, K, N, 2]."""
         B, G, K, N, _ = x.shape
         y = unpatchify(self.proj(F.gelu(self.fc(self.ln(h)))), (G, K, N), self.patch)  # (B, G, K, N, 2)
-        y = y.float() + x * known.to(x.dtype).expand(B, G, K, N)[..., None]
+        y = y.float() + classical_prior(self.prior, x.float(), known)
         if self.conv is not None:
             c = y.permute(0, 4, 1, 2, 3)                                    # (B, 2, G, K, N)
             y = y + self.conv(c.to(self.conv[0].weight.dtype)).permute(0, 2, 3, 4, 1).float()

@@ -13,6 +13,7 @@ import torch.nn as nn
 from fedfm.model.backbone import Backbone, init_weights
 from fedfm.model.config import DENSE_TASKS, POOLED_OUTPUTS, ModelConfig
 from fedfm.model.heads import DenseHead, PooledHead, TokenAdapter
+from fedfm.model.prior import PRIORS
 
 
 class FedFM(nn.Module):
@@ -24,12 +25,12 @@ class FedFM(nn.Module):
         heads = {}
         for t in cfg.tasks:
             if t in DENSE_TASKS:
-                heads[t] = DenseHead(cfg.d_model, cfg.head_hidden, cfg.patch, cfg.conv_channels)
+                heads[t] = DenseHead(cfg.d_model, cfg.head_hidden, cfg.patch, cfg.conv_channels, PRIORS[t])
             else:
                 heads[t] = PooledHead(cfg.d_model, cfg.head_hidden, POOLED_OUTPUTS.get(t, cfg.num_beams))
         self.heads = nn.ModuleDict(heads)
         init_weights(self, cfg.seed, cfg.n_layers)
-        with torch.no_grad():  # adapters start as identity and dense heads as "the observed input"
+        with torch.no_grad():  # adapters start as identity and dense heads as their classical prior
             for a in self.adapters.values():
                 a.proj.weight.zero_()
             for t in DENSE_TASKS:
