@@ -109,7 +109,7 @@ def bench(preset: str, mode: str, batch: int, device: torch.device, reps: int, p
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", nargs="+", default=["tiny", "small", "base"])
     p.add_argument("--modes", nargs="+", default=["lora", "pretrain"], choices=["pretrain", "lora"])
     p.add_argument("--batch-size", type=int, default=16)

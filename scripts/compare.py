@@ -73,7 +73,7 @@ def local_and_central(run_dir: Path) -> dict:
 def main(argv=None) -> int:
     from fedfm.report import summarize, load_run, write_report
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("federation")
     p.add_argument("--out", default=None, help="federated run folder (default: runs/compare-<timestamp>)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run-config override")

@@ -63,7 +63,7 @@ def finetune_site(run_dir: str, site_path: str, fraction: float = 1.0, steps: in
 def main(argv=None) -> int:
     from fedfm.metrics import HEADLINE
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="a federated run folder")
     p.add_argument("--site", required=True, help="site YAML (a training or a held-out site)")
     p.add_argument("--fraction", type=float, default=1.0, help="fraction of the train split's labels used")

@@ -58,7 +58,7 @@ def run_pretraining(federation: str, out: str, preset: str = "tiny", steps: int 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("federation")
     p.add_argument("--out", required=True)
     p.add_argument("--preset", default="tiny")

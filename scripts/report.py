@@ -13,7 +13,7 @@ from fedfm.report import write_report  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="a run folder (holds config.json, metrics.jsonl, ...)")
     args = p.parse_args(argv)
     try:

@@ -169,7 +169,7 @@ def run_federation(overrides: dict, num_supernodes: int, flwr_home: Path, num_cp
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--federation", default="scenarios/federations/default.yaml")
     p.add_argument("--out", default=None, help="run folder (default: runs/<timestamp> in the current directory)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -121,7 +121,7 @@ def render_markdown(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("federation")
     p.add_argument("--out", required=True)
     p.add_argument("--preset", default="tiny")
