@@ -56,7 +56,7 @@ def evaluate_sites(model: nn.Module, site_tds: dict, baselines: dict, roles: dic
     Row: site, role, task, model {metric: value}, baseline {...}, baseline_name, model_error,
     baseline_error, ratio (model / baseline error; DESIGN.md "Average score").
     """
-    from fedfm.metrics import error_for_score, score
+    from fedfm.metrics import error_for_score, error_ratio, score
 
     rows = []
     for site, tds in site_tds.items():
@@ -71,16 +71,11 @@ def evaluate_sites(model: nn.Module, site_tds: dict, baselines: dict, roles: dic
                 bm = score(task, b.predict(td), td)
                 be = float(error_for_score(task, bm))
                 row.update(baseline=bm, baseline_name=b.name, baseline_error=be,
-                           ratio=_ratio(row["model_error"], be))
+                           ratio=error_ratio(task, row["model_error"], be))
             rows.append(row)
     return rows
 
 
-def _ratio(model_error: float, baseline_error: float) -> float:
-    """As fedfm.metrics.average_score: an error-free baseline gives 1 if the model is error-free too, else inf."""
-    if baseline_error > 0:
-        return model_error / baseline_error
-    return 1.0 if model_error <= 0 else math.inf
 
 
 def summarise(rows: list[dict]) -> dict:

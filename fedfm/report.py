@@ -153,7 +153,7 @@ def _markdown(s: dict) -> str:
     lines += _site_table(s, "train")
     lines += ["## Held-out sites (never trained on)", ""]
     lines += _site_table(s, "heldout")
-    lines += ["∞: a baseline is error-free on some task of that site (its ratio is undefined).", "",
+    lines += ["BF/LoS error rates are floored at 1 % before dividing (`fedfm.metrics.ERROR_FLOOR`).", "",
               "## Average score per round", "", "| round | train sites | held-out sites |", "|---|---|---|"]
     for r in s["per_round"]:
         lines.append(f"| {r['round']} | " + " | ".join(

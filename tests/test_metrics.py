@@ -83,7 +83,9 @@ def test_error_for_score_and_average_score():
     # CE 0.5, BF 0.4/0.8 = 0.5, DE 1.5, LoS 0.1/0.2 = 0.5 → mean 0.75 (PE: no model score, skipped)
     assert average_score(model, base) == pytest.approx(0.75)
     assert average_score({"LoS": {"accuracy": 1.0}}, {"LoS": {"accuracy": 1.0}}) == 1.0
-    assert average_score({"LoS": {"accuracy": 0.9}}, {"LoS": {"accuracy": 1.0}}) == math.inf
+    # an error-free baseline: errors floored at 1 % → 0.10 / 0.01
+    assert average_score({"LoS": {"accuracy": 0.9}}, {"LoS": {"accuracy": 1.0}}) == pytest.approx(10.0)
+    assert average_score({"BF": {"top1": 1.0}}, {"BF": {"top1": 1.0}}) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="unknown task"):
         error_for_score("XX", {})
     assert set(HEADLINE) == set(TASKS)
