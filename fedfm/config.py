@@ -41,8 +41,8 @@ class RunConfig:
     preset: str = "tiny"            # model size: tiny (~1M) | small | base | large
     stage: str = "finetune"         # finetune: LoRA+heads FL on a frozen backbone; pretrain: full-backbone FedAvg
     num_server_rounds: int = 3
-    local_steps: int = 20           # optimiser steps per site per round (equal per-site compute)
-    batch_size: int = 32
+    local_steps: int = 30           # optimiser steps per site per round (equal per-site compute)
+    batch_size: int = 16
     lr: float = 1e-3
     lora_r: int = 4                 # LoRA rank on the frozen backbone (model preset default)
     lora_alpha: int = 8
@@ -54,7 +54,7 @@ class RunConfig:
     min_train_nodes: int = 2        # Flower waits until this many sites are connected
     round_timeout: float = 1800.0   # seconds the server waits for a round's replies
     pretrain_steps: int = 200       # central pretraining steps when no backbone is given
-    eval_max_samples: int = 0       # cap on test samples per site in central evaluation; 0 = all
+    eval_max_samples: int = 128     # cap on test samples per site in central evaluation; 0 = all
     out_dir: str = "runs/latest"    # the run folder itself (config.json, metrics.jsonl, ...)
     cache_dir: str = ""             # site data cache; "" → $FEDFM_CACHE_DIR or ~/.cache/fedfm
     resume: str = ""                # a run folder to continue from its last complete round
