@@ -42,15 +42,22 @@ def _error(msg: Message, context: Context, found: list, exc: Exception) -> Messa
     return Message(Error(code=SITE_ERROR, reason=f"site={name}: {type(exc).__name__}: {exc}"), reply_to=msg)
 
 
+def _received(msg: Message, context: Context, found: list):
+    """(cfg, entry, config record, backbone path, adapter state) of a train/evaluate message,
+    after checking that the site's backbone is the server's."""
+    cfg, entry = _site(context, found)
+    conf = msg.content["config"]
+    backbone = cfg.backbone or str(conf["backbone-path"])
+    check_backbone(backbone, str(conf["backbone-sha256"]))
+    state = {k: a.numpy() for k, a in msg.content["arrays"].items()}
+    return cfg, entry, conf, backbone, state
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     found: list = []
     try:
-        cfg, entry = _site(context, found)
-        conf = msg.content["config"]
-        backbone = cfg.backbone or str(conf["backbone-path"])
-        check_backbone(backbone, str(conf["backbone-sha256"]))
-        state = {k: a.numpy() for k, a in msg.content["arrays"].items()}
+        cfg, entry, conf, backbone, state = _received(msg, context, found)
         res = local_train(cfg, entry.spec, state, int(conf["server-round"]), num_beams=int(conf["num-beams"]),
                           backbone=backbone, proximal_mu=float(conf.get("proximal-mu", 0.0)))
         bad = [k for k, v in res.state.items() if not np.all(np.isfinite(v))]
@@ -72,11 +79,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     which the server cannot see site data; simulations use the central evaluator)."""
     found: list = []
     try:
-        cfg, entry = _site(context, found)
-        conf = msg.content["config"]
-        backbone = cfg.backbone or str(conf["backbone-path"])
-        check_backbone(backbone, str(conf["backbone-sha256"]))
-        state = {k: a.numpy() for k, a in msg.content["arrays"].items()}
+        cfg, entry, conf, backbone, state = _received(msg, context, found)
         num_examples, scores = evaluate_site(cfg, entry.spec, state, num_beams=int(conf["num-beams"]),
                                              backbone=backbone, split="val")
     except Exception as exc:  # noqa: BLE001

@@ -7,7 +7,6 @@ and regenerated, never used.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedfm.files import sha256_file
 from fedfm.scenarios import SPLITS, SiteSpec, derive_seed, spec_hash, spec_to_dict, split_seed
 
 # Arrays of one split, in the order of the `generate` CLI contract (issue #2).
@@ -51,14 +51,6 @@ def generate_split(spec: SiteSpec, split: str, samples: int | None = None) -> di
     return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _read_cached(path: Path) -> dict[str, np.ndarray] | None:
     """The cached arrays, or None if absent; raises ValueError if present but unusable."""
     meta_path = path.with_suffix(".json")
@@ -66,7 +58,7 @@ def _read_cached(path: Path) -> dict[str, np.ndarray] | None:
         return None
     try:
         meta = json.loads(meta_path.read_text())
-        if _sha256(path) != meta["sha256"]:
+        if sha256_file(path) != meta["sha256"]:
             raise ValueError("checksum mismatch (truncated or modified)")
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
@@ -84,7 +76,7 @@ def _write_atomic(path: Path, arrays: dict[str, np.ndarray], spec: SiteSpec, spl
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
     with os.fdopen(fd, "wb") as f:  # a file object: np.savez would append ".npz" to a name
         np.savez(f, **arrays)
-    meta = {"sha256": _sha256(Path(tmp)), "split": split, "spec_hash": spec_hash(spec),
+    meta = {"sha256": sha256_file(Path(tmp)), "split": split, "spec_hash": spec_hash(spec),
             "seed": split_seed(spec, split), "spec": spec_to_dict(spec)}
     os.replace(tmp, path)
     tmp_meta = path.with_suffix(".json.tmp")

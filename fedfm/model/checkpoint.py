@@ -8,7 +8,6 @@ prove it (DESIGN.md: a client whose backbone hash differs refuses to train).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -17,15 +16,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from fedfm.files import sha256_file
 from fedfm.model.config import ModelConfig
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def sidecar_path(path: str | Path) -> Path:
@@ -55,7 +47,7 @@ def save_backbone(path: str | Path, model: nn.Module, cfg: ModelConfig | None = 
     state = {k: v.detach().float().contiguous().cpu() for k, v in backbone_state(model).items()}
     tmp = path.with_suffix(".safetensors.tmp")
     save_file(state, str(tmp))
-    digest = _sha256(tmp)
+    digest = sha256_file(tmp)
     os.replace(tmp, path)
     sidecar = {"config": cfg.to_dict(), "sha256": digest, "meta": meta or {}}
     sidecar_path(path).write_text(json.dumps(sidecar, indent=1))
@@ -77,7 +69,7 @@ def load_backbone(path: str | Path, expected_hash: str | None = None) -> tuple[d
         cfg = ModelConfig.from_dict(meta["config"], where=str(meta_path))
     except (KeyError, TypeError, json.JSONDecodeError) as e:
         raise ValueError(f"{meta_path}: unreadable backbone sidecar ({e!r})") from None
-    digest = _sha256(path)
+    digest = sha256_file(path)
     if digest != recorded:
         raise ValueError(f"{path}: backbone hash mismatch: file has sha256 {digest}, "
                          f"{meta_path.name} records {recorded} (modified or truncated checkpoint)")
