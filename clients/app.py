@@ -17,6 +17,7 @@ from flwr.clientapp import ClientApp
 
 from fedfm.config import RunConfig, train_site_for_partition
 from fedfm.federated import check_backbone, evaluate_site, local_train, state_bytes
+from fedfm.fedpretrain import local_pretrain
 
 APP_DIR = Path(__file__).resolve().parents[1]
 SITE_ERROR = 1  # Error.code of a site that refuses to train (Flower's own codes are 0-8 + …)
@@ -47,8 +48,10 @@ def _received(msg: Message, context: Context, found: list):
     after checking that the site's backbone is the server's."""
     cfg, entry = _site(context, found)
     conf = msg.content["config"]
-    backbone = cfg.backbone or str(conf["backbone-path"])
-    check_backbone(backbone, str(conf["backbone-sha256"]))
+    backbone = ""
+    if conf.get("stage", "finetune") != "pretrain":  # stage=pretrain trains the backbone itself
+        backbone = cfg.backbone or str(conf["backbone-path"])
+        check_backbone(backbone, str(conf["backbone-sha256"]))
     state = {k: a.numpy() for k, a in msg.content["arrays"].items()}
     return cfg, entry, conf, backbone, state
 
@@ -58,8 +61,11 @@ def train(msg: Message, context: Context) -> Message:
     found: list = []
     try:
         cfg, entry, conf, backbone, state = _received(msg, context, found)
-        res = local_train(cfg, entry.spec, state, int(conf["server-round"]), num_beams=int(conf["num-beams"]),
-                          backbone=backbone, proximal_mu=float(conf.get("proximal-mu", 0.0)))
+        if conf.get("stage", "finetune") == "pretrain":
+            res = local_pretrain(cfg, entry.spec, state, int(conf["server-round"]), num_beams=int(conf["num-beams"]))
+        else:
+            res = local_train(cfg, entry.spec, state, int(conf["server-round"]), num_beams=int(conf["num-beams"]),
+                              backbone=backbone, proximal_mu=float(conf.get("proximal-mu", 0.0)))
         bad = [k for k, v in res.state.items() if not np.all(np.isfinite(v))]
         if bad:
             raise FloatingPointError(f"local training diverged: NaN/inf in {bad[:3]}")

@@ -18,6 +18,7 @@ from fedfm.config import RunConfig
 from fedfm.federated import python_random_state, set_python_random_state, setup_run
 from fedfm.report import write_report
 from server.evaluator import get_evaluate_fn
+from server.pretrain_stage import run_pretrain
 from server.strategy import build_strategy
 
 # The app folder (a checkout, or $FLWR_HOME/apps/<fab>/): relative input paths resolve here.
@@ -29,8 +30,9 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_flower(context.run_config, base_dir=APP_DIR)
-    if cfg.stage != "finetune":
-        raise ValueError(f"run config: `stage` = {cfg.stage!r} is not implemented yet; use 'finetune'")
+    if cfg.stage == "pretrain":
+        run_pretrain(grid, cfg)
+        return
     run = setup_run(cfg)
     offset = run.round_offset
     strategy = build_strategy(cfg, run.runlog, run.full_model_bytes, round_offset=offset)
