@@ -14,8 +14,9 @@ the run failed. So this script
 - starts the SuperLink itself and stops it by PID when done, also on failure or Ctrl-C;
 - passes absolute paths (the apps run from $FLWR_HOME/apps/... in a cwd nobody chooses);
 - sets one simulated SuperNode per training site and Ray resources per site;
-- reads the run status with `flwr ls --run-id ID --format json` and checks report.md exists.
-Exit status 0 only if the run finished:completed and its report exists.
+- reads the run status with `flwr ls --run-id ID --format json` and checks report.md exists
+  (backbone.safetensors for stage=pretrain).
+Exit status 0 only if the run finished:completed and its report (or backbone) exists.
 """
 from __future__ import annotations
 
@@ -162,7 +163,8 @@ def run_federation(overrides: dict, num_supernodes: int, flwr_home: Path, num_cp
             result.update(status=rec.get("status", "unknown"), status_details=rec.get("status-details", ""))
     finally:
         stop_superlink(proc)
-    report = run_dir / "report.md"
+    # stage=pretrain leaves a backbone checkpoint, stage=finetune a report
+    report = run_dir / ("backbone.safetensors" if cfg.stage == "pretrain" else "report.md")
     result.update(report=str(report), wall_s=time.monotonic() - t0,
                   ok=result["status"] == "finished:completed" and report.exists())
     return result
