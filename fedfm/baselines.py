@@ -31,7 +31,7 @@ from typing import Callable
 
 import numpy as np
 
-from fedfm.channels.codebook import beam_grid, ula_steering
+from fedfm.estimators import angular_spectrum, ar_extrapolate
 from fedfm.metrics import error_for_score, nmse, score
 from fedfm.scenarios import SiteSpec
 from fedfm.tasks import TASKS, build_tasks
@@ -132,58 +132,8 @@ def _pf_line(td, window: int) -> np.ndarray:
     return pred
 
 
-def _lag_covariance(x: np.ndarray, order: int, chunk: int = 64) -> np.ndarray:
-    """C[i, j] = Σ conj(x_{k-p+i}) x_{k-p+j} over k, slots and antennas: complex128 [S, p+1, p+1].
-
-    x: complex [S, G, K0, N]. Chunked over samples to bound the lag matrix's memory."""
-    S, G, K0, N = x.shape
-    out = np.empty((S, order + 1, order + 1), np.complex128)
-    for s0 in range(0, S, chunk):
-        seq = x[s0:s0 + chunk].transpose(0, 1, 3, 2).reshape(-1, G * N, K0)
-        L = np.stack([seq[:, :, j:K0 - order + j] for j in range(order + 1)], -1).reshape(seq.shape[0], -1, order + 1)
-        out[s0:s0 + chunk] = np.matmul(np.conj(L.transpose(0, 2, 1)), L)
-    return out
-
-
-def _ar_coefficients(x: np.ndarray, order: int) -> np.ndarray:
-    """Forward-backward least-squares AR fit across subcarriers (the modified covariance
-    method), pooled over slots and antennas: x complex [S, G, K0, N] → a complex [S, p] with
-    x_k ≈ Σ_i a_i x_{k-i}. The paths' delays are common to every slot and antenna
-    (TR 38.901 §7.5), so one predictor per sample serves them all."""
-    C = _lag_covariance(x, order)
-    p = order
-    i = np.arange(1, p + 1)
-    F, f = C[:, p - i[:, None], p - i[None, :]], C[:, p - i, p]       # forward normal equations
-    B, b = np.conj(C[:, i[:, None], i[None, :]]), np.conj(C[:, i, 0])  # backward (conjugate) ones
-    A = F + B
-    A += 1e-6 * np.trace(A, axis1=1, axis2=2).real[:, None, None] / p * np.eye(p)  # noise-only samples
-    return np.linalg.solve(A, (f + b)[..., None])[..., 0]
-
-
-def _stabilise(a: np.ndarray) -> np.ndarray:
-    """Pull AR poles outside the unit circle back onto it: a growing mode would explode over
-    half a band, and a channel's modes e^{-j2πfτ} have |z| = 1. a complex [S, p] → [S, p]."""
-    S, p = a.shape
-    comp = np.zeros((S, p, p), np.complex128)                          # companion matrix of z^p - Σ a_i z^{p-i}
-    comp[:, 0] = a
-    comp[:, np.arange(1, p), np.arange(p - 1)] = 1.0
-    z = np.linalg.eigvals(comp)
-    z = np.where(np.abs(z) > 1.0, z / np.abs(z), z)
-    poly = np.zeros((S, p + 1), np.complex128)                         # Π (1 - z_i q), q = z^-1
-    poly[:, 0] = 1.0
-    for r in range(p):
-        poly[:, 1:] = poly[:, 1:] - z[:, r:r + 1] * poly[:, :-1]
-    return -poly[:, 1:]
-
-
 def _pf_ar(td, order: int) -> np.ndarray:
-    K0, K = _lower_band(td), td.inputs.shape[2]
-    a = _stabilise(_ar_coefficients(td.inputs[:, :, :K0], order)).astype(np.complex64)   # [S, p]
-    pred = td.inputs.copy()
-    for k in range(K0, K):
-        past = pred[:, :, k - order:k][:, :, ::-1]                           # x_{k-1}, …, x_{k-p}
-        pred[:, :, k] = np.matmul(a[:, None, None, :], past)[:, :, 0]           # Σ_i a_i x_{k-i}
-    return pred
+    return ar_extrapolate(td.inputs, _lower_band(td), order)
 
 
 def _fit_by_train(td, predict: Callable, grid: list[dict], max_samples: int = 128) -> dict:
@@ -210,33 +160,8 @@ def _fit_pf_line(td, spec) -> dict:
 
 
 # ---- BF: sub-6 AoA → nearest mmWave DFT beam ---------------------------------------------
-def _spatial_covariance(x: np.ndarray) -> np.ndarray:
-    """Sample covariance over slots and subcarriers: x [S, G, K, N] → complex128 [S, N, N]."""
-    v = x.reshape(x.shape[0], -1, x.shape[3])
-    R = np.matmul(v.transpose(0, 2, 1), v.conj()) / v.shape[1]                 # Σ_m v_i v_j*
-    return R.astype(np.complex128)
-
-
-def _quadratic_form(A: np.ndarray, R: np.ndarray) -> np.ndarray:
-    """Re(a_bᴴ R_s a_b) for every beam b and sample s: A [B, N], R [S, N, N] → float64 [S, B]."""
-    return np.sum((A.conj()[None] @ R) * A[None], axis=-1).real
-
-
 def _bf_aoa(td, method: str, num_beams: int) -> np.ndarray:
-    """Angular spectrum of the sub-6 array at each codebook beam's u = sin(θ): float32 [S, B].
-
-    Both ULAs have half-wavelength spacing at their own carrier, so one direction has the
-    same u in both bands and the codebook's steering vectors (fedfm.channels.codebook) scan
-    the sub-6 array too; the best-scored beam is the one nearest the estimated AoA."""
-    R = _spatial_covariance(td.inputs)
-    N = R.shape[1]
-    A = ula_steering(N, beam_grid(num_beams)).astype(np.complex128)             # [B, N]
-    if method == "capon":  # MVDR: 1 / aᴴR⁻¹a, sharper peaks than Bartlett with 8 antennas
-        Rinv = np.linalg.inv(R + 1e-3 * np.trace(R, axis1=1, axis2=2).real[:, None, None] / N * np.eye(N))
-        p = 1.0 / np.maximum(_quadratic_form(A, Rinv), 1e-30)
-    else:  # Bartlett: aᴴRa
-        p = _quadratic_form(A, R)
-    return (p / p.max(axis=1, keepdims=True)).astype(np.float32)
+    return angular_spectrum(td.inputs, num_beams, method)
 
 
 def _fit_bf(td, spec) -> dict:

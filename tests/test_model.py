@@ -5,6 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+from fedfm.estimators import angular_spectrum, ar_extrapolate
+from fedfm.tasks.sensing import profile_features
+
 from fedfm.model import (DENSE_TASKS, TASKS, ModelConfig, base_model, build_model, get_adapter_state,
                          load_backbone, parameter_summary, save_backbone, set_adapter_state)
 from fedfm.model.pretrain import make_mask
@@ -81,7 +84,7 @@ def test_one_model_serves_both_site_shapes(shape):
 
 def test_dense_heads_start_from_their_classical_prior():
     # Zero-initialised correction: before training CE returns the comb interpolation of its
-    # pilots, CP the last observed slot held, PF the observed half with zeros above.
+    # pilots, CP the last observed slot held, PF each sample's AR extrapolation of its lower half.
     model = build_model(tiny_cfg())
     shape = SHAPES[0]
     G, K, N = shape
@@ -100,7 +103,26 @@ def test_dense_heads_start_from_their_classical_prior():
     lower = torch.zeros(shape, dtype=torch.bool)
     lower[:, : K // 2] = True
     pf = model("PF", x * lower[..., None], lower)
-    torch.testing.assert_close(pf, x * lower[..., None])
+    torch.testing.assert_close(pf[:, :, : K // 2], x[:, :, : K // 2])            # observed half kept
+    xc = torch.view_as_complex((x * lower[..., None]).contiguous()).numpy()
+    ar = ar_extrapolate(xc, K // 2, min(16, K // 4))
+    torch.testing.assert_close(pf, torch.view_as_real(torch.from_numpy(ar)))
+
+
+def test_bf_head_starts_at_the_bartlett_beam_and_pooled_heads_see_the_profile_features():
+    model = build_model(tiny_cfg())
+    shape = SHAPES[0]
+    x = grid(shape)
+    logits = model("BF", x, torch.ones(shape, dtype=torch.bool))
+    xc = torch.view_as_complex(x.contiguous()).numpy()
+    bartlett = angular_spectrum(xc, logits.shape[1], "bartlett")
+    assert torch.equal(logits.argmax(1), torch.from_numpy(bartlett.argmax(1)))
+    torch.testing.assert_close(logits, torch.from_numpy(np.log(np.maximum(bartlett, 1e-4))))
+    # DE's output moves when only the profile features change (the tokens are the same)
+    head = model.heads["DE"]
+    h = torch.randn(2, 5, model.cfg.d_model)
+    f = torch.from_numpy(profile_features(xc).astype(np.float32))
+    assert not torch.allclose(head(h, f), head(h, f + 1.0))
 
 
 def test_comb_matrix_by_hand():

@@ -69,13 +69,49 @@ class DenseHead(nn.Module):
 
 
 class PooledHead(nn.Module):
-    """Mean over tokens → LN → MLP → [B, out] (BF logits, DE/PE value, LoS logits)."""
+    """Mean over tokens → LN, joined by the classical features → MLP → [B, out] (BF logits,
+    DE/PE value, LoS logits).
 
-    def __init__(self, d_model: int, hidden: int, out: int):
+    With ``spectra`` > 0 (BF) the logits also add w·log-spectra (w starts at Bartlett = 1, the
+    others 0) and a small circular 1-D CNN over the beam axis of the log-spectra — circular
+    because u = sin θ wraps at ±1 for a half-wavelength ULA. ``start_at_prior`` (called after
+    the generic init) zeroes the MLP's and the CNN's last layers and sets w, so an untrained
+    BF head is the Bartlett AoA beam.
+    """
+
+    def __init__(self, d_model: int, hidden: int, out: int, num_features: int = 0, spectra: int = 0,
+                 spectrum_channels: int = 8, kernel: int = 9):
         super().__init__()
         self.ln = nn.LayerNorm(d_model)
-        self.fc = nn.Linear(d_model, hidden)
+        self.fc = nn.Linear(d_model + num_features, hidden)
         self.proj = nn.Linear(hidden, out)
+        self.spectrum_weight = self.spectrum_conv = None
+        if spectra:
+            self.spectrum_weight = nn.Parameter(torch.tensor([1.0] + [0.0] * (spectra - 1)))
+            self.spectrum_conv = nn.Sequential(
+                nn.Conv1d(spectra, spectrum_channels, kernel, padding=kernel // 2, padding_mode="circular"),
+                nn.GELU(),
+                nn.Conv1d(spectrum_channels, 1, kernel, padding=kernel // 2, padding_mode="circular"))
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.gelu(self.fc(self.ln(h.mean(dim=1)))))
+    def start_at_prior(self) -> None:
+        with torch.no_grad():
+            if self.spectrum_weight is not None:
+                self.spectrum_weight.zero_()
+                self.spectrum_weight[0] = 1.0
+            self.proj.weight.zero_()
+            self.proj.bias.zero_()
+            if self.spectrum_conv is not None:
+                self.spectrum_conv[2].weight.zero_()
+                self.spectrum_conv[2].bias.zero_()
+
+    def forward(self, h: torch.Tensor, features: torch.Tensor | None = None,
+                spectra: torch.Tensor | None = None) -> torch.Tensor:
+        """h: [B, L, d]; features: [B, F]; spectra: [B, C, out] log-spectra → [B, out]."""
+        z = self.ln(h.mean(dim=1))
+        if features is not None:
+            z = torch.cat([z, features.to(z.dtype)], dim=-1)
+        y = self.proj(F.gelu(self.fc(z)))
+        if spectra is not None and self.spectrum_weight is not None:
+            s = spectra.to(y.dtype)
+            y = y + torch.einsum("c,bcn->bn", self.spectrum_weight.to(y.dtype), s) + self.spectrum_conv(s)[:, 0]
+        return y

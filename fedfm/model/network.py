@@ -13,7 +13,7 @@ import torch.nn as nn
 from fedfm.model.backbone import Backbone, init_weights
 from fedfm.model.config import DENSE_TASKS, POOLED_OUTPUTS, ModelConfig
 from fedfm.model.heads import DenseHead, PooledHead, TokenAdapter
-from fedfm.model.prior import PRIORS
+from fedfm.model.prior import NUM_PROFILE_FEATURES, PRIORS, SPECTRUM_METHODS, side_inputs
 
 
 class FedFM(nn.Module):
@@ -27,10 +27,11 @@ class FedFM(nn.Module):
             if t in DENSE_TASKS:
                 heads[t] = DenseHead(cfg.d_model, cfg.head_hidden, cfg.patch, cfg.conv_channels, PRIORS[t])
             else:
-                heads[t] = PooledHead(cfg.d_model, cfg.head_hidden, POOLED_OUTPUTS.get(t, cfg.num_beams))
+                heads[t] = PooledHead(cfg.d_model, cfg.head_hidden, POOLED_OUTPUTS.get(t, cfg.num_beams),
+                                      NUM_PROFILE_FEATURES, len(SPECTRUM_METHODS) if t == "BF" else 0)
         self.heads = nn.ModuleDict(heads)
         init_weights(self, cfg.seed, cfg.n_layers)
-        with torch.no_grad():  # adapters start as identity and dense heads as their classical prior
+        with torch.no_grad():  # adapters start as identity, dense heads and BF as their classical prior
             for a in self.adapters.values():
                 a.proj.weight.zero_()
             for t in DENSE_TASKS:
@@ -38,6 +39,8 @@ class FedFM(nn.Module):
                     self.heads[t].proj.weight.zero_()
                     if self.heads[t].conv is not None:
                         self.heads[t].conv[2].weight.zero_()
+            if "BF" in self.heads:
+                self.heads["BF"].start_at_prior()
         self.backbone_hash: str | None = None  # sha256 of the loaded checkpoint, None = random init
 
     def forward(self, task: str, x: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
@@ -47,5 +50,5 @@ class FedFM(nn.Module):
         h = self.backbone.encode(tokens)                                  # (B, L, d)
         if task in DENSE_TASKS:
             return self.heads[task](h, x, known)                          # (B, G, K, N, 2)
-        out = self.heads[task](h).float()                                 # (B, out)
+        out = self.heads[task](h, *side_inputs(task, x, self.cfg.num_beams)).float()  # (B, out)
         return out[:, 0] if task in ("DE", "PE") else out

@@ -1,11 +1,20 @@
-"""Classical first guesses that the dense heads correct (model-based residual learning).
+"""Classical first guesses that the heads correct (model-based residual learning).
 
 A dense head outputs ``prior(x, known) + learned correction``. With the correction
 initialised to zero, an untrained model already equals the classical estimator on the
 grid it fills — CE: linear interpolation of the pilot comb across sub-bands; CP: the last
-observed slot held — and training only has to learn what the classical estimator misses.
-PF keeps the observed half and zeros (no cheap classical predictor is worth starting from:
-a line across half the band is worse than zero, see the baselines table).
+observed slot held; PF: each sample's own AR predictor across sub-bands (order K0/2, at
+most 16: the order the PF-AR baseline picks on every default site) — and training only has
+to learn what the classical estimator misses.
+
+The pooled heads get the classical *inputs* the baselines read (``side_inputs``): the
+profile fingerprint of ``fedfm.tasks.sensing`` (delay and angle spreads, peak shares, the
+K-factor proxy) for BF/DE/PE/LoS, and for BF the sub-6 Bartlett and Capon angular spectra
+at the codebook's beams, whose log the BF head starts from (an untrained BF head picks the
+Bartlett AoA beam). A mean-pooled token embedding carries none of these quadratic
+statistics linearly, and a CPU-sized backbone does not learn them in a few hundred steps.
+These are parameter-free functions of the observed input; they run in numpy (no gradient
+flows into the input) and cost a host copy on GPU.
 """
 from __future__ import annotations
 
@@ -14,7 +23,14 @@ import functools
 import numpy as np
 import torch
 
-PRIORS = {"CE": "comb", "CP": "hold", "PF": "observed"}
+from fedfm.estimators import angular_spectrum, ar_extrapolate
+from fedfm.tasks.sensing import profile_features
+
+PRIORS = {"CE": "comb", "CP": "hold", "PF": "ar"}
+AR_MAX_ORDER = 16
+NUM_PROFILE_FEATURES = 5    # fedfm.tasks.sensing.profile_features
+SPECTRUM_METHODS = ("bartlett", "capon")
+SPECTRUM_FLOOR = 1e-4       # log-spectra clipped at -40 dB below the peak
 
 
 @functools.lru_cache(maxsize=64)
@@ -49,6 +65,14 @@ def classical_prior(kind: str, x: torch.Tensor, known: torch.Tensor) -> torch.Te
             return observed
         w = torch.from_numpy(_comb_matrix(comb.cpu().numpy().tobytes(), comb.numel())).to(x)
         return torch.einsum("jk,bgknc->bgjnc", w, observed)
+    if kind == "ar":
+        bands = known.any(dim=(0, 2))                              # (K,) observed sub-bands
+        k0 = int(bands.sum())
+        if k0 < 4 or bands.all() or not bands[:k0].all():          # needs a contiguous lower band
+            return observed
+        xc = _complex(observed)
+        pred = ar_extrapolate(xc, k0, min(AR_MAX_ORDER, k0 // 2))
+        return torch.view_as_real(torch.from_numpy(pred)).to(x)
     if kind == "hold":
         slots = known.any(dim=(1, 2))                              # (G,) observed slots
         if not slots.any() or slots.all():
@@ -58,3 +82,20 @@ def classical_prior(kind: str, x: torch.Tensor, known: torch.Tensor) -> torch.Te
         held[:, last + 1:] = observed[:, last:last + 1]
         return held
     raise ValueError(f"classical_prior: kind {kind!r} is not one of {', '.join(sorted(set(PRIORS.values())))}")
+
+
+def _complex(x: torch.Tensor) -> np.ndarray:
+    """[B, G, K, N, 2] real → complex64 numpy [B, G, K, N] (detached, on the host)."""
+    return torch.view_as_complex(x.detach().float().cpu().contiguous()).numpy()
+
+
+def side_inputs(task: str, x: torch.Tensor, num_beams: int) -> tuple[torch.Tensor, ...]:
+    """Classical inputs of a pooled head: (features [B, 5],) and for BF also log angular
+    spectra [B, 2, num_beams] (Bartlett, Capon; peak 0, floor ln 1e-4)."""
+    xc = _complex(x)
+    feats = torch.from_numpy(profile_features(xc).astype(np.float32)).to(x.device)
+    if task != "BF":
+        return (feats,)
+    spectra = np.stack([angular_spectrum(xc, num_beams, m) for m in SPECTRUM_METHODS], 1)
+    logs = torch.from_numpy(np.log(np.maximum(spectra, SPECTRUM_FLOOR)).astype(np.float32)).to(x.device)
+    return feats, logs

@@ -1,0 +1,100 @@
+"""Classical estimators shared by the baselines and the model's priors (one implementation).
+
+    pred = ar_extrapolate(x, k0=32, order=16)           # PF: AR across subcarriers, per sample
+    p = angular_spectrum(x, num_beams=256, method="capon")  # BF: sub-6 spectrum at the beams' u
+
+numpy only (complex arrays [S, G, K, N]); ``fedfm.baselines`` fits their hyper-parameters on
+a site's train split and ``fedfm.model.prior`` / ``fedfm.model.heads`` start from them.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from fedfm.channels.codebook import beam_grid, ula_steering
+
+
+def lag_covariance(x: np.ndarray, order: int, chunk: int = 64) -> np.ndarray:
+    """C[i, j] = Σ conj(x_{k-p+i}) x_{k-p+j} over k, slots and antennas: complex128 [S, p+1, p+1].
+
+    x: complex [S, G, K0, N]. Chunked over samples to bound the lag matrix's memory."""
+    S, G, K0, N = x.shape
+    out = np.empty((S, order + 1, order + 1), np.complex128)
+    for s0 in range(0, S, chunk):
+        seq = x[s0:s0 + chunk].transpose(0, 1, 3, 2).reshape(-1, G * N, K0)
+        L = np.stack([seq[:, :, j:K0 - order + j] for j in range(order + 1)], -1).reshape(seq.shape[0], -1, order + 1)
+        out[s0:s0 + chunk] = np.matmul(np.conj(L.transpose(0, 2, 1)), L)
+    return out
+
+
+def ar_coefficients(x: np.ndarray, order: int) -> np.ndarray:
+    """Forward-backward least-squares AR fit across subcarriers (the modified covariance
+    method), pooled over slots and antennas: x complex [S, G, K0, N] → a complex [S, p] with
+    x_k ≈ Σ_i a_i x_{k-i}. The paths' delays are common to every slot and antenna
+    (TR 38.901 §7.5), so one predictor per sample serves them all."""
+    C = lag_covariance(x, order)
+    p = order
+    i = np.arange(1, p + 1)
+    F, f = C[:, p - i[:, None], p - i[None, :]], C[:, p - i, p]       # forward normal equations
+    B, b = np.conj(C[:, i[:, None], i[None, :]]), np.conj(C[:, i, 0])  # backward (conjugate) ones
+    A = F + B
+    A += 1e-6 * np.trace(A, axis1=1, axis2=2).real[:, None, None] / p * np.eye(p)  # noise-only samples
+    return np.linalg.solve(A, (f + b)[..., None])[..., 0]
+
+
+def stabilise(a: np.ndarray) -> np.ndarray:
+    """Pull AR poles outside the unit circle back onto it: a growing mode would explode over
+    half a band, and a channel's modes e^{-j2πfτ} have |z| = 1. a complex [S, p] → [S, p]."""
+    S, p = a.shape
+    comp = np.zeros((S, p, p), np.complex128)                          # companion matrix of z^p - Σ a_i z^{p-i}
+    comp[:, 0] = a
+    comp[:, np.arange(1, p), np.arange(p - 1)] = 1.0
+    z = np.linalg.eigvals(comp)
+    z = np.where(np.abs(z) > 1.0, z / np.abs(z), z)
+    poly = np.zeros((S, p + 1), np.complex128)                         # Π (1 - z_i q), q = z^-1
+    poly[:, 0] = 1.0
+    for r in range(p):
+        poly[:, 1:] = poly[:, 1:] - z[:, r:r + 1] * poly[:, :-1]
+    return -poly[:, 1:]
+
+
+def ar_extrapolate(x: np.ndarray, k0: int, order: int) -> np.ndarray:
+    """Extend each sample's first ``k0`` subcarriers to all K by its own stabilised AR(order)
+    predictor. x: complex [S, G, K, N] (values at k >= k0 ignored) → complex64, first k0 kept."""
+    a = stabilise(ar_coefficients(x[:, :, :k0], order)).astype(np.complex64)   # [S, p]
+    pred = np.array(x, dtype=np.complex64, copy=True)
+    for k in range(k0, x.shape[2]):
+        past = pred[:, :, k - order:k][:, :, ::-1]                           # x_{k-1}, …, x_{k-p}
+        pred[:, :, k] = np.matmul(a[:, None, None, :], past)[:, :, 0]           # Σ_i a_i x_{k-i}
+    return pred
+
+
+def spatial_covariance(x: np.ndarray) -> np.ndarray:
+    """Sample covariance over slots and subcarriers: x [S, G, K, N] → complex128 [S, N, N]."""
+    v = x.reshape(x.shape[0], -1, x.shape[3])
+    R = np.matmul(v.transpose(0, 2, 1), v.conj()) / v.shape[1]                 # Σ_m v_i v_j*
+    return R.astype(np.complex128)
+
+
+def quadratic_form(A: np.ndarray, R: np.ndarray) -> np.ndarray:
+    """Re(a_bᴴ R_s a_b) for every beam b and sample s: A [B, N], R [S, N, N] → float64 [S, B]."""
+    return np.sum((A.conj()[None] @ R) * A[None], axis=-1).real
+
+
+def angular_spectrum(x: np.ndarray, num_beams: int, method: str = "bartlett") -> np.ndarray:
+    """Angular spectrum of the sub-6 array at each codebook beam's u = sin(θ): float32 [S, B],
+    peak 1 per sample. x: complex [S, G, K, N].
+
+    Both ULAs have half-wavelength spacing at their own carrier, so one direction has the
+    same u in both bands and the codebook's steering vectors (fedfm.channels.codebook) scan
+    the sub-6 array too; the best-scored beam is the one nearest the estimated AoA."""
+    if method not in ("bartlett", "capon"):
+        raise ValueError(f"angular_spectrum: method {method!r} is not one of bartlett, capon")
+    R = spatial_covariance(x)
+    N = R.shape[1]
+    A = ula_steering(N, beam_grid(num_beams)).astype(np.complex128)             # [B, N]
+    if method == "capon":  # MVDR: 1 / aᴴR⁻¹a, sharper peaks than Bartlett with 8 antennas
+        Rinv = np.linalg.inv(R + 1e-3 * np.trace(R, axis1=1, axis2=2).real[:, None, None] / N * np.eye(N))
+        p = 1.0 / np.maximum(quadratic_form(A, Rinv), 1e-30)
+    else:  # Bartlett: aᴴRa
+        p = quadratic_form(A, R)
+    return (p / np.maximum(p.max(axis=1, keepdims=True), 1e-30)).astype(np.float32)
