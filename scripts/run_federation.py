@@ -58,20 +58,22 @@ def flwr_env(flwr_home: Path, port: int) -> dict[str, str]:
     return env
 
 
-def start_superlink(flwr_home: Path, env: dict[str, str], port: int, timeout_s: float = 60.0) -> subprocess.Popen:
-    """A simulation SuperLink in its own session (so its SuperExec children stop with it)."""
-    (flwr_home / "local-superlink").mkdir(parents=True, exist_ok=True)
-    cmd = [str(Path(sys.executable).parent / "flower-superlink"), "--insecure", "--simulation",
+def start_superlink(flwr_home: Path, env: dict[str, str], port: int, timeout_s: float = 60.0,
+                    simulation: bool = True) -> subprocess.Popen:
+    """A SuperLink in its own session (so its SuperExec children stop with it): the simulation
+    runtime by default, the deployment runtime (real SuperNodes connect) with simulation=False."""
+    state = flwr_home / ("local-superlink" if simulation else "superlink")
+    state.mkdir(parents=True, exist_ok=True)
+    cmd = [str(Path(sys.executable).parent / "flower-superlink"), "--insecure", *(["--simulation"] if simulation else []),
            "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(port),
-           "--database", str(flwr_home / "local-superlink" / "state.db"),
-           "--log-file", str(flwr_home / "local-superlink" / "superlink.log"),
+           "--database", str(state / "state.db"), "--log-file", str(state / "superlink.log"),
            "--disable-runtime-dependency-installation"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"flower-superlink exited with {proc.returncode}; see {flwr_home}/local-superlink/superlink.log")
+            raise RuntimeError(f"flower-superlink exited with {proc.returncode}; see {state}/superlink.log")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=0.5) as r:
                 if r.status == 200:
@@ -106,12 +108,14 @@ def write_run_config(path: Path, values: dict) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def run_status(env: dict[str, str], run_id: str, timeout_s: float = 30.0) -> dict:
-    """The run's `flwr ls` record once it is finished (or the last one seen)."""
+def run_status(env: dict[str, str], run_id: str, timeout_s: float = 30.0, superlink: str | None = None) -> dict:
+    """The run's `flwr ls` record once it is finished (or the last one seen). ``superlink``:
+    a SuperLink connection name in $FLWR_HOME/config.toml (default: the configured default)."""
     deadline, rec = time.monotonic() + timeout_s, {}
+    conn = [superlink] if superlink else []
     while time.monotonic() < deadline:
-        out = subprocess.run([str(Path(sys.executable).parent / "flwr"), "ls", "--run-id", run_id, "--format", "json"],
-                             env=env, capture_output=True, text=True, cwd=ROOT)
+        out = subprocess.run([str(Path(sys.executable).parent / "flwr"), "ls", *conn, "--run-id", run_id,
+                              "--format", "json"], env=env, capture_output=True, text=True, cwd=ROOT)
         try:
             runs = json.loads(out.stdout).get("runs", [])
             rec = runs[0] if runs else rec
