@@ -27,10 +27,12 @@ def predict(model: nn.Module, td, batch_size: int = 64, device=None) -> np.ndarr
     model.to(device).eval()
     x = as_real(td.inputs)
     known = torch.as_tensor(np.asarray(td.known, dtype=bool)).to(device)
+    context = td.extras.get("context")
+    context = None if context is None else torch.as_tensor(np.asarray(context, np.float32)).to(device)
     outs = []
     for i in range(0, x.shape[0], batch_size):
         with autocast(device):
-            out = model(td.task, x[i:i + batch_size].to(device), known)
+            out = model(td.task, x[i:i + batch_size].to(device), known, context)
         outs.append(out.float().cpu())
     out = torch.cat(outs)
     model.train()

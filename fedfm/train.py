@@ -16,9 +16,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fedfm.model.config import DENSE_TASKS
+from fedfm.model.config import DENSE_TASKS, POOLED_OUTPUTS
 from fedfm.model.lora import base_model, lora_parameters
 from fedfm.model.pretrain import MASK_TYPES, Pretrainer, make_mask, masked_nmse
+
+
+POOLED_TASKS = ("BF", *POOLED_OUTPUTS)
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -49,10 +52,29 @@ def as_real(a: np.ndarray) -> torch.Tensor:
 
 
 # ---- task batches and losses -----------------------------------------------------------
+BF_SOFT_POWER = 1.0  # BF target: q_b ∝ g_b^κ over the codebook's beam gains g (κ = 1: their power shares)
+
+
+def bf_soft_targets(td, power: float = BF_SOFT_POWER) -> torch.Tensor:
+    """BF training target: the mmWave beam-gain distribution q [S, B], q_b ∝ g_b^κ with g_b =
+    Σ_k |w_bᴴ h_k|² (argmax = ``best_beam``). Against one-hot labels (a few samples per beam on
+    a site's split) it tells the head how much worse each other beam is, so neighbours of the
+    best beam are near-misses, not errors as wrong as a beam pointing away."""
+    from fedfm.channels.codebook import beam_gains
+
+    g = np.asarray(beam_gains(td.extras["h_mmwave"], td.extras["codebook"]), np.float64)   # [S, B]
+    q = (g / g.max(axis=1, keepdims=True)) ** power
+    return torch.as_tensor((q / q.sum(axis=1, keepdims=True)).astype(np.float32))
+
+
 def task_targets(td) -> torch.Tensor:
-    """A TaskData's training target: dense [S, G, K, N, 2]; BF/LoS class ids; DE/PE normalised."""
+    """A TaskData's training target: dense [S, G, K, N, 2]; BF beam-gain distribution [S, B]
+    (``bf_soft_targets``) when the TaskData carries the mmWave CSI, else beam ids; LoS class
+    ids; DE/PE normalised."""
     if td.task in DENSE_TASKS:
         return as_real(td.targets)
+    if td.task == "BF" and "h_mmwave" in td.extras and "codebook" in td.extras:
+        return bf_soft_targets(td)
     if td.task in ("DE", "PE"):
         from fedfm.tasks import normalise_target
 
@@ -61,12 +83,21 @@ def task_targets(td) -> torch.Tensor:
 
 
 def task_loss(task: str, out: torch.Tensor, y: torch.Tensor, region: torch.Tensor | None) -> torch.Tensor:
-    """NMSE on the region (CE/CP/PF), cross-entropy (BF, LoS), L1 on normalised targets (DE, PE)."""
+    """NMSE on the region (CE/CP/PF), cross-entropy (BF against a class id or a distribution
+    over beams, LoS), L1 on normalised targets (DE, PE)."""
     if task in DENSE_TASKS:
         return masked_nmse(out.float(), y, region)
     if task in ("DE", "PE"):
         return F.l1_loss(out.float(), y)
+    if y.is_floating_point():  # soft targets: -Σ_b q_b log p_b
+        return -(y * F.log_softmax(out.float(), dim=1)).sum(dim=1).mean()
     return F.cross_entropy(out.float(), y)
+
+
+def _context(td, device: torch.device) -> torch.Tensor | None:
+    """The site context vector of a TaskData (``fedfm.tasks.site_context``), None if it has none."""
+    c = td.extras.get("context")
+    return None if c is None else torch.as_tensor(np.asarray(c, dtype=np.float32)).to(device)
 
 
 class TaskSampler:
@@ -81,6 +112,7 @@ class TaskSampler:
         self.known = [torch.as_tensor(np.asarray(td.known, dtype=bool)).to(device) for td in self.tds]
         self.region = [torch.as_tensor(np.asarray(td.region, dtype=bool)).to(device)
                        if self.task in DENSE_TASKS else None for td in self.tds]
+        self.context = [_context(td, device) for td in self.tds]
         self.sizes = torch.tensor([float(x.shape[0]) for x in self.x])
         self.device = device
 
@@ -92,7 +124,7 @@ class TaskSampler:
         i = int(torch.multinomial(self.sizes, 1, generator=gen)) if len(self.x) > 1 else 0
         idx = torch.randint(self.x[i].shape[0], (batch_size,), generator=gen)
         return (self.x[i][idx].to(self.device, non_blocking=True), self.known[i],
-                self.y[i][idx].to(self.device, non_blocking=True), self.region[i])
+                self.y[i][idx].to(self.device, non_blocking=True), self.region[i], self.context[i])
 
 
 # ---- Dynamic Weight Averaging ------------------------------------------------------------
@@ -116,7 +148,8 @@ def dwa_weights(prev: dict[str, float] | None, prev2: dict[str, float] | None,
 def finetune(model: nn.Module, tasks: dict, steps: int, batch_size: int = 32, lr: float = 1e-3,
              dwa_temperature: float = 2.0, seed: int = 0, device=None, dwa_window: int = 10,
              stage1_steps: int = 0, train_lora: bool = True, proximal_mu: float = 0.0,
-             weight_decay: float = 0.0, history: list | None = None) -> dict[str, float]:
+             weight_decay: float = 0.0, history: list | None = None,
+             head_lr_scale: float = 10.0) -> dict[str, float]:
     """Multi-task fine-tuning of the trainable state (LoRA + adapters + heads) with DWA.
 
     tasks: {task: TaskData or [TaskData, ...] (pooled sites)}. Every step draws one batch per
@@ -134,9 +167,13 @@ def finetune(model: nn.Module, tasks: dict, steps: int, batch_size: int = 32, lr
     gen = torch.Generator().manual_seed(seed)
     lora = lora_parameters(model)
     lora_flags = [p.requires_grad for p in lora]
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     start = [p.detach().clone() for p in params] if proximal_mu > 0 else None
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    pooled = [any(f"heads.{t}." in n for t in POOLED_TASKS) for n, _ in named]
+    groups = [{"params": [p for (_, p), f in zip(named, pooled) if not f], "scale": 1.0},
+              {"params": [p for (_, p), f in zip(named, pooled) if f], "scale": head_lr_scale}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay)
     windows: list[dict[str, float]] = []
     acc = {t: 0.0 for t in samplers}
     n_acc = 0
@@ -147,12 +184,12 @@ def finetune(model: nn.Module, tasks: dict, steps: int, batch_size: int = 32, lr
             weights = dwa_weights(windows[-1] if windows else None, windows[-2] if len(windows) > 1 else None,
                                   dwa_temperature) or {t: 1.0 for t in samplers}
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, steps, lr)
+                group["lr"] = lr_at(step, steps, lr) * group["scale"]
             opt.zero_grad(set_to_none=True)
             for t, sampler in samplers.items():  # one backward per task: one graph in memory at a time
-                x, known, y, region = sampler.batch(batch_size, gen)
+                x, known, y, region, context = sampler.batch(batch_size, gen)
                 with autocast(device):
-                    loss = task_loss(t, model(t, x, known), y, region)
+                    loss = task_loss(t, model(t, x, known, context), y, region)
                 (weights.get(t, 1.0) * loss / len(samplers)).backward()
                 acc[t] += float(loss.detach())
             if start is not None:
@@ -181,11 +218,11 @@ def task_losses(model: nn.Module, tasks: dict, batch_size: int = 64, device=None
     for t, td in tasks.items():
         s = TaskSampler(td, device)
         total, count = 0.0, 0
-        for x, y, known, region in zip(s.x, s.y, s.known, s.region):
+        for x, y, known, region, context in zip(s.x, s.y, s.known, s.region, s.context):
             for i in range(0, x.shape[0], batch_size):
                 xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
                 with autocast(device):
-                    total += float(task_loss(t, model(t, xb, known), yb, region)) * xb.shape[0]
+                    total += float(task_loss(t, model(t, xb, known, context), yb, region)) * xb.shape[0]
                 count += xb.shape[0]
         out[t] = total / count
     model.train()

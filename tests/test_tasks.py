@@ -104,3 +104,16 @@ def test_regression_target_normalisation_is_fixed_and_invertible():
     np.testing.assert_allclose(denormalise_target("PE", normalise_target("PE", d)), d, rtol=1e-5)
     with pytest.raises(ValueError, match="expected one of DE, PE"):
         normalise_target("CE", d)
+
+
+def test_site_context_by_hand(site):
+    from fedfm.tasks import CONTEXT_SIZE, site_context
+
+    spec, _, tds = site
+    c = site_context(spec)
+    env = [1.0 if e == spec.environment else 0.0 for e in ("uma", "umi", "rma", "inh")]
+    s6 = spec.sub6
+    expected = env + [np.log2(s6.carrier_ghz), np.log2(s6.subcarriers * s6.subcarrier_spacing_khz / 1e3), np.log2(s6.antennas)]
+    assert c.shape == (CONTEXT_SIZE,) and c.dtype == np.float32
+    np.testing.assert_allclose(c, expected, rtol=1e-6)
+    assert all(np.array_equal(td.extras["context"], c) for td in tds.values())   # every view carries it

@@ -170,3 +170,36 @@ def test_predict_returns_the_contract_format(rng):
     np.testing.assert_allclose(ce[:, known], tasks["CE"].inputs[:, known], atol=1e-5)
     assert bf.dtype == np.float32 and bf.shape == (8, 16)
     assert los.dtype == np.float32 and los.shape == (8,) and ((los >= 0) & (los <= 1)).all()
+
+
+def test_pooled_heads_learn_at_head_lr_scale_times_the_rate(rng):
+    # Adam's first step moves every parameter with a non-zero gradient by lr_at(0)·sign(g):
+    # by hand, pooled-head parameters move head_lr_scale times as far as the dense head's.
+    from fedfm.train import lr_at
+
+    model = build_model(tiny_cfg())
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    finetune(model, fake_tasks(rng), steps=1, batch_size=BSZ, lr=1e-3, seed=0, head_lr_scale=7.0)
+    moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters() if n in before}
+    step = lr_at(0, 1, 1e-3)
+    ce = [v for n, v in moved.items() if "heads.CE." in n and "modules_to_save" in n and v > 0]
+    los = [v for n, v in moved.items() if "heads.LoS." in n and "modules_to_save" in n and v > 0]
+    assert ce and los
+    assert max(ce) == pytest.approx(step, rel=1e-3)
+    assert max(los) == pytest.approx(7.0 * step, rel=1e-3)
+
+
+def test_bf_soft_targets_and_their_loss_by_hand():
+    from fedfm.channels.codebook import dft_codebook
+    from fedfm.train import bf_soft_targets, task_loss
+
+    # one mmWave subcarrier, a 4-antenna array, 4 beams: h = beam 1's steering vector + 0.5 × beam 3's
+    cb = dft_codebook(4, 4)                                           # unit-norm columns, orthogonal
+    h = (cb[:, 1] + 0.5 * cb[:, 3])[None, None, :]                   # [S=1, K=1, N=4]
+    td = FakeTaskData("BF", "fake", np.zeros((1, 1, 1, 1), np.complex64), None, None, np.array([1]),
+                      np.ones(1, np.float32), {"h_mmwave": h, "codebook": cb})
+    q = bf_soft_targets(td)
+    np.testing.assert_allclose(q.numpy(), [[0.0, 0.8, 0.0, 0.2]], atol=1e-6)   # gains 1 and 0.25
+    logits = torch.tensor([[0.0, 1.0, 0.0, 0.0]])
+    logp = logits - math.log(3 + math.e)
+    assert float(task_loss("BF", logits, q, None)) == pytest.approx(-(0.8 * logp[0, 1] + 0.2 * logp[0, 3]).item(), rel=1e-6)

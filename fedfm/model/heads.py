@@ -85,6 +85,9 @@ class PooledHead(nn.Module):
         self.ln = nn.LayerNorm(d_model)
         self.fc = nn.Linear(d_model + num_features, hidden)
         self.proj = nn.Linear(hidden, out)
+        # a linear path from the classical features straight to the output ("wide and deep"):
+        # a K-factor threshold or a per-environment offset is one weight away, not two layers
+        self.skip = nn.Linear(num_features, out) if num_features else None
         self.spectrum_weight = self.spectrum_conv = None
         if spectra:
             self.spectrum_weight = nn.Parameter(torch.tensor([1.0] + [0.0] * (spectra - 1)))
@@ -100,6 +103,9 @@ class PooledHead(nn.Module):
                 self.spectrum_weight[0] = 1.0
             self.proj.weight.zero_()
             self.proj.bias.zero_()
+            if self.skip is not None:
+                self.skip.weight.zero_()
+                self.skip.bias.zero_()
             if self.spectrum_conv is not None:
                 self.spectrum_conv[2].weight.zero_()
                 self.spectrum_conv[2].bias.zero_()
@@ -111,6 +117,8 @@ class PooledHead(nn.Module):
         if features is not None:
             z = torch.cat([z, features.to(z.dtype)], dim=-1)
         y = self.proj(F.gelu(self.fc(z)))
+        if features is not None and self.skip is not None:
+            y = y + self.skip(features.to(y.dtype))
         if spectra is not None and self.spectrum_weight is not None:
             s = spectra.to(y.dtype)
             y = y + torch.einsum("c,bcn->bn", self.spectrum_weight.to(y.dtype), s) + self.spectrum_conv(s)[:, 0]

@@ -1,7 +1,9 @@
 """FedFM: backbone + per-task adapters and heads; one forward for all seven tasks.
 
-    model(task, x, known)
+    model(task, x, known, context=None)
       x: float32 [B, G, K, N, 2] (real/imag, unknown elements zero); known: bool [G, K, N]
+      context: float32 [C] or [B, C] site context (fedfm.tasks.site_context), read by the
+        pooled heads; None = zeros (a site that says nothing about itself)
       → dense (CE/CP/PF): [B, G, K, N, 2] on the normalised scale of the targets
         BF: logits [B, num_beams]; DE/PE: [B] normalised target; LoS: logits [B, 2]
 """
@@ -13,7 +15,7 @@ import torch.nn as nn
 from fedfm.model.backbone import Backbone, init_weights
 from fedfm.model.config import DENSE_TASKS, POOLED_OUTPUTS, ModelConfig
 from fedfm.model.heads import DenseHead, PooledHead, TokenAdapter
-from fedfm.model.prior import NUM_PROFILE_FEATURES, PRIORS, SPECTRUM_METHODS, side_inputs
+from fedfm.model.prior import CONTEXT_SIZE, NUM_PROFILE_FEATURES, PRIORS, SPECTRUM_METHODS, side_inputs
 
 
 class FedFM(nn.Module):
@@ -28,7 +30,7 @@ class FedFM(nn.Module):
                 heads[t] = DenseHead(cfg.d_model, cfg.head_hidden, cfg.patch, cfg.conv_channels, PRIORS[t])
             else:
                 heads[t] = PooledHead(cfg.d_model, cfg.head_hidden, POOLED_OUTPUTS.get(t, cfg.num_beams),
-                                      NUM_PROFILE_FEATURES, len(SPECTRUM_METHODS) if t == "BF" else 0)
+                                      NUM_PROFILE_FEATURES + CONTEXT_SIZE, len(SPECTRUM_METHODS) if t == "BF" else 0)
         self.heads = nn.ModuleDict(heads)
         init_weights(self, cfg.seed, cfg.n_layers)
         with torch.no_grad():  # adapters start as identity, dense heads and BF as their classical prior
@@ -43,12 +45,13 @@ class FedFM(nn.Module):
                 self.heads["BF"].start_at_prior()
         self.backbone_hash: str | None = None  # sha256 of the loaded checkpoint, None = random init
 
-    def forward(self, task: str, x: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    def forward(self, task: str, x: torch.Tensor, known: torch.Tensor,
+                context: torch.Tensor | None = None) -> torch.Tensor:
         if task not in self.heads:
             raise ValueError(f"FedFM: task {task!r} has no head; this model serves {', '.join(self.heads)}")
         tokens = self.adapters[task](self.backbone.tokeniser(x, known))  # (B, L, d)
         h = self.backbone.encode(tokens)                                  # (B, L, d)
         if task in DENSE_TASKS:
             return self.heads[task](h, x, known)                          # (B, G, K, N, 2)
-        out = self.heads[task](h, *side_inputs(task, x, self.cfg.num_beams)).float()  # (B, out)
+        out = self.heads[task](h, *side_inputs(task, x, self.cfg.num_beams, context)).float()  # (B, out)
         return out[:, 0] if task in ("DE", "PE") else out

@@ -9,7 +9,8 @@ to learn what the classical estimator misses.
 
 The pooled heads get the classical *inputs* the baselines read (``side_inputs``): the
 profile fingerprint of ``fedfm.tasks.sensing`` (delay and angle spreads, peak shares, the
-K-factor proxy) for BF/DE/PE/LoS, and for BF the sub-6 Bartlett and Capon angular spectra
+K-factor proxy) and the site context (``fedfm.tasks.site_context``: environment, carrier,
+bandwidth, antennas — what a per-site baseline knows by being fitted per site) for BF/DE/PE/LoS, and for BF the sub-6 Bartlett and Capon angular spectra
 at the codebook's beams, whose log the BF head starts from (an untrained BF head picks the
 Bartlett AoA beam). A mean-pooled token embedding carries none of these quadratic
 statistics linearly, and a CPU-sized backbone does not learn them in a few hundred steps.
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from fedfm.estimators import angular_spectrum, ar_extrapolate
+from fedfm.tasks import CONTEXT_SIZE
 from fedfm.tasks.sensing import profile_features
 
 PRIORS = {"CE": "comb", "CP": "hold", "PF": "ar"}
@@ -89,11 +91,15 @@ def _complex(x: torch.Tensor) -> np.ndarray:
     return torch.view_as_complex(x.detach().float().cpu().contiguous()).numpy()
 
 
-def side_inputs(task: str, x: torch.Tensor, num_beams: int) -> tuple[torch.Tensor, ...]:
-    """Classical inputs of a pooled head: (features [B, 5],) and for BF also log angular
-    spectra [B, 2, num_beams] (Bartlett, Capon; peak 0, floor ln 1e-4)."""
+def side_inputs(task: str, x: torch.Tensor, num_beams: int,
+                context: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """Classical inputs of a pooled head: (features [B, 5 + CONTEXT_SIZE],) — the profile
+    fingerprint and the site context ([C] or [B, C]; None = zeros) — and for BF also log
+    angular spectra [B, 2, num_beams] (Bartlett, Capon; peak 0, floor ln 1e-4)."""
     xc = _complex(x)
-    feats = torch.from_numpy(profile_features(xc).astype(np.float32)).to(x.device)
+    B = x.shape[0]
+    ctx = torch.zeros(B, CONTEXT_SIZE) if context is None else context.float().cpu().reshape(-1, CONTEXT_SIZE).expand(B, -1)
+    feats = torch.cat([torch.from_numpy(profile_features(xc).astype(np.float32)), ctx], 1).to(x.device)
     if task != "BF":
         return (feats,)
     spectra = np.stack([angular_spectrum(xc, num_beams, m) for m in SPECTRUM_METHODS], 1)

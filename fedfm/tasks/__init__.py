@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedfm.scenarios import SiteSpec, derive_seed, split_seed
+from fedfm.scenarios import ENVIRONMENTS, SiteSpec, derive_seed, split_seed
 from fedfm.tasks.observe import draw_snr_db, noisy_observation, unit_power_scale
 from fedfm.tasks.reconstruction import dense_grid_slots, dense_masks
 
@@ -45,7 +45,7 @@ class TaskData:
     region: np.ndarray     # bool [G, K, N]: where dense targets are scored (all True for the others)
     targets: np.ndarray    # dense complex64 [S, G, K, N]; BF/LoS int64 [S]; DE/PE float32 [S]
     scale: np.ndarray      # float32 [S]: inputs * scale = physical units
-    extras: dict = field(default_factory=dict)  # snr_db float32 [S]; BF: h_mmwave, codebook
+    extras: dict = field(default_factory=dict)  # snr_db float32 [S]; context float32 [C]; BF: h_mmwave, codebook
 
     @property
     def num_samples(self) -> int:
@@ -60,6 +60,23 @@ def _check_arrays(arrays: dict, spec: SiteSpec) -> np.ndarray:
         raise ValueError(f"{spec.path or spec.name}: `h_sub6` has shape {got}; expected [S, T+P, K, N] = "
                          f"[S, {', '.join(map(str, want))}] from the site spec")
     return h
+
+
+CONTEXT_SIZE = len(ENVIRONMENTS) + 3
+
+
+def site_context(spec: SiteSpec) -> np.ndarray:
+    """What a base station knows about its own deployment, as a float32 [CONTEXT_SIZE] vector
+    the pooled heads read: one-hot TR 38.901 environment, log2 of the sub-6 carrier [GHz], of
+    the sampled bandwidth K·Δf [MHz] and of the antenna count. No label statistics and no
+    received power: the site's identity, which a per-site baseline fitted on that site's own
+    train split has implicitly, and which unit-power CSI at 10 dB SNR barely reveals (the
+    noise floor flattens the delay profile's spread across sites)."""
+    env = np.zeros(len(ENVIRONMENTS), np.float32)
+    env[ENVIRONMENTS.index(spec.environment)] = 1.0
+    s6 = spec.sub6
+    return np.concatenate([env, np.log2([s6.carrier_ghz, s6.subcarriers * s6.subcarrier_spacing_khz / 1e3,
+                                         s6.antennas]).astype(np.float32)])
 
 
 def _labels(task: str, arrays: dict) -> np.ndarray:
@@ -90,7 +107,7 @@ def build_task(task: str, arrays: dict[str, np.ndarray], spec: SiteSpec, split: 
     scale = unit_power_scale(x, known)
     inv = (1.0 / scale)[:, None, None, None]
     inputs = (x * inv).astype(np.complex64)
-    extras = {"snr_db": snr_db}
+    extras = {"snr_db": snr_db, "context": site_context(spec)}
     if task in DENSE_TASKS:
         targets = (h_grid * inv).astype(np.complex64)
     else:
@@ -129,5 +146,6 @@ def denormalise_target(task: str, z: np.ndarray) -> np.ndarray:
     raise ValueError(f"task {task!r} has no normalised target; expected one of {', '.join(REGRESSION_TASKS)}")
 
 
-__all__ = ["TASKS", "DENSE_TASKS", "REGRESSION_TASKS", "TaskData", "build_task", "build_tasks",
+__all__ = ["TASKS", "DENSE_TASKS", "REGRESSION_TASKS", "CONTEXT_SIZE", "TaskData", "build_task", "build_tasks",
+           "site_context",
            "normalise_target", "denormalise_target"]
