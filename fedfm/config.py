@@ -41,7 +41,7 @@ class RunConfig:
     preset: str = "tiny"            # model size: tiny (~1M) | small | base | large
     stage: str = "finetune"         # finetune: LoRA+heads FL on a frozen backbone; pretrain: full-backbone FedAvg
     num_server_rounds: int = 3
-    local_steps: int = 30           # optimiser steps per site per round (equal per-site compute)
+    local_steps: int = 20           # optimiser steps per site per round (equal per-site compute)
     batch_size: int = 16
     lr: float = 1e-3
     lora_r: int = 4                 # LoRA rank on the frozen backbone (model preset default)

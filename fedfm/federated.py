@@ -187,13 +187,14 @@ def pretrain_backbone_centrally(cfg: RunConfig, train_specs: list[SiteSpec], num
     training sites' train splits, pooled at the server (issue 4 accepts this for the
     default run when the report says so; ``stage=pretrain`` is the federated way)."""
     from fedfm.model import base_model, save_backbone
-    from fedfm.train import pretrain
+    from fedfm.train import all_cores, pretrain
 
     device = resolve_device(cfg.device)
     arrays = [load_split(spec, "train", cfg.cache_dir or None) for spec in train_specs]
     model = build_run_model(cfg, num_beams, None, device)
-    pretrain(model, list(zip(train_specs, arrays)), steps=cfg.pretrain_steps, batch_size=cfg.batch_size,
-             lr=cfg.lr, seed=derive_seed(cfg.seed, "pretrain"), device=device)
+    with all_cores():  # before round 1: the sites are idle
+        pretrain(model, list(zip(train_specs, arrays)), steps=cfg.pretrain_steps, batch_size=cfg.batch_size,
+                 lr=cfg.lr, seed=derive_seed(cfg.seed, "pretrain"), device=device)
     path = out_dir / "backbone.safetensors"
     save_backbone(path, base_model(model).backbone, model_config(cfg, num_beams),
                   meta={"source": "central", "sites": [s.name for s in train_specs], "steps": cfg.pretrain_steps})

@@ -30,6 +30,24 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device(device)
 
 
+@contextlib.contextmanager
+def all_cores():
+    """Use every core this process may run on, then restore the thread count.
+
+    For the server's work between rounds (central evaluation, server-side pretraining): the
+    sites wait for the next round then, so the server has the machine to itself, while the
+    simulated sites train with one thread each (OMP_NUM_THREADS=1, see run_federation.py)."""
+    import os
+
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cores))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def autocast(device: torch.device):
     """bf16 autocast on CUDA; plain float32 on CPU (CPU bf16 is slower than fp32 on most hosts)."""
     if device.type == "cuda":

@@ -65,6 +65,12 @@ class CentralEvaluator:
         return out
 
     def __call__(self, round_: int, arrays: ArrayRecord) -> MetricRecord:
+        from fedfm.train import all_cores
+
+        with all_cores():  # between rounds the sites are idle: the evaluator takes every core
+            return self._evaluate(round_, arrays)
+
+    def _evaluate(self, round_: int, arrays: ArrayRecord) -> MetricRecord:
         from fedfm.evaluate import predict
         from fedfm.metrics import average_score, score
         from fedfm.model import set_adapter_state
