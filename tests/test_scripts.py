@@ -1,0 +1,218 @@
+"""scripts/finetune_site.py and scripts/compare.py on a tiny federated run made in process
+(real ServerApp/ClientApp handlers through fl_fixtures.InProcessGrid: no Ray, no flwr run)."""
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedfm.metrics import HEADLINE
+from fedfm.runlog import RunLog, read_jsonl
+from fl_fixtures import InProcessGrid, make_backbone, run_config, server_context, write_federation
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = {"CE", "CP", "PF", "BF", "DE", "PE", "LoS"}
+ROUNDS, LOCAL_STEPS = 2, 2
+
+
+def _load_script(name: str):
+    if str(ROOT / "scripts") not in sys.path:  # compare.py imports run_federation
+        sys.path.insert(0, str(ROOT / "scripts"))
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _num_samples(tds) -> list[int]:
+    return [int(td.targets.shape[0]) for td in (tds if isinstance(tds, (list, tuple)) else [tds])]
+
+
+class FinetuneCalls:
+    """Wraps fedfm.train.finetune (looked up at call time by local_train and compare.py):
+    records each call's steps, seed and per-task sample counts."""
+
+    def __init__(self, mp: pytest.MonkeyPatch):
+        import fedfm.train
+
+        self.calls, real = [], fedfm.train.finetune
+
+        def wrapped(model, tasks, steps, **kw):
+            self.calls.append({"steps": steps, "seed": kw.get("seed"),
+                               "samples": {t: _num_samples(td) for t, td in tasks.items()}})
+            return real(model, tasks, steps, **kw)
+
+        mp.setattr(fedfm.train, "finetune", wrapped)
+
+
+@pytest.fixture(scope="module")
+def fed_run(tmp_path_factory, cache_dir):
+    """A 2-round federation (alpha, beta train; gamma held out) and the finetune calls it made."""
+    from flwr.supercore.task_identity import TaskIdentity
+    from server.app import main as server_main
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    root = tmp_path_factory.mktemp("scripts")
+    fed = write_federation(root)
+    backbone, _ = make_backbone(root / "backbone.safetensors")
+    rc = run_config(fed, root / "run", cache_dir, backbone,
+                    **{"num-server-rounds": ROUNDS, "local-steps": LOCAL_STEPS})
+    with pytest.MonkeyPatch.context() as mp:
+        calls = FinetuneCalls(mp)
+        server_main(InProcessGrid(rc, 2), server_context(rc))
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+    log = RunLog(rc["out-dir"])
+    assert log.complete_rounds() == list(range(ROUNDS + 1))
+    return {"fed": fed, "root": root, "run": Path(rc["out-dir"]), "backbone": backbone, "calls": calls.calls}
+
+
+# ---- finetune_site.py -------------------------------------------------------------------
+def test_finetune_site_heldout_fraction(fed_run, capsys, monkeypatch):
+    import fedfm.baselines
+    import fedfm.federated
+    from fedfm.config import RunConfig
+    from fedfm.federated import build_run_model, torch_state
+    from fedfm.model import set_adapter_state
+    from fedfm.train import task_losses
+
+    script = _load_script("finetune_site")
+    trained, fitted = [], []
+    real_train, real_fit = fedfm.federated.local_train, fedfm.baselines.fit_baseline
+
+    def local_train(cfg, spec, state, round_, **kw):
+        res = real_train(cfg, spec, state, round_, **kw)
+        trained.append({"state_in": state, "res": res, "round": round_, **kw})
+        return res
+
+    def fit_baseline(task, td, spec):
+        fitted.append((task, int(td.targets.shape[0])))
+        return real_fit(task, td, spec)
+
+    monkeypatch.setattr(fedfm.federated, "local_train", local_train)
+    monkeypatch.setattr(fedfm.baselines, "fit_baseline", fit_baseline)
+    site = fed_run["root"] / "gamma.yaml"
+    steps = 12
+    rc = script.main(["--run", str(fed_run["run"]), "--site", str(site), "--fraction", "0.5",
+                      "--steps", str(steps)])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert f"gamma: fine-tuned on 32 labelled samples from round {ROUNDS}" in out
+    assert sum(line.startswith("| ") and line.split("|")[1].strip() in TASKS for line in out.splitlines()) == 7
+
+    path = fed_run["run"] / "finetune" / "gamma-0.5.json"
+    assert path.exists()
+    res = json.loads(path.read_text())
+    assert res["site"] == "gamma" and res["fraction"] == 0.5 and res["from_round"] == ROUNDS
+    assert res["labelled_samples"] == 32  # ceil(0.5 × 64 train samples)
+    assert {r["task"] for r in res["rows"]} == TASKS and len(res["rows"]) == 7
+    for r in res["rows"]:
+        key = HEADLINE[r["task"]]
+        for col in ("before", "after", "baseline"):
+            assert math.isfinite(r[col][key]), (r["task"], col)
+        assert r["ratio_before"] is not None and r["ratio_after"] is not None
+
+    # one personalisation: from the run's last global adapters, on the labelled half only,
+    # for the requested steps; the baselines were fitted on that same half
+    (call,) = trained
+    assert call["steps"] == steps and call["round"] == ROUNDS + 1
+    train_tasks = call["tasks"]
+    assert set(train_tasks) == TASKS
+    assert all(_num_samples(td) == [32] for td in train_tasks.values())
+    assert sorted(fitted) == sorted((t, 32) for t in TASKS)
+    last, _, _ = RunLog(fed_run["run"]).load_checkpoint(ROUNDS)
+    assert set(call["state_in"]) == set(last)
+    assert all(np.array_equal(call["state_in"][k], last[k]) for k in last)
+
+    after = [r["ratio_after"] for r in res["rows"] if r["task"] in train_tasks]
+    assert not math.isnan(float(np.mean(after)))
+    # the rows differ before/after: the written "after" is the personalised model
+    assert any(r["before"] != r["after"] for r in res["rows"])
+
+    # the personalised adapters fit the labelled subset better than the global ones did
+    cfg = RunConfig.from_flower(RunLog(fed_run["run"]).read_config()["run_config"])
+    model = build_run_model(cfg, RunLog(fed_run["run"]).read_config()["model"]["config"]["num_beams"],
+                            fed_run["backbone"])
+    set_adapter_state(model, torch_state(call["state_in"]))
+    before = task_losses(model, train_tasks)
+    set_adapter_state(model, torch_state(call["res"].state))
+    after_loss = task_losses(model, train_tasks)
+    # (measured: summed task loss 5.27 → 3.70 in 12 steps; 0.95 leaves a wide margin)
+    assert sum(after_loss.values()) < 0.95 * sum(before.values()), (before, after_loss)
+
+
+@pytest.mark.parametrize("fraction", ["0", "1.5"])
+def test_finetune_site_bad_fraction_one_line_error(fed_run, capsys, fraction):
+    script = _load_script("finetune_site")
+    rc = script.main(["--run", str(fed_run["run"]), "--site", str(fed_run["root"] / "gamma.yaml"),
+                      "--fraction", fraction])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == ""
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"error: --fraction {float(fraction)} is not allowed") and "(0, 1]" in err
+    assert not (fed_run["run"] / "finetune" / f"gamma-{float(fraction):g}.json").exists()
+
+
+# ---- compare.py -------------------------------------------------------------------------
+def test_compare_equal_per_site_compute(fed_run, capsys):
+    from fedfm.scenarios import derive_seed
+
+    script = _load_script("compare")
+    run = fed_run["run"]
+    with pytest.MonkeyPatch.context() as mp:
+        calls = FinetuneCalls(mp)
+        rc = script.main([str(fed_run["fed"]), "--out", str(run), "--skip-federated"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+
+    budget = ROUNDS * LOCAL_STEPS
+    # federated (the fixture's run): every training site trained `budget` steps in all
+    fed_steps = {}
+    for site in ("alpha", "beta"):
+        seeds = {derive_seed(5, site, "round", r) for r in range(1, ROUNDS + 1)}
+        fed_steps[site] = sum(c["steps"] for c in fed_run["calls"] if c["seed"] in seeds)
+    assert fed_steps == {"alpha": budget, "beta": budget}
+    assert sum(c["steps"] for c in fed_run["calls"]) == 2 * budget  # nothing else trained
+
+    # compare: one local-only training per site on its own data, one centralized on the pool
+    local = [c for c in calls.calls if all(len(n) == 1 for n in c["samples"].values())]
+    central = [c for c in calls.calls if all(len(n) == 2 for n in c["samples"].values())]
+    assert len(local) == 2 and len(central) == 1 and len(calls.calls) == 3
+    assert [c["steps"] for c in local] == [budget, budget]
+    assert central[0]["steps"] == 2 * budget  # same total steps as the federation
+    assert all(set(c["samples"]) == TASKS for c in calls.calls)
+
+    res = json.loads((run / "compare.json").read_text())
+    assert res["steps"] == {"per_site": budget, "centralized": 2 * budget}
+    for kind in ("local_only", "centralized"):
+        assert set(res[kind]) == {"alpha", "beta"}  # training sites only
+        for site, tasks in res[kind].items():
+            assert set(tasks) == TASKS
+            assert all(math.isfinite(tasks[t][HEADLINE[t]]) for t in TASKS), (kind, site)
+
+    # the printed table: one row per training site, three finite columns
+    lines = out.splitlines()
+    assert "| site | federated | local-only | centralized |" in lines
+    rows = {ln.split("|")[1].strip(): ln.split("|")[2:5] for ln in lines
+            if ln.startswith("| ") and ln.split("|")[1].strip() in {"alpha", "beta", "gamma"}}
+    assert set(rows) == {"alpha", "beta"}
+    assert all(math.isfinite(float(v)) for cols in rows.values() for v in cols)
+
+    report = json.loads((run / "report.json").read_text())
+    for site in ("alpha", "beta"):
+        s = report["sites"][site]
+        vals = [s["avg_score"], s["avg_score_local_only"], s["avg_score_centralized"]]
+        assert [float(v) for v in rows[site]] == pytest.approx(vals, abs=6e-4)
+    assert "avg_score_local_only" not in report["sites"]["gamma"]
+
+    # local-only and centralized are scored after their training, not at the initial adapters
+    # (the federation's round-0 evaluation: same test samples, same initial state)
+    round0 = {(r["site"], r["task"]): r for r in read_jsonl(run / "metrics.jsonl")
+              if r["source"] == "federated" and r["round"] == 0}
+    for kind in ("local_only", "centralized"):
+        for site in ("alpha", "beta"):
+            assert any(res[kind][site][t][HEADLINE[t]] != pytest.approx(round0[(site, t)][HEADLINE[t]], rel=1e-6)
+                       for t in TASKS), (kind, site)
