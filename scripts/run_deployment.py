@@ -33,7 +33,6 @@ import sys
 import threading
 import time
 import urllib.request
-from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +41,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from fedfm.config import RunConfig, federation_site_paths  # noqa: E402
 from run_federation import (  # noqa: E402
-    _parse_value, flwr_env, free_port, run_status, start_superlink, stop_superlink, write_run_config)
+    add_run_args, flwr_env, free_port, run_outcome, run_overrides, run_status, start_superlink, stop_superlink,
+    write_run_config)
 
 CONNECTION = "fedfm-deployment"  # the SuperLink connection name in $FLWR_HOME/config.toml
 
@@ -208,36 +208,22 @@ def run_deployment(overrides: dict, num_supernodes: int, num_partitions: int, fl
             stream.kill()
             stream.wait()
         stop_all(procs)
-    report = run_dir / ("backbone.safetensors" if cfg.stage == "pretrain" else "report.md")
-    result.update(report=str(report), wall_s=time.monotonic() - t0,
-                  ok=result["status"] == "finished:completed" and report.exists())
-    return result
+    return run_outcome(result, cfg, t0)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--federation", default="scenarios/federations/default.yaml")
-    p.add_argument("--out", default=None, help="run folder (default: runs/<timestamp> in the current directory)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="run-config override, e.g. --set num-server-rounds=5 (repeatable)")
+    add_run_args(p)
     p.add_argument("--flwr-home", default=str(ROOT / ".flwr" / "deployment"),
                    help="FLWR_HOME of the SuperLink and the CLI; SuperNode i uses FLWR_HOME/supernode-i")
     p.add_argument("--num-supernodes", type=int, default=None,
                    help="SuperNodes to start, playing training sites 0..K-1 (default: all training sites)")
     args = p.parse_args(argv)
 
-    overrides: dict = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            print(f"error: --set {item!r}: expected KEY=VALUE", file=sys.stderr)
-            return 2
-        overrides[key] = _parse_value(value)
-    overrides["federation"] = str(Path(args.federation).resolve())
-    overrides["out-dir"] = str(Path(args.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}").resolve())
     # SIGTERM → SystemExit, so the finally that stops the SuperLink and SuperNodes runs
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
+        overrides = run_overrides(args)
         num_sites = len([pth for pth, role in federation_site_paths(overrides["federation"]) if role == "train"])
         num_nodes = num_sites if args.num_supernodes is None else args.num_supernodes
         if not 1 <= num_nodes <= num_sites:

@@ -167,35 +167,51 @@ def run_federation(overrides: dict, num_supernodes: int, flwr_home: Path, num_cp
             result.update(status=rec.get("status", "unknown"), status_details=rec.get("status-details", ""))
     finally:
         stop_superlink(proc)
-    # stage=pretrain leaves a backbone checkpoint, stage=finetune a report
-    report = run_dir / ("backbone.safetensors" if cfg.stage == "pretrain" else "report.md")
+    return run_outcome(result, cfg, t0)
+
+
+def run_outcome(result: dict, cfg: RunConfig, t0: float) -> dict:
+    """Adds report, wall_s and ok: the run finished:completed and left what its stage makes
+    (stage=pretrain a backbone checkpoint, stage=finetune a report)."""
+    report = cfg.run_dir / ("backbone.safetensors" if cfg.stage == "pretrain" else "report.md")
     result.update(report=str(report), wall_s=time.monotonic() - t0,
                   ok=result["status"] == "finished:completed" and report.exists())
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """--federation, --out, --set: the run options every launcher shares."""
     p.add_argument("--federation", default="scenarios/federations/default.yaml")
     p.add_argument("--out", default=None, help="run folder (default: runs/<timestamp> in the current directory)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="run-config override, e.g. --set num-server-rounds=5 (repeatable)")
+
+
+def run_overrides(args: argparse.Namespace) -> dict:
+    """Run-config overrides from add_run_args' options (absolute federation and out-dir paths);
+    ValueError on a --set without '='."""
+    overrides: dict = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key] = _parse_value(value)
+    overrides["federation"] = str(Path(args.federation).resolve())
+    overrides["out-dir"] = str(Path(args.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}").resolve())
+    return overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_args(p)
     p.add_argument("--num-cpus", type=int, default=1, help="Ray CPUs per simulated site (integer)")
     p.add_argument("--num-gpus", type=float, default=None, help="Ray GPU fraction per site (default: 0, or "
                    "1/num-sites when a GPU is visible)")
     p.add_argument("--flwr-home", default=str(ROOT / ".flwr"))
     args = p.parse_args(argv)
 
-    overrides: dict = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            print(f"--set {item!r}: expected KEY=VALUE", file=sys.stderr)
-            return 2
-        overrides[key] = _parse_value(value)
-    overrides["federation"] = str(Path(args.federation).resolve())
-    overrides["out-dir"] = str(Path(args.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}").resolve())
     try:
+        overrides = run_overrides(args)
         train_sites = [pth for pth, role in federation_site_paths(overrides["federation"]) if role == "train"]
         overrides.setdefault("min-train-nodes", len(train_sites))
         num_gpus = args.num_gpus if args.num_gpus is not None else _default_gpus(len(train_sites))
