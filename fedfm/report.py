@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from fedfm.metrics import HEADLINE, average_score
-from fedfm.runlog import read_jsonl, write_json
+from fedfm.runlog import read_jsonl, read_run_config, write_json
 
 TASK_ORDER = ("CE", "CP", "PF", "BF", "DE", "PE", "LoS")
 _UNITS = {"nmse_db": " dB", "mae_m": " m", "mae_db": " dB"}
@@ -35,14 +35,13 @@ def _fmt(metric: str, value) -> str:
 
 def load_run(run_dir: str | Path) -> dict:
     d = Path(run_dir)
-    if not (d / "config.json").exists():
-        raise ValueError(f"{d}: not a run folder (no config.json)")
+    config = read_run_config(d)
 
     def opt_json(name):
         p = d / name
         return json.loads(p.read_text()) if p.exists() else {}
 
-    return {"dir": d, "config": json.loads((d / "config.json").read_text()),
+    return {"dir": d, "config": config,
             "metrics": read_jsonl(d / "metrics.jsonl"), "ledger": read_jsonl(d / "ledger.jsonl"),
             "events": read_jsonl(d / "events.jsonl"), "baselines": opt_json("baselines.json"),
             "compare": opt_json("compare.json")}

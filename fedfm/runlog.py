@@ -27,6 +27,7 @@ from safetensors.numpy import load_file, save_file
 
 CHECKPOINTS = "checkpoints"
 JSONL_FILES = ("metrics.jsonl", "ledger.jsonl", "events.jsonl")
+_RUN_FOLDER = "expected a run folder written by scripts/run_federation.py"
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -34,6 +35,23 @@ def read_jsonl(path: str | Path) -> list[dict]:
     if not p.exists():
         return []
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def read_run_config(run_dir: str | Path) -> dict:
+    """``run_dir``'s config.json. ValueError naming the file when it is missing or not a JSON
+    object: the scripts print a ValueError as their one-line error."""
+    p = Path(run_dir) / "config.json"
+    try:
+        conf = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{p}: not found; {_RUN_FOLDER}") from None
+    except OSError as e:
+        raise ValueError(f"{p}: cannot be read ({e.strerror}); {_RUN_FOLDER}") from None
+    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+        raise ValueError(f"{p}: not valid JSON ({e}); {_RUN_FOLDER}") from None
+    if not isinstance(conf, dict):
+        raise ValueError(f"{p}: not a JSON object; {_RUN_FOLDER}")
+    return conf
 
 
 def _jsonable(x: Any) -> Any:
@@ -87,7 +105,7 @@ class RunLog:
         write_json(self.dir / "config.json", config)
 
     def read_config(self) -> dict:
-        return json.loads((self.dir / "config.json").read_text())
+        return read_run_config(self.dir)
 
     # ---- checkpoints ------------------------------------------------------------------
     def checkpoint_dir(self, round_: int) -> Path:

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from fedfm.config import RunConfig, load_federation_sites  # noqa: E402
-from fedfm.runlog import RunLog, write_json  # noqa: E402
+from fedfm.runlog import RunLog, read_run_config, write_json  # noqa: E402
 from run_federation import _parse_value, run_federation  # noqa: E402
 
 
@@ -45,8 +45,8 @@ def local_and_central(run_dir: Path) -> dict:
     from fedfm.scenarios import derive_seed
     from fedfm.train import finetune
 
+    conf = read_run_config(run_dir)  # before RunLog, which would create checkpoints/ in any folder
     log = RunLog(run_dir)
-    conf = log.read_config()
     cfg = RunConfig.from_flower(conf["run_config"])
     backbone, num_beams = conf["backbone"]["path"], conf["model"]["config"]["num_beams"]
     init, _, _ = log.load_checkpoint(0)
@@ -68,6 +68,41 @@ def local_and_central(run_dir: Path) -> dict:
     for e in sites:
         out["centralized"][e.name] = score_model(model, test[e.name])
     return out
+
+
+def _num(v: float | None) -> str:
+    return "—" if v is None else f"{v:.3f}"
+
+
+def comparison_lines(summary: dict) -> list[str]:
+    """The training sites' average scores (a report summary's) as a table, then the two targets.
+    A site that shares no task with its baselines has no score: "—" in the table, and the
+    targets use only the sites that have the scores they compare."""
+    rows = {name: (s["avg_score"], s.get("avg_score_local_only"), s.get("avg_score_centralized"))
+            for name, s in summary["sites"].items() if s["role"] == "train"}
+    lines = ["| site | federated | local-only | centralized |", "|---|---|---|---|"]
+    lines += [f"| {name} | " + " | ".join(map(_num, r)) + " |" for name, r in rows.items()]
+    return lines + ["", _within_centralized(rows), _beats_local(rows)]
+
+
+def _within_centralized(rows: dict) -> str:
+    pairs = [(f, c) for f, _, c in rows.values() if f is not None and c is not None]
+    if not pairs:
+        return "average score: not computed (no training site has a federated and a centralized score)"
+    f, c = np.mean(pairs, axis=0)
+    # the means are over the same sites, or the comparison would mix different sites' difficulty
+    subset = f" (over {len(pairs)} of {len(rows)} training sites)" if len(pairs) < len(rows) else ""
+    return f"average score: federated {f:.3f}, centralized {c:.3f} → within 10%: {f <= 1.10 * c}{subset}"
+
+
+def _beats_local(rows: dict) -> str:
+    head = "federated better than local-only on every training site: "
+    if any(f >= lo for f, lo, _ in rows.values() if f is not None and lo is not None):
+        return head + "False"  # one losing site settles it, whatever the sites without scores
+    missing = [name for name, (f, lo, _) in rows.items() if f is None or lo is None]
+    if missing or not rows:
+        return head + f"not computed (no score for {', '.join(missing) or 'any training site'})"
+    return head + "True"
 
 
 def main(argv=None) -> int:
@@ -95,18 +130,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     report = write_report(out)
-    s = summarize(load_run(out))
-    print("| site | federated | local-only | centralized |\n|---|---|---|---|")
-    fed, cen, beats_local = [], [], []
-    for name, site in s["sites"].items():
-        if site["role"] != "train":
-            continue
-        f, lo, c = site["avg_score"], site.get("avg_score_local_only"), site.get("avg_score_centralized")
-        print(f"| {name} | {f:.3f} | {lo:.3f} | {c:.3f} |")
-        fed.append(f), cen.append(c), beats_local.append(f < lo)
-    f, c = float(np.mean(fed)), float(np.mean(cen))
-    print(f"\naverage score: federated {f:.3f}, centralized {c:.3f} → within 10%: {f <= 1.10 * c}; "
-          f"federated better than local-only on every training site: {all(beats_local)}")
+    print("\n".join(comparison_lines(summarize(load_run(out)))))
     print(f"report: {report}")
     return 0
 

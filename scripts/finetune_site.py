@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedfm.config import RunConfig  # noqa: E402
-from fedfm.runlog import RunLog, write_json  # noqa: E402
+from fedfm.runlog import RunLog, read_run_config, write_json  # noqa: E402
 
 
 def finetune_site(run_dir: str, site_path: str, fraction: float = 1.0, steps: int | None = None) -> dict:
@@ -30,8 +30,8 @@ def finetune_site(run_dir: str, site_path: str, fraction: float = 1.0, steps: in
 
     if not 0 < fraction <= 1:
         raise ValueError(f"--fraction {fraction} is not allowed; expected a number in (0, 1]")
+    conf = read_run_config(run_dir)  # before RunLog, which would create checkpoints/ in any folder
     log = RunLog(run_dir)
-    conf = log.read_config()
     cfg = RunConfig.from_flower(conf["run_config"])
     last = log.last_complete_round()
     if last is None:
@@ -60,9 +60,24 @@ def finetune_site(run_dir: str, site_path: str, fraction: float = 1.0, steps: in
     return out
 
 
-def main(argv=None) -> int:
+def _num(v: float | None) -> str:
+    return "—" if v is None else f"{v:.3f}"
+
+
+def table_lines(rows: list[dict]) -> list[str]:
+    """``finetune_site``'s rows as a markdown table; a missing value (no baseline) is "—"."""
     from fedfm.metrics import HEADLINE
 
+    lines = ["| task | metric | baseline | before | after | error ratio before → after |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        key = HEADLINE[r["task"]]
+        cells = [(r[k] or {}).get(key) for k in ("baseline", "before", "after")]
+        lines.append(f"| {r['task']} | {key} | " + " | ".join(map(_num, cells))
+                     + f" | {_num(r['ratio_before'])} → {_num(r['ratio_after'])} |")
+    return lines
+
+
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="a federated run folder")
     p.add_argument("--site", required=True, help="site YAML (a training or a held-out site)")
@@ -75,12 +90,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{out['site']}: fine-tuned on {out['labelled_samples']} labelled samples from round {out['from_round']}")
-    print(f"| task | metric | baseline | before | after | error ratio before → after |\n|---|---|---|---|---|---|")
-    for r in out["rows"]:
-        key = HEADLINE[r["task"]]
-        b = (r["baseline"] or {}).get(key, float("nan"))
-        print(f"| {r['task']} | {key} | {b:.3f} | {r['before'][key]:.3f} | {r['after'][key]:.3f} | "
-              f"{r['ratio_before'] or float('nan'):.3f} → {r['ratio_after'] or float('nan'):.3f} |")
+    print("\n".join(table_lines(out["rows"])))
     return 0
 
 

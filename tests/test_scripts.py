@@ -216,3 +216,87 @@ def test_compare_equal_per_site_compute(fed_run, capsys):
         for site in ("alpha", "beta"):
             assert any(res[kind][site][t][HEADLINE[t]] != pytest.approx(round0[(site, t)][HEADLINE[t]], rel=1e-6)
                        for t in TASKS), (kind, site)
+
+
+def test_finetune_site_prints_a_zero_ratio_as_zero(monkeypatch, capsys):
+    script = _load_script("finetune_site")
+    rows = [{"task": "CE", "baseline": {"nmse_db": -10.0}, "before": {"nmse_db": -12.0},
+             "after": {"nmse_db": -14.0}, "ratio_before": 0.0, "ratio_after": 0.0},
+            {"task": "BF", "baseline": None, "before": {"top1": 0.5}, "after": {"top1": 0.6},
+             "ratio_before": None, "ratio_after": None}]
+    out = {"site": "gamma", "labelled_samples": 8, "from_round": 2, "rows": rows}
+    monkeypatch.setattr(script, "finetune_site", lambda *a, **kw: out)
+    assert script.main(["--run", "unused", "--site", "unused.yaml"]) == 0
+    lines = {ln.split("|")[1].strip(): ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")}
+    assert lines["CE"] == "| CE | nmse_db | -10.000 | -12.000 | -14.000 | 0.000 → 0.000 |"
+    # no baseline on BF: no ratio either, shown as missing rather than as a number
+    assert lines["BF"] == "| BF | top1 | — | 0.500 | 0.600 | — → — |"
+
+
+def _site(role, fed, local=None, central=None):
+    s = {"role": role, "avg_score": fed}
+    s.update({k: v for k, v in (("avg_score_local_only", local), ("avg_score_centralized", central)) if v is not None})
+    return s
+
+
+def test_compare_table_leaves_out_missing_scores(monkeypatch, capsys, tmp_path):
+    import fedfm.report
+
+    script = _load_script("compare")
+    # beta shares no task with its baselines (no scores); gamma is held out (not in the table)
+    summary = {"sites": {"alpha": _site("train", 0.5, 0.8, 0.45), "beta": _site("train", None),
+                         "delta": _site("train", 0.6, 0.7, None), "gamma": _site("heldout", 0.9)}}
+    monkeypatch.setattr(script, "local_and_central", lambda run_dir: {})
+    monkeypatch.setattr(fedfm.report, "write_report", lambda run_dir: tmp_path / "report.md")
+    monkeypatch.setattr(fedfm.report, "load_run", lambda run_dir: None)
+    monkeypatch.setattr(fedfm.report, "summarize", lambda run: summary)
+    assert script.main(["unused.yaml", "--out", str(tmp_path), "--skip-federated"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [ln for ln in out if ln.startswith("| ") and "site" not in ln] == [
+        "| alpha | 0.500 | 0.800 | 0.450 |", "| beta | — | — | — |", "| delta | 0.600 | 0.700 | — |"]
+    # alpha is the only site with both a federated and a centralized score
+    assert "average score: federated 0.500, centralized 0.450 → within 10%: False (over 1 of 3 training sites)" in out
+    # alpha and delta beat local-only, beta has no score: "every site" is unknown
+    assert "federated better than local-only on every training site: not computed (no score for beta)" in out
+
+
+def test_compare_lines_targets():
+    script = _load_script("compare")
+    both = {"sites": {"a": _site("train", 0.5, 0.8, 0.5), "b": _site("train", 0.7, 0.6, 0.6)}}
+    lines = script.comparison_lines(both)
+    assert "average score: federated 0.600, centralized 0.550 → within 10%: True" in lines
+    assert "federated better than local-only on every training site: False" in lines
+    # a site that loses to local-only settles "every site" even when another site has no score
+    both["sites"]["c"] = _site("train", None)
+    assert "federated better than local-only on every training site: False" in script.comparison_lines(both)
+    none = {"sites": {"a": _site("train", None), "g": _site("heldout", 0.5, 0.6, 0.4)}}
+    lines = script.comparison_lines(none)
+    assert lines[:3] == ["| site | federated | local-only | centralized |", "|---|---|---|---|", "| a | — | — | — |"]
+    assert "average score: not computed (no training site has a federated and a centralized score)" in lines
+    assert "federated better than local-only on every training site: not computed (no score for a)" in lines
+
+
+# ---- a folder that is not a run -----------------------------------------------------------
+_NOT_A_RUN = {
+    "report": ["{run}"],
+    "finetune_site": ["--run", "{run}", "--site", "unused.yaml"],
+    "compare": ["unused.yaml", "--skip-federated", "--out", "{run}"],
+}
+
+
+@pytest.mark.parametrize("config", [None, "{not json", "[1, 2]"], ids=["missing", "corrupt", "not-an-object"])
+@pytest.mark.parametrize("name", list(_NOT_A_RUN))
+def test_scripts_on_a_folder_without_a_valid_config_one_line_error(tmp_path, name, config):
+    import subprocess
+
+    if config is not None:
+        (tmp_path / "config.json").write_text(config)
+    before = sorted(tmp_path.iterdir())
+    args = [a.format(run=tmp_path) for a in _NOT_A_RUN[name]]
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / f"{name}.py"), *args],
+                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert p.returncode == 2, p.stderr
+    assert p.stdout == "" and "Traceback" not in p.stderr
+    assert p.stderr.count("\n") == 1 and p.stderr.startswith(f"error: {tmp_path / 'config.json'}: "), p.stderr
+    assert "expected a run folder written by scripts/run_federation.py" in p.stderr
+    assert sorted(tmp_path.iterdir()) == before  # nothing written into a folder that is not a run
