@@ -120,3 +120,31 @@ def test_los_best_beam_points_at_the_ue():
     hit = np.abs(u_beam - u_ue) <= 2 * beamwidth
     # The LoS ray dominates for most UMi LoS links (K-factor 9 dB ± 5 dB): ≥ 70 % of beams on the UE.
     assert hit.mean() >= 0.7, hit.mean()
+
+
+# ---- deployment prior (fedfm.channels.deployment) ----------------------------------------
+def test_distance_quantiles_follow_the_uniform_in_area_drop():
+    from fedfm.channels.deployment import distance_quantiles
+
+    spec = tiny_site("q", "umi", ue={"distance_min_m": 10.0, "distance_max_m": 200.0})
+    d = distance_quantiles(spec, 4)
+    # CDF of a uniform-in-area drop: F(d) = (d² − d0²) / (d1² − d0²), so d_q = sqrt(d0² + q (d1² − d0²))
+    expected = np.sqrt(100.0 + np.array([0.125, 0.375, 0.625, 0.875]) * (40000.0 - 100.0))
+    np.testing.assert_allclose(d, expected, rtol=1e-12)
+
+
+def test_deployment_prior_matches_generated_labels(uma_auto):
+    """The prior knows no sample, so it can only match the cell's label statistics: median
+    distance within 10 % (256 samples: the sample median's error is ~4 %), LoS share within
+    0.08 (binomial σ ≈ 0.025 at p ≈ 0.2), median path loss within 3 dB (shadow fading σ 4–6 dB
+    spreads the labels; the sample median moves ~0.5 dB)."""
+    from fedfm.channels.deployment import deployment_prior
+
+    spec, out = uma_auto
+    prior = deployment_prior(spec)
+    assert prior.distance_m == pytest.approx(np.median(out["distance_m"]), rel=0.10)
+    assert prior.los_probability == pytest.approx(out["los"].mean(), abs=0.08)
+    assert prior.pathloss_db == pytest.approx(np.median(out["pathloss_db"]), abs=3.0)
+    assert prior.pathloss_los_db < prior.pathloss_db < prior.pathloss_nlos_db
+    forced = deployment_prior(tiny_site("forced", "uma", los_mode="nlos"))
+    assert forced.los_probability == 0.01 and forced.pathloss_db == forced.pathloss_nlos_db

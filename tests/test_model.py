@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fedfm.estimators import angular_spectrum, ar_extrapolate
-from fedfm.tasks import CONTEXT_SIZE
-from fedfm.tasks.sensing import profile_features
+from fedfm.tasks import CONTEXT_SIZE, context_index
+from fedfm.model.prior import scaled_profile_features
 
 from fedfm.model import (DENSE_TASKS, TASKS, ModelConfig, base_model, build_model, get_adapter_state,
                          load_backbone, parameter_summary, save_backbone, set_adapter_state)
@@ -119,16 +119,24 @@ def test_bf_head_starts_at_the_bartlett_beam_and_pooled_heads_see_the_profile_fe
     bartlett = angular_spectrum(xc, logits.shape[1], "bartlett")
     assert torch.equal(logits.argmax(1), torch.from_numpy(bartlett.argmax(1)))
     torch.testing.assert_close(logits, torch.from_numpy(np.log(np.maximum(bartlett, 1e-4))))
-    # DE's output moves when only the profile features or only the site context change
+    # untrained DE/PE/LoS heads output the deployment prior the site context carries
     known = torch.ones(shape, dtype=torch.bool)
+    context = torch.linspace(-1.0, 1.0, CONTEXT_SIZE)
+    torch.testing.assert_close(model("DE", x, known, context), context[context_index("DE")].expand(2))
+    torch.testing.assert_close(model("PE", x, known, context), context[context_index("PE")].expand(2))
+    p_los = torch.softmax(model("LoS", x, known, context), 1)[:, 1]
+    torch.testing.assert_close(p_los, torch.sigmoid(context[context_index("LoS")]).expand(2))
+    torch.testing.assert_close(model("DE", x, known, None), model("DE", x, known, torch.zeros(CONTEXT_SIZE)))
+    # once its MLP has moved off zero, DE reads the profile features and the environment
+    with torch.no_grad():
+        model.heads["DE"].proj.weight.normal_(generator=torch.Generator().manual_seed(0))
     head = model.heads["DE"]
     h = torch.randn(2, 5, model.cfg.d_model)
-    f = torch.cat([torch.from_numpy(profile_features(xc).astype(np.float32)), torch.zeros(2, CONTEXT_SIZE)], 1)
-    assert not torch.allclose(head(h, f), head(h, f + 1.0))
+    f = torch.cat([torch.from_numpy(scaled_profile_features(xc)), torch.zeros(2, CONTEXT_SIZE)], 1)
+    assert not torch.allclose(head(h, f), head(h, f + torch.eye(f.shape[1])[0]))
     inh, uma = torch.zeros(CONTEXT_SIZE), torch.zeros(CONTEXT_SIZE)
     inh[3], uma[0] = 1.0, 1.0
     assert not torch.allclose(model("DE", x, known, inh), model("DE", x, known, uma))
-    torch.testing.assert_close(model("DE", x, known, None), model("DE", x, known, torch.zeros(CONTEXT_SIZE)))
 
 
 def test_comb_matrix_by_hand():

@@ -107,13 +107,19 @@ def test_regression_target_normalisation_is_fixed_and_invertible():
 
 
 def test_site_context_by_hand(site):
-    from fedfm.tasks import CONTEXT_SIZE, site_context
+    from fedfm.channels.deployment import deployment_prior
+    from fedfm.tasks import CONTEXT_SIZE, context_index, site_context
 
     spec, _, tds = site
     c = site_context(spec)
     env = [1.0 if e == spec.environment else 0.0 for e in ("uma", "umi", "rma", "inh")]
     s6 = spec.sub6
-    expected = env + [np.log2(s6.carrier_ghz), np.log2(s6.subcarriers * s6.subcarrier_spacing_khz / 1e3), np.log2(s6.antennas)]
+    prior = deployment_prior(spec)
+    p = prior.los_probability
+    expected = env + [np.log2(s6.carrier_ghz), np.log2(s6.subcarriers * s6.subcarrier_spacing_khz / 1e3), np.log2(s6.antennas),
+                      (np.log10(prior.distance_m) - 2.0) / 0.5, (prior.pathloss_db - 110.0) / 20.0,
+                      (prior.pathloss_los_db - 110.0) / 20.0, (prior.pathloss_nlos_db - 110.0) / 20.0, np.log(p / (1 - p))]
     assert c.shape == (CONTEXT_SIZE,) and c.dtype == np.float32
-    np.testing.assert_allclose(c, expected, rtol=1e-6)
+    np.testing.assert_allclose(c, expected, rtol=1e-5)
+    assert c[context_index("DE")] == c[7] and c[context_index("LoS")] == c[-1]
     assert all(np.array_equal(td.extras["context"], c) for td in tds.values())   # every view carries it

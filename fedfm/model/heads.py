@@ -76,12 +76,17 @@ class PooledHead(nn.Module):
     others 0) and a small circular 1-D CNN over the beam axis of the log-spectra — circular
     because u = sin θ wraps at ±1 for a half-wavelength ULA. ``start_at_prior`` (called after
     the generic init) zeroes the MLP's and the CNN's last layers and sets w, so an untrained
-    BF head is the Bartlett AoA beam.
+    BF head is the Bartlett AoA beam; ``prior_features`` {output: feature index} sets those
+    weights of the linear path to 1, so an untrained DE/PE/LoS head outputs the deployment
+    prior the site context carries (``fedfm.channels.deployment``).
     """
 
     def __init__(self, d_model: int, hidden: int, out: int, num_features: int = 0, spectra: int = 0,
-                 spectrum_channels: int = 8, kernel: int = 9):
+                 spectrum_channels: int = 8, kernel: int = 9, prior_features: dict[int, int] | None = None):
         super().__init__()
+        self.prior_features = dict(prior_features or {})
+        if self.prior_features and not num_features:
+            raise ValueError("PooledHead: `prior_features` needs `num_features` > 0")
         self.ln = nn.LayerNorm(d_model)
         self.fc = nn.Linear(d_model + num_features, hidden)
         self.proj = nn.Linear(hidden, out)
@@ -106,6 +111,8 @@ class PooledHead(nn.Module):
             if self.skip is not None:
                 self.skip.weight.zero_()
                 self.skip.bias.zero_()
+                for o, f in self.prior_features.items():
+                    self.skip.weight[o, f] = 1.0
             if self.spectrum_conv is not None:
                 self.spectrum_conv[2].weight.zero_()
                 self.spectrum_conv[2].bias.zero_()

@@ -16,6 +16,11 @@ from fedfm.model.backbone import Backbone, init_weights
 from fedfm.model.config import DENSE_TASKS, POOLED_OUTPUTS, ModelConfig
 from fedfm.model.heads import DenseHead, PooledHead, TokenAdapter
 from fedfm.model.prior import CONTEXT_SIZE, NUM_PROFILE_FEATURES, PRIORS, SPECTRUM_METHODS, side_inputs
+from fedfm.tasks import context_index
+
+# Pooled heads that start at the deployment prior of the site context: {task: {output: prior entry}}
+# (LoS: the LoS logit, output 1, starts at the cell's log-odds of LoS; output 0 stays 0).
+_HEAD_PRIORS = {"DE": {0: "DE"}, "PE": {0: "PE"}, "LoS": {1: "LoS"}}
 
 
 class FedFM(nn.Module):
@@ -29,11 +34,13 @@ class FedFM(nn.Module):
             if t in DENSE_TASKS:
                 heads[t] = DenseHead(cfg.d_model, cfg.head_hidden, cfg.patch, cfg.conv_channels, PRIORS[t])
             else:
+                priors = {o: NUM_PROFILE_FEATURES + context_index(e) for o, e in _HEAD_PRIORS.get(t, {}).items()}
                 heads[t] = PooledHead(cfg.d_model, cfg.head_hidden, POOLED_OUTPUTS.get(t, cfg.num_beams),
-                                      NUM_PROFILE_FEATURES + CONTEXT_SIZE, len(SPECTRUM_METHODS) if t == "BF" else 0)
+                                      NUM_PROFILE_FEATURES + CONTEXT_SIZE, len(SPECTRUM_METHODS) if t == "BF" else 0,
+                                      prior_features=priors)
         self.heads = nn.ModuleDict(heads)
         init_weights(self, cfg.seed, cfg.n_layers)
-        with torch.no_grad():  # adapters start as identity, dense heads and BF as their classical prior
+        with torch.no_grad():  # adapters start as identity, dense heads, BF, DE, PE and LoS at their priors
             for a in self.adapters.values():
                 a.proj.weight.zero_()
             for t in DENSE_TASKS:
@@ -41,8 +48,9 @@ class FedFM(nn.Module):
                     self.heads[t].proj.weight.zero_()
                     if self.heads[t].conv is not None:
                         self.heads[t].conv[2].weight.zero_()
-            if "BF" in self.heads:
-                self.heads["BF"].start_at_prior()
+            for t in ("BF", *_HEAD_PRIORS):
+                if t in self.heads:
+                    self.heads[t].start_at_prior()
         self.backbone_hash: str | None = None  # sha256 of the loaded checkpoint, None = random init
 
     def forward(self, task: str, x: torch.Tensor, known: torch.Tensor,

@@ -62,21 +62,40 @@ def _check_arrays(arrays: dict, spec: SiteSpec) -> np.ndarray:
     return h
 
 
-CONTEXT_SIZE = len(ENVIRONMENTS) + 3
+# site_context layout: one-hot environment, log2 carrier / bandwidth / antennas, then the
+# deployment prior (fedfm.channels.deployment) on the scale of the heads' outputs.
+_PRIOR_OFFSET = len(ENVIRONMENTS) + 3
+CONTEXT_PRIOR = {"DE": 0, "PE": 1, "PE-LoS": 2, "PE-NLoS": 3, "LoS": 4}
+CONTEXT_SIZE = _PRIOR_OFFSET + len(CONTEXT_PRIOR)
+
+
+def context_index(name: str) -> int:
+    """Index in ``site_context`` of a deployment-prior entry (``CONTEXT_PRIOR`` keys)."""
+    return _PRIOR_OFFSET + CONTEXT_PRIOR[name]
 
 
 def site_context(spec: SiteSpec) -> np.ndarray:
     """What a base station knows about its own deployment, as a float32 [CONTEXT_SIZE] vector
     the pooled heads read: one-hot TR 38.901 environment, log2 of the sub-6 carrier [GHz], of
-    the sampled bandwidth K·Δf [MHz] and of the antenna count. No label statistics and no
-    received power: the site's identity, which a per-site baseline fitted on that site's own
-    train split has implicitly, and which unit-power CSI at 10 dB SNR barely reveals (the
-    noise floor flattens the delay profile's spread across sites)."""
+    the sampled bandwidth K·Δf [MHz] and of the antenna count; then the TR 38.901 prior of its
+    cell (``fedfm.channels.deployment``: median distance and path loss, normalised as the DE/PE
+    targets; median path loss of LoS and of NLoS links; log-odds of LoS), which the DE/PE/LoS
+    heads start from. No label statistics and no received power: the site's identity and
+    geometry, which a per-site baseline fitted on that site's own train split has implicitly,
+    and which unit-power CSI at 10 dB SNR barely reveals (the noise floor flattens the delay
+    profile's spread across sites)."""
+    from fedfm.channels.deployment import deployment_prior
+
     env = np.zeros(len(ENVIRONMENTS), np.float32)
     env[ENVIRONMENTS.index(spec.environment)] = 1.0
     s6 = spec.sub6
+    prior = deployment_prior(spec)
+    p = prior.los_probability
+    pe = normalise_target("PE", [prior.pathloss_db, prior.pathloss_los_db, prior.pathloss_nlos_db])
     return np.concatenate([env, np.log2([s6.carrier_ghz, s6.subcarriers * s6.subcarrier_spacing_khz / 1e3,
-                                         s6.antennas]).astype(np.float32)])
+                                         s6.antennas]),
+                           normalise_target("DE", [prior.distance_m]), pe,
+                           [np.log(p / (1.0 - p))]]).astype(np.float32)
 
 
 def _labels(task: str, arrays: dict) -> np.ndarray:
@@ -146,6 +165,6 @@ def denormalise_target(task: str, z: np.ndarray) -> np.ndarray:
     raise ValueError(f"task {task!r} has no normalised target; expected one of {', '.join(REGRESSION_TASKS)}")
 
 
-__all__ = ["TASKS", "DENSE_TASKS", "REGRESSION_TASKS", "CONTEXT_SIZE", "TaskData", "build_task", "build_tasks",
-           "site_context",
+__all__ = ["TASKS", "DENSE_TASKS", "REGRESSION_TASKS", "CONTEXT_SIZE", "CONTEXT_PRIOR", "TaskData", "build_task",
+           "build_tasks", "context_index", "site_context",
            "normalise_target", "denormalise_target"]

@@ -48,7 +48,9 @@ def peak_power_ratio(x: np.ndarray) -> np.ndarray:
 def profile_features(x: np.ndarray) -> np.ndarray:
     """A compact fingerprint of the profiles' shapes: float64 [S, 5], all logs.
 
-    RMS delay spread (taps), RMS angular spread (angle bins, about the peak), and the peak
+    RMS delay spread (fraction of the K-tap delay window), RMS angular spread (fraction of the
+    A angle bins, about the peak) — fractions, so that a site with other K or N reads the same
+    physical spread on the same scale, not one shifted by log 2 per doubling — and the peak
     shares of the PDP, the angle profile and the delay-angle profile. The azimuth itself is
     left out: it says nothing about range or loss. Five numbers fit a few hundred training
     samples better than the ~100 raw profile bins (TR 38.901 draws delay and angle spreads
@@ -61,5 +63,6 @@ def profile_features(x: np.ndarray) -> np.ndarray:
     rolled = np.stack([np.roll(r, -int(r.argmax())) for r in ap])     # peak at bin 0
     offset = np.minimum(np.arange(A), A - np.arange(A))               # circular distance to the peak
     angle_spread = np.sqrt((rolled * offset ** 2).sum(1))
-    return np.log(np.stack([delay_spread + 1e-3, angle_spread + 1e-3, pdp.max(1), ap.max(1),
+    K = pdp.shape[1]
+    return np.log(np.stack([(delay_spread + 1e-3) / K, (angle_spread + 1e-3) / A, pdp.max(1), ap.max(1),
                             peak_power_ratio(x)], 1))
