@@ -123,7 +123,10 @@ def test_bf_head_starts_at_the_bartlett_beam_and_pooled_heads_see_the_profile_fe
     known = torch.ones(shape, dtype=torch.bool)
     context = torch.linspace(-1.0, 1.0, CONTEXT_SIZE)
     torch.testing.assert_close(model("DE", x, known, context), context[context_index("DE")].expand(2))
-    torch.testing.assert_close(model("PE", x, known, context), context[context_index("PE")].expand(2))
+    # PE: the cell's NLoS and LoS path-loss priors mixed by its LoS probability, by hand
+    p, los, nlos = (torch.sigmoid(context[context_index("LoS")]), context[context_index("PE-LoS")],
+                    context[context_index("PE-NLoS")])
+    torch.testing.assert_close(model("PE", x, known, context), (nlos + p * (los - nlos)).expand(2))
     p_los = torch.softmax(model("LoS", x, known, context), 1)[:, 1]
     torch.testing.assert_close(p_los, torch.sigmoid(context[context_index("LoS")]).expand(2))
     torch.testing.assert_close(model("DE", x, known, None), model("DE", x, known, torch.zeros(CONTEXT_SIZE)))

@@ -79,14 +79,26 @@ class PooledHead(nn.Module):
     BF head is the Bartlett AoA beam; ``prior_features`` {output: feature index} sets those
     weights of the linear path to 1, so an untrained DE/PE/LoS head outputs the deployment
     prior the site context carries (``fedfm.channels.deployment``).
+
+    ``los_gate`` (PE) = feature indices (LoS log-odds, LoS value, NLoS value): the output adds
+    nlos + σ(g)·(los − nlos), g a linear map of the features that starts at the cell's LoS
+    log-odds. Path loss is bimodal in the LoS state, and the gap between the modes is the
+    environment's (the deployment prior has it); whether *this* sample is LoS is one shared
+    K-factor reading (the fitted LoS thresholds sit within ±0.2 of each other on every default
+    site). With the gate, FedAvg learns one shared reading instead of each environment's
+    mode split from the one site that has it (measured without it: federated PE 17 dB MAE on
+    RMa against 9 dB trained alone).
     """
 
     def __init__(self, d_model: int, hidden: int, out: int, num_features: int = 0, spectra: int = 0,
-                 spectrum_channels: int = 8, kernel: int = 9, prior_features: dict[int, int] | None = None):
+                 spectrum_channels: int = 8, kernel: int = 9, prior_features: dict[int, int] | None = None,
+                 los_gate: tuple[int, int, int] | None = None):
         super().__init__()
         self.prior_features = dict(prior_features or {})
-        if self.prior_features and not num_features:
-            raise ValueError("PooledHead: `prior_features` needs `num_features` > 0")
+        self.los_gate = tuple(los_gate) if los_gate else None
+        if (self.prior_features or self.los_gate) and not num_features:
+            raise ValueError("PooledHead: `prior_features` and `los_gate` need `num_features` > 0")
+        self.gate = nn.Linear(num_features, 1) if self.los_gate else None
         self.ln = nn.LayerNorm(d_model)
         self.fc = nn.Linear(d_model + num_features, hidden)
         self.proj = nn.Linear(hidden, out)
@@ -113,6 +125,10 @@ class PooledHead(nn.Module):
                 self.skip.bias.zero_()
                 for o, f in self.prior_features.items():
                     self.skip.weight[o, f] = 1.0
+            if self.gate is not None:
+                self.gate.weight.zero_()
+                self.gate.bias.zero_()
+                self.gate.weight[0, self.los_gate[0]] = 1.0
             if self.spectrum_conv is not None:
                 self.spectrum_conv[2].weight.zero_()
                 self.spectrum_conv[2].bias.zero_()
@@ -126,6 +142,10 @@ class PooledHead(nn.Module):
         y = self.proj(F.gelu(self.fc(z)))
         if features is not None and self.skip is not None:
             y = y + self.skip(features.to(y.dtype))
+        if features is not None and self.gate is not None:
+            f = features.to(y.dtype)
+            _, los, nlos = self.los_gate
+            y = y + f[:, nlos:nlos + 1] + torch.sigmoid(self.gate(f)) * (f[:, los:los + 1] - f[:, nlos:nlos + 1])
         if spectra is not None and self.spectrum_weight is not None:
             s = spectra.to(y.dtype)
             y = y + torch.einsum("c,bcn->bn", self.spectrum_weight.to(y.dtype), s) + self.spectrum_conv(s)[:, 0]

@@ -20,7 +20,9 @@ from fedfm.tasks import context_index
 
 # Pooled heads that start at the deployment prior of the site context: {task: {output: prior entry}}
 # (LoS: the LoS logit, output 1, starts at the cell's log-odds of LoS; output 0 stays 0).
-_HEAD_PRIORS = {"DE": {0: "DE"}, "PE": {0: "PE"}, "LoS": {1: "LoS"}}
+# PE instead mixes the cell's LoS and NLoS path-loss priors by a learned LoS gate (PooledHead).
+_HEAD_PRIORS = {"DE": {0: "DE"}, "LoS": {1: "LoS"}}
+_LOS_GATED = {"PE": ("LoS", "PE-LoS", "PE-NLoS")}
 
 
 class FedFM(nn.Module):
@@ -34,10 +36,12 @@ class FedFM(nn.Module):
             if t in DENSE_TASKS:
                 heads[t] = DenseHead(cfg.d_model, cfg.head_hidden, cfg.patch, cfg.conv_channels, PRIORS[t])
             else:
-                priors = {o: NUM_PROFILE_FEATURES + context_index(e) for o, e in _HEAD_PRIORS.get(t, {}).items()}
+                index = lambda e: NUM_PROFILE_FEATURES + context_index(e)  # noqa: E731
+                priors = {o: index(e) for o, e in _HEAD_PRIORS.get(t, {}).items()}
+                gate = tuple(map(index, _LOS_GATED[t])) if t in _LOS_GATED else None
                 heads[t] = PooledHead(cfg.d_model, cfg.head_hidden, POOLED_OUTPUTS.get(t, cfg.num_beams),
                                       NUM_PROFILE_FEATURES + CONTEXT_SIZE, len(SPECTRUM_METHODS) if t == "BF" else 0,
-                                      prior_features=priors)
+                                      prior_features=priors, los_gate=gate)
         self.heads = nn.ModuleDict(heads)
         init_weights(self, cfg.seed, cfg.n_layers)
         with torch.no_grad():  # adapters start as identity, dense heads, BF, DE, PE and LoS at their priors
@@ -48,7 +52,7 @@ class FedFM(nn.Module):
                     self.heads[t].proj.weight.zero_()
                     if self.heads[t].conv is not None:
                         self.heads[t].conv[2].weight.zero_()
-            for t in ("BF", *_HEAD_PRIORS):
+            for t in ("BF", *_HEAD_PRIORS, *_LOS_GATED):
                 if t in self.heads:
                     self.heads[t].start_at_prior()
         self.backbone_hash: str | None = None  # sha256 of the loaded checkpoint, None = random init
