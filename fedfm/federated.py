@@ -248,13 +248,29 @@ def setup_run(cfg: RunConfig) -> RunSetup:
     initial, strategy_state, offset, rstate = numpy_state(get_adapter_state(model)), {}, 0, None
     last = runlog.last_complete_round() if cfg.resume else None
     if last is not None:
+        fresh = initial
         initial, strategy_state, state = runlog.load_checkpoint(last)
+        check_state_fits(initial, fresh, runlog.checkpoint_dir(last))
         offset, rstate = last, state.get("python_random")
         runlog.truncate_after(last)
     setup = RunSetup(runlog, sites, num_beams, backbone, digest, model, initial, strategy_state, offset, rstate,
                      full_model_bytes(model))
     write_run_config(cfg, setup, source)
     return setup
+
+
+def check_state_fits(state: dict[str, np.ndarray], model_state: dict[str, np.ndarray], where: Path) -> None:
+    """ValueError naming ``where`` when a checkpoint's adapter state has other keys or shapes
+    than this model's (written by another model config or fedfm version)."""
+    missing, extra = sorted(set(model_state) - set(state)), sorted(set(state) - set(model_state))
+    shapes = [k for k in sorted(set(state) & set(model_state)) if state[k].shape != model_state[k].shape]
+    if missing or extra or shapes:
+        first = (f"`{missing[0]}` missing" if missing else f"`{extra[0]}` unexpected" if extra else
+                 f"`{shapes[0]}` has shape {tuple(state[shapes[0]].shape)}, "
+                 f"expected {tuple(model_state[shapes[0]].shape)}")
+        raise ValueError(f"{where}: adapter state does not fit this model ({len(missing)} keys missing, "
+                         f"{len(extra)} unexpected, {len(shapes)} of another shape; {first}); it was written "
+                         f"by another model config or fedfm version: start a new run instead of resuming")
 
 
 def write_run_config(cfg: RunConfig, s: RunSetup, backbone_source: str) -> None:

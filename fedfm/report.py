@@ -12,14 +12,13 @@ score is the mean over tasks. Lower is better; 1.0 = no better than the baseline
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 
 from fedfm.metrics import HEADLINE, average_score
-from fedfm.runlog import read_jsonl, read_run_config, write_json
+from fedfm.runlog import read_json, read_jsonl, read_run_config, write_json
 
 TASK_ORDER = ("CE", "CP", "PF", "BF", "DE", "PE", "LoS")
 _UNITS = {"nmse_db": " dB", "mae_m": " m", "mae_db": " dB"}
@@ -38,8 +37,7 @@ def load_run(run_dir: str | Path) -> dict:
     config = read_run_config(d)
 
     def opt_json(name):
-        p = d / name
-        return json.loads(p.read_text()) if p.exists() else {}
+        return read_json(d / name, {})
 
     return {"dir": d, "config": config,
             "metrics": read_jsonl(d / "metrics.jsonl"), "ledger": read_jsonl(d / "ledger.jsonl"),

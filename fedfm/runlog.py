@@ -30,11 +30,44 @@ JSONL_FILES = ("metrics.jsonl", "ledger.jsonl", "events.jsonl")
 _RUN_FOLDER = "expected a run folder written by scripts/run_federation.py"
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
+def read_jsonl(path: str | Path, *, drop_torn_tail: bool = False) -> list[dict]:
+    """Rows of a JSON-lines file ([] when it does not exist). ValueError naming the file and
+    line when a line is not a JSON object. ``drop_torn_tail``: a last line that has no newline
+    and does not parse is the remains of an interrupted append (resume drops it)."""
     p = Path(path)
     if not p.exists():
         return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{p}: cannot be read ({e})") from None
+    lines = text.splitlines()
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            if drop_torn_tail and i == len(lines) and not text.endswith("\n"):
+                break
+            raise ValueError(f"{p}: line {i} is not valid JSON ({e})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{p}: line {i} is not a JSON object")
+        rows.append(row)
+    return rows
+
+
+def read_json(path: str | Path, default: Any = None) -> Any:
+    """A JSON file's content, ``default`` when it does not exist; ValueError naming the file
+    when it cannot be read or parsed."""
+    p = Path(path)
+    if not p.exists():
+        return default
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{p}: not valid JSON ({e})") from None
 
 
 def read_run_config(run_dir: str | Path) -> dict:
@@ -74,6 +107,14 @@ def write_json(path: str | Path, obj: Any) -> None:
     tmp = p.with_name(p.name + ".tmp")
     tmp.write_text(json.dumps(_jsonable(obj), indent=1, sort_keys=False))
     os.replace(tmp, p)
+
+
+def _ends_cleanly(path: Path) -> bool:
+    if not path.exists() or path.stat().st_size == 0:
+        return True
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
 
 
 class RunLog:
@@ -143,17 +184,22 @@ class RunLog:
         d = self.checkpoint_dir(round_)
         if not (d / "state.json").exists():
             raise ValueError(f"{d}: no complete checkpoint for round {round_}")
-        adapter = load_file(str(d / "adapter.safetensors"))
-        strategy = load_file(str(d / "strategy.safetensors"))
-        state = json.loads((d / "state.json").read_text())
+        try:
+            adapter = load_file(str(d / "adapter.safetensors"))
+            strategy = load_file(str(d / "strategy.safetensors"))
+        except Exception as e:  # safetensors raises its own SafetensorError on a corrupt header
+            raise ValueError(f"{d}: checkpoint cannot be read ({e})") from None
+        state = read_json(d / "state.json")
+        if not isinstance(state, dict):
+            raise ValueError(f"{d / 'state.json'}: not a JSON object")
         return adapter, strategy, state
 
     def truncate_after(self, round_: int) -> None:
         """Forget everything logged after round ``round_`` (an interrupted round)."""
         for name in JSONL_FILES:
-            rows = read_jsonl(self.dir / name)
+            rows = read_jsonl(self.dir / name, drop_torn_tail=True)
             keep = [r for r in rows if r.get("round") is None or r["round"] <= round_]
-            if len(keep) != len(rows):
+            if len(keep) != len(rows) or not _ends_cleanly(self.dir / name):
                 tmp = self.dir / (name + ".tmp")
                 tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
                 os.replace(tmp, self.dir / name)

@@ -222,10 +222,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nfedfm: run {result['run_id']} {result['status']} in {result['wall_s']:.0f} s "
           f"{result['status_details'] if result['status_details'] != 'N/A' else ''}".rstrip())
     if not result["ok"]:
+        for line in first_errors(Path(result["run_dir"]) / "flwr_run.log"):
+            print(line, file=sys.stderr)
         print(f"fedfm: run FAILED; logs: {result['run_dir']}/flwr_run.log", file=sys.stderr)
         return 1
     print(f"fedfm: report: {result['report']}")
     return 0
+
+
+def first_errors(log_path: Path, limit: int = 3) -> list[str]:
+    """The apps' own one-line errors (``fedfm: error: ...``) in a run's log, first ``limit``."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    found = [ln[ln.index("fedfm: error:"):] for ln in lines if "fedfm: error:" in ln]
+    return list(dict.fromkeys(found))[:limit]
 
 
 def _parse_value(v: str):

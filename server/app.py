@@ -33,7 +33,11 @@ def main(grid: Grid, context: Context) -> None:
     if cfg.stage == "pretrain":
         run_pretrain(grid, cfg)
         return
-    run = setup_run(cfg)
+    try:
+        run = setup_run(cfg)
+    except ValueError as e:  # the line scripts/run_federation.py shows; Flower logs the rest
+        print(f"fedfm: error: {e}", flush=True)
+        raise
     offset = run.round_offset
     strategy = build_strategy(cfg, run.runlog, run.full_model_bytes, round_offset=offset)
     strategy.set_state(run.strategy_state)

@@ -11,7 +11,7 @@ site × task table goes to ``metrics.jsonl``.
 """
 from __future__ import annotations
 
-import json
+import sys
 import time
 from typing import Callable
 
@@ -20,7 +20,7 @@ from flwr.app import ArrayRecord, MetricRecord
 
 from fedfm.config import RunConfig, SiteEntry
 from fedfm.federated import load_site_tasks, resolve_device, torch_state
-from fedfm.runlog import RunLog, write_json
+from fedfm.runlog import RunLog, read_json, write_json
 
 
 def fit_site_baselines(cfg: RunConfig, entry: SiteEntry, test_tds: dict) -> dict[str, dict[str, float]]:
@@ -54,7 +54,14 @@ class CentralEvaluator:
 
     def _load_or_fit_baselines(self) -> dict[str, dict[str, dict[str, float]]]:
         path = self.runlog.dir / "baselines.json" if self.runlog else None
-        cached = json.loads(path.read_text()) if path and path.exists() else {}
+        try:
+            cached = read_json(path, {}) if path else {}
+        except ValueError as e:  # a cache: refit rather than stop the run
+            print(f"fedfm: {e}; refitting the baselines", file=sys.stderr, flush=True)
+            cached = {}
+        if not isinstance(cached, dict):
+            print(f"fedfm: {path}: not a JSON object; refitting the baselines", file=sys.stderr, flush=True)
+            cached = {}
         out = {}
         print(f"fedfm: central evaluation on {len(self.sites)} sites; fitting classical baselines", flush=True)
         for entry in self.sites:

@@ -35,3 +35,31 @@ def test_json_has_no_nan(tmp_path):
     log = RunLog(tmp_path)
     log.append_metrics([{"round": 0, "nmse": float("nan"), "x": np.float32(1.5)}])
     assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"round": 0, "nmse": None, "x": 1.5}
+
+
+def test_corrupt_json_lines_named_by_file_and_line(tmp_path):
+    import pytest
+
+    from fedfm.runlog import read_json
+
+    p = tmp_path / "metrics.jsonl"
+    p.write_text('{"round": 0}\n{"round": \n{"round": 1}\n')
+    with pytest.raises(ValueError, match=rf"^{p}: line 2 is not valid JSON"):
+        read_jsonl(p)
+    p.write_text('{"round": 0}\n[1]\n')
+    with pytest.raises(ValueError, match=rf"^{p}: line 2 is not a JSON object"):
+        read_jsonl(p)
+    (tmp_path / "b.json").write_text("{oops")
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'b.json'}: not valid JSON"):
+        read_json(tmp_path / "b.json")
+    assert read_json(tmp_path / "absent.json", {}) == {}
+
+
+def test_resume_drops_a_torn_last_line(tmp_path):
+    log = RunLog(tmp_path)
+    log.append_metrics([{"round": 0, "site": "s"}, {"round": 1, "site": "s"}])
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"round": 2, "si')  # killed in the middle of an append
+    log.truncate_after(1)
+    assert read_jsonl(tmp_path / "metrics.jsonl") == [{"round": 0, "site": "s"}, {"round": 1, "site": "s"}]
+    assert (tmp_path / "metrics.jsonl").read_text().endswith("}\n")

@@ -300,3 +300,17 @@ def test_scripts_on_a_folder_without_a_valid_config_one_line_error(tmp_path, nam
     assert p.stderr.count("\n") == 1 and p.stderr.startswith(f"error: {tmp_path / 'config.json'}: "), p.stderr
     assert "expected a run folder written by scripts/run_federation.py" in p.stderr
     assert sorted(tmp_path.iterdir()) == before  # nothing written into a folder that is not a run
+
+
+@pytest.mark.parametrize("name,text", [("metrics.jsonl", '{"round": 0}\n{"rou'), ("baselines.json", "{")])
+def test_report_on_a_corrupt_run_file_names_it(tmp_path, name, text):
+    import subprocess
+
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / name).write_text(text)
+    before = sorted(tmp_path.iterdir())
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"), str(tmp_path)],
+                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert p.returncode == 2 and p.stdout == "" and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.count("\n") == 1 and p.stderr.startswith(f"error: {tmp_path / name}: "), p.stderr
+    assert sorted(tmp_path.iterdir()) == before

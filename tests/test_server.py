@@ -105,3 +105,39 @@ def test_broken_site_yaml_logged_and_round_completes(tmp_path, cache_dir, backbo
     assert status == {(1, "alpha"): "ok", (1, "beta"): "error", (2, "alpha"): "ok", (2, "beta"): "error"}
     assert log.complete_rounds() == [0, 1, 2]
     assert "sub6.antennas" in (log.dir / "report.md").read_text()
+
+
+def _copy_run(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_resume_of_a_checkpoint_that_does_not_fit_stops_and_keeps_the_run(full_run, tmp_path, task_identity):
+    from safetensors.numpy import load_file, save_file
+
+    rc, full = full_run
+    run = _copy_run(full.dir, tmp_path / "old")
+    ckpt = run / "checkpoints" / "round-002" / "adapter.safetensors"
+    state = load_file(str(ckpt))
+    key = sorted(state)[0]
+    state[key] = np.zeros(state[key].shape[:-1] + (state[key].shape[-1] + 1,), np.float32)  # an older head size
+    save_file(state, str(ckpt))
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    with pytest.raises(ValueError) as e:
+        run_server({**rc, "num-server-rounds": 3, "resume": str(run)})
+    assert str(e.value).startswith(f"{ckpt.parent}: adapter state does not fit this model")
+    assert f"`{key}` has shape" in str(e.value) and "start a new run" in str(e.value)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    assert RunLog(run).complete_rounds() == [0, 1, 2]
+
+
+def test_corrupt_baselines_cache_is_named_and_refitted(full_run, tmp_path, capsys, task_identity):
+    rc, full = full_run
+    run = _copy_run(full.dir, tmp_path / "run")
+    good = json.loads((run / "baselines.json").read_text())
+    (run / "baselines.json").write_text('{"alpha": [')
+    run_server({**rc, "resume": str(run)})  # all rounds done: evaluator set-up and report only
+    assert f"{run / 'baselines.json'}: not valid JSON" in capsys.readouterr().err
+    assert json.loads((run / "baselines.json").read_text()) == good
