@@ -19,11 +19,11 @@ import dataclasses
 import json
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedfm.data import load_split  # noqa: E402
 from fedfm.evaluate import evaluate_sites, markdown_table, predict, summarise  # noqa: E402
 from fedfm.model import ModelConfig, build_model, parameter_summary  # noqa: E402
 from fedfm.scenarios import load_federation  # noqa: E402
@@ -32,27 +32,46 @@ from fedfm.train import finetune, resolve_device  # noqa: E402
 ABLATIONS = ("none", "frozen", "single-task")
 
 
-def load_views(fed, cache_dir=None, max_test: int = 0) -> tuple[dict, dict]:
-    """({site: {task: TaskData}} of train splits, same of test splits) for every site."""
-    from fedfm.tasks import build_tasks
+class SiteViews(Mapping):
+    """{site: {task: TaskData}} of one split, built when a site is asked for and not kept: a
+    benchmark site's 2 000 test samples take ~1.4 GB as seven task views, six sites would not
+    fit in this machine's memory together. ``max_samples`` > 0: the first N samples only."""
 
-    train, test = {}, {}
+    def __init__(self, specs, split: str, cache_dir=None, max_samples: int = 0):
+        self.specs, self.split, self.cache_dir, self.max_samples = {s.name: s for s in specs}, split, cache_dir, max_samples
+
+    def __getitem__(self, name: str) -> dict:
+        from fedfm.federated import load_site_tasks
+
+        return load_site_tasks(self.specs[name], self.split, self.cache_dir, self.max_samples)
+
+    def __iter__(self):
+        return iter(self.specs)
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+
+def load_train_views(fed, cache_dir=None, max_train: int = 0) -> tuple[dict, dict]:
+    """({train site: {task: TaskData}} of train splits, {site: {task: Baseline}} fitted on every
+    site's own train split): a held-out site's train views are dropped once its baselines are fit."""
+    from fedfm.baselines import fit_baseline
+    from fedfm.federated import load_site_tasks
+
+    train, baselines = {}, {}
     for spec in fed.sites:
-        train[spec.name] = build_tasks(load_split(spec, "train", cache_dir), spec, "train")
-        arrays = load_split(spec, "test", cache_dir)
-        if max_test:
-            arrays = {k: v[:max_test] if k != "codebook" else v for k, v in arrays.items()}
-        test[spec.name] = build_tasks(arrays, spec, "test")
-    return train, test
+        views = load_site_tasks(spec, "train", cache_dir, max_train)
+        baselines[spec.name] = {t: fit_baseline(t, td, spec) for t, td in views.items()}
+        if spec in fed.train_sites:
+            train[spec.name] = views
+    return train, baselines
 
 
 def run_central(federation: str, out: str, preset: str = "tiny", steps: int = 300, backbone: str | None = None,
                 no_pretrain: bool = False, pretrain_steps: int = 1000, ablation: str = "none",
                 stage1_steps: int = 0, batch_size: int = 32, lr: float = 1e-3, dwa_temperature: float = 2.0,
                 seed: int = 0, device: str | None = None, cache_dir: str | None = None, max_test: int = 0,
-                log=print) -> dict:
-    from fedfm.baselines import fit_baseline
-
+                max_train: int = 0, log=print) -> dict:
     if ablation not in ABLATIONS:
         raise ValueError(f"--ablation {ablation!r} is not allowed; expected one of {', '.join(ABLATIONS)}")
     fed = load_federation(federation)
@@ -65,9 +84,9 @@ def run_central(federation: str, out: str, preset: str = "tiny", steps: int = 30
         log(f"pretraining a {preset} backbone for {pretrain_steps} steps ...")
         backbone = run_pretraining(federation, str(out_dir / "pretrain"), preset, pretrain_steps, batch_size,
                                    lr, seed, str(device), cache_dir, log=log)["backbone"]
-    train, test = load_views(fed, cache_dir, max_test)
+    train, baselines = load_train_views(fed, cache_dir, max_train)
+    test = SiteViews(fed.sites, "test", cache_dir, max_test)
     roles = {s.name: "train" for s in fed.train_sites} | {s.name: "heldout" for s in fed.heldout_sites}
-    baselines = {s.name: {t: fit_baseline(t, td, s) for t, td in train[s.name].items()} for s in fed.sites}
     pooled = {t: [train[s.name][t] for s in fed.train_sites] for t in train[fed.train_sites[0].name]}
     cfg = ModelConfig.from_preset(preset, num_beams=fed.num_beams, seed=seed)
     kw = dict(steps=steps, batch_size=batch_size, lr=lr, dwa_temperature=dwa_temperature, seed=seed,
@@ -76,10 +95,12 @@ def run_central(federation: str, out: str, preset: str = "tiny", steps: int = 30
     history: list = []
     if ablation == "single-task":  # LLM4WM(s): one model per task, same step budget each
         predictions, losses = {}, {}
+        models = {}
         for t, tds in pooled.items():
-            model = build_model(dataclasses.replace(cfg, tasks=(t,)), backbone)
-            losses[t] = finetune(model, {t: tds}, **kw)[t]
-            predictions.update({(site, t): predict(model, views[t], device=device) for site, views in test.items()})
+            models[t] = build_model(dataclasses.replace(cfg, tasks=(t,)), backbone)
+            losses[t] = finetune(models[t], {t: tds}, **kw)[t]
+        for site, views in test.items():  # each site's test views built once
+            predictions.update({(site, t): predict(m, views[t], device=device) for t, m in models.items()})
         rows = evaluate_sites(None, test, baselines, roles, predictions=predictions)
     else:
         model = build_model(cfg, backbone)
@@ -90,6 +111,7 @@ def run_central(federation: str, out: str, preset: str = "tiny", steps: int = 30
     report = {"federation": fed.name, "preset": preset, "ablation": ablation, "backbone": backbone,
               "pretrained": backbone is not None, "steps": steps, "stage1_steps": stage1_steps,
               "batch_size": batch_size, "lr": lr, "dwa_temperature": dwa_temperature, "seed": seed,
+              "max_train": max_train, "max_test": max_test,
               "device": str(device), "finetune_seconds": seconds, "config": cfg.to_dict(),
               "params": parameter_summary(build_model(cfg)), "final_losses": losses, "history": history,
               "summary": summary, "rows": rows}
@@ -106,7 +128,8 @@ def render_markdown(r: dict) -> str:
              f"{p['trainable_pct']:.2f}%), ablation `{r['ablation']}`, "
              f"backbone {'pretrained: ' + str(r['backbone']) if r['pretrained'] else 'random init (no pretraining)'}, "
              f"{r['steps']} fine-tuning steps × batch {r['batch_size']} per task on {r['device']} "
-             f"({r['finetune_seconds']:.0f} s).", "",
+             f"({r['finetune_seconds']:.0f} s); train samples per site: {r.get('max_train') or 'all'}, "
+             f"test samples per site: {r.get('max_test') or 'all'}.", "",
              "Error ratio = model error / baseline error (NMSE linear for CE/CP/PF, MAE for DE/PE, "
              "1 − top-1 for BF, 1 − accuracy for LoS); < 1 beats the baseline.", "",
              markdown_table(r["rows"]), "",
@@ -139,11 +162,13 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="cpu | cuda (default: CUDA when available)")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--max-test", type=int, default=0, help="score only the first N test samples per site")
+    p.add_argument("--max-train", type=int, default=0,
+                   help="train on (and fit baselines to) the first N train samples per site; 0 = all")
     a = p.parse_args(argv)
     try:
         r = run_central(a.federation, a.out, a.preset, a.steps, a.backbone, a.no_pretrain, a.pretrain_steps,
                         a.ablation, a.stage1_steps, a.batch_size, a.lr, a.dwa_temperature, a.seed, a.device,
-                        a.cache_dir, a.max_test)
+                        a.cache_dir, a.max_test, a.max_train)
     except ValueError as e:
         print(f"train_central: {e}", file=sys.stderr)
         return 2

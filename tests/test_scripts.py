@@ -314,3 +314,21 @@ def test_report_on_a_corrupt_run_file_names_it(tmp_path, name, text):
     assert p.returncode == 2 and p.stdout == "" and "Traceback" not in p.stderr, p.stderr
     assert p.stderr.count("\n") == 1 and p.stderr.startswith(f"error: {tmp_path / name}: "), p.stderr
     assert sorted(tmp_path.iterdir()) == before
+
+
+def test_train_central_small_budget_scores_every_site(tmp_path, cache_dir):
+    central = _load_script("train_central")
+    fed_path = write_federation(tmp_path / "fed")
+    backbone = make_backbone(tmp_path / "bb.safetensors")[0]
+    r = central.run_central(str(fed_path), str(tmp_path / "out"), steps=1, backbone=backbone, batch_size=4,
+                            cache_dir=str(cache_dir), max_test=8, max_train=16, log=lambda *a: None)
+    sites = {row["site"] for row in r["rows"]}
+    assert len(r["rows"]) == 7 * len(sites) and {row["role"] for row in r["rows"]} == {"train", "heldout"}
+    assert all(row["ratio"] is not None and math.isfinite(row["ratio"]) for row in r["rows"])
+    assert (r["max_train"], r["max_test"]) == (16, 8)
+    assert "train samples per site: 16, test samples per site: 8" in (tmp_path / "out" / "report.md").read_text()
+    from fedfm.scenarios import load_federation
+
+    train, baselines = central.load_train_views(load_federation(fed_path), str(cache_dir), 16)
+    assert set(train) == {s.name for s in load_federation(fed_path).train_sites} and set(baselines) == sites
+    assert all(td.num_samples == 16 for views in train.values() for td in views.values())
