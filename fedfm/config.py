@@ -28,7 +28,7 @@ import yaml
 
 from fedfm.scenarios import ConfigError, SiteSpec, load_site
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm")
 STAGES = ("finetune", "pretrain")
 PRESETS = ("tiny", "small", "base", "large")
 DEVICES = ("auto", "cpu", "cuda")
@@ -50,6 +50,8 @@ class RunConfig:
     strategy: str = "fedavg"
     fedprox_mu: float = 0.01        # proximal weight, only used by fedprox
     fedadam_eta: float = 1e-2       # server learning rate, only used by fedadam
+    server_lr: float = 1.0          # fedavgm: global += server_lr · (momentum of the averaged update)
+    server_momentum: float = 0.0    # fedavgm: server momentum (Hsu et al. 2019); 0 and lr 1 = FedAvg
     fraction_train: float = 1.0     # fraction of connected sites sampled per round
     min_train_nodes: int = 2        # Flower waits until this many sites are connected
     round_timeout: float = 1800.0   # seconds the server waits for a round's replies
@@ -74,11 +76,13 @@ class RunConfig:
         for key in ("pretrain_steps", "eval_max_samples", "seed"):
             value = getattr(self, key)
             _check(_kebab(key), value, value >= 0, "an integer >= 0")
-        for key in ("lr", "dwa_temperature", "fedadam_eta", "round_timeout"):
+        for key in ("lr", "dwa_temperature", "fedadam_eta", "server_lr", "round_timeout"):
             value = getattr(self, key)
             _check(_kebab(key), value, math.isfinite(value) and value > 0, "a finite number > 0")
         _check("fedprox-mu", self.fedprox_mu, math.isfinite(self.fedprox_mu) and self.fedprox_mu >= 0,
                "a finite number >= 0")
+        _check("server-momentum", self.server_momentum,
+               math.isfinite(self.server_momentum) and 0 <= self.server_momentum < 1, "a number in [0, 1)")
         _check("fraction-train", self.fraction_train, 0 < self.fraction_train <= 1, "a number in (0, 1]")
 
     @classmethod

@@ -1,4 +1,4 @@
-"""Strategy factory: Flower's FedAvg / FedProx / FedAdam with fedfm's bookkeeping.
+"""Strategy factory: Flower's FedAvg / FedProx / FedAdam / FedAvgM with fedfm's bookkeeping.
 
 What the mixin adds to a stock ``flwr.serverapp.strategy`` class, and why:
 - **byte ledger**: bytes down (global adapter state sent) and up (each site's reply)
@@ -21,7 +21,7 @@ from typing import Iterable
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
 from fedfm.config import RunConfig
 from fedfm.runlog import RunLog
@@ -141,12 +141,15 @@ class FedFMMixin:
         if self.runlog:
             self.runlog.append_event(rnd, site, "error", message)
 
-    # ---- state for checkpoints (FedAdam's moments; nothing for FedAvg/FedProx) -------
+    # ---- state for checkpoints (FedAdam's moments, FedAvgM's momentum; nothing for
+    # FedAvg/FedProx) ----------------------------------------------------------------------
     def get_state(self) -> dict[str, np.ndarray]:
         state = {}
         for name in ("m_t", "v_t"):
             for k, v in (getattr(self, name, None) or {}).items():
                 state[f"{name}/{k}"] = np.asarray(v)
+        for i, v in enumerate(getattr(self, "momentum_vector", None) or []):  # FedAvgM keeps a list
+            state[f"momentum/{i:05d}"] = np.asarray(v)
         return state
 
     def set_state(self, state: dict[str, np.ndarray]) -> None:
@@ -154,6 +157,9 @@ class FedFMMixin:
             part = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + "/")}
             if hasattr(self, name):
                 setattr(self, name, part or None)
+        if hasattr(self, "momentum_vector"):
+            mom = [state[k] for k in sorted(k for k in state if k.startswith("momentum/"))]
+            self.momentum_vector = mom or None
 
 
 def _train_rows(rnd: int, site: str, metrics: MetricRecord) -> list[dict]:
@@ -190,6 +196,11 @@ class FedFMFedAdam(FedFMMixin, FedAdam):
     """FedAdam (Reddi et al. 2021): Adam on the server over the averaged update."""
 
 
+class FedFMFedAvgM(FedFMMixin, FedAvgM):
+    """FedAvgM (Hsu et al. 2019): server SGD with momentum (and a server learning rate) on
+    the averaged update: few rounds of many local steps move the global adapters further."""
+
+
 def build_strategy(cfg: RunConfig, runlog: RunLog | None, full_model_bytes: int, round_offset: int = 0):
     """The strategy ``cfg.strategy`` names, with fedfm's bookkeeping attached.
 
@@ -204,7 +215,9 @@ def build_strategy(cfg: RunConfig, runlog: RunLog | None, full_model_bytes: int,
         strategy = FedFMFedProx(proximal_mu=cfg.fedprox_mu, **common)
     elif cfg.strategy == "fedadam":
         strategy = FedFMFedAdam(eta=cfg.fedadam_eta, eta_l=cfg.lr, **common)
+    elif cfg.strategy == "fedavgm":
+        strategy = FedFMFedAvgM(server_learning_rate=cfg.server_lr, server_momentum=cfg.server_momentum, **common)
     else:  # RunConfig validates this; kept for direct callers
-        raise ValueError(f"strategy {cfg.strategy!r} is not one of fedavg, fedprox, fedadam")
+        raise ValueError(f"strategy {cfg.strategy!r} is not one of fedavg, fedprox, fedadam, fedavgm")
     strategy.setup_fedfm(runlog, full_model_bytes, round_offset)
     return strategy

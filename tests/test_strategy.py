@@ -146,3 +146,25 @@ def test_round_offset_numbers_rounds_for_resume(tmp_path):
     assert sent[9].content["config"]["server-round"] == 5
     strategy.aggregate_train(1, [reply(sent[9], "s", 1, a=[1.0])])
     assert read_jsonl(tmp_path / "ledger.jsonl")[0]["round"] == 5
+
+
+def test_fedavgm_server_momentum_by_hand_and_its_state_resumes():
+    def cfg():
+        return RunConfig(strategy="fedavgm", server_lr=2.0, server_momentum=0.5, min_train_nodes=2)
+
+    m = build_strategy(cfg(), None, 1)
+    sent = send(m, arrays(a=[1.0, 1.0]), nodes=(1, 2))
+    # round 1: average of the sites (weights 1, 3) = [0, 2]; pseudo-gradient g1 = old - avg = [1, -1];
+    # momentum v1 = g1; new = old - 2·v1 = [-1, 3]
+    agg, _ = m.aggregate_train(1, [reply(sent[1], "s1", 1, a=[0.0, 0.0]), reply(sent[2], "s2", 3, a=[0.0, 8 / 3])])
+    np.testing.assert_allclose(agg["a"].numpy(), [-1.0, 3.0], rtol=1e-6)
+    state = m.get_state()
+    np.testing.assert_allclose(state["momentum/00000"], [1.0, -1.0], rtol=1e-6)
+    # round 2 from a resumed strategy: avg [-1, 2] → g2 = [0, 1]; v2 = 0.5·v1 + g2 = [0.5, 0.5];
+    # new = [-1, 3] - 2·[0.5, 0.5] = [-2, 2]
+    resumed = build_strategy(cfg(), None, 1)
+    resumed.set_state(state)
+    sent = send(resumed, agg, nodes=(1, 2), round_=2)
+    agg2, _ = resumed.aggregate_train(2, [reply(sent[1], "s1", 1, a=[-1.0, 2.0]),
+                                          reply(sent[2], "s2", 1, a=[-1.0, 2.0])])
+    np.testing.assert_allclose(agg2["a"].numpy(), [-2.0, 2.0], rtol=1e-6)
