@@ -28,6 +28,7 @@ import yaml
 
 from fedfm.scenarios import ConfigError, SiteSpec, load_site
 
+LR_SCHEDULES = ("run", "round")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm")
 STAGES = ("finetune", "pretrain")
 PRESETS = ("tiny", "small", "base", "large")
@@ -44,6 +45,7 @@ class RunConfig:
     local_steps: int = 20           # optimiser steps per site per round (equal per-site compute)
     batch_size: int = 16
     lr: float = 1e-3
+    lr_schedule: str = "run"        # run: each round is its slice of one warm-up + cosine schedule; round: restarts
     lora_r: int = 4                 # LoRA rank on the frozen backbone (model preset default)
     lora_alpha: int = 8
     dwa_temperature: float = 2.0    # Dynamic Weight Averaging of task losses (LLM4WM)
@@ -65,6 +67,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check("strategy", self.strategy, self.strategy in STRATEGIES, f"one of {', '.join(STRATEGIES)}")
+        _check("lr-schedule", self.lr_schedule, self.lr_schedule in LR_SCHEDULES, f"one of {', '.join(LR_SCHEDULES)}")
         _check("stage", self.stage, self.stage in STAGES, f"one of {', '.join(STAGES)}")
         _check("preset", self.preset, self.preset in PRESETS, f"one of {', '.join(PRESETS)}")
         _check("device", self.device, self.device in DEVICES, f"one of {', '.join(DEVICES)}")

@@ -131,6 +131,16 @@ def _site_model_and_tasks(cfg: RunConfig, spec: SiteSpec, num_beams: int, backbo
     return _LAST["model"], _LAST["tasks"]
 
 
+def round_schedule(round_: int, local_steps: int, num_rounds: int) -> tuple[int, int]:
+    """(offset, total) of round ``round_``'s local steps in one run-long learning-rate schedule
+    (``fedfm.train.finetune(schedule=...)``): round r (from 1) runs steps (r−1)·L … r·L−1 of
+    R·L, so every site warms up once and decays to lr/10 by the last round, as the centralized
+    reference does over its steps, instead of restarting at the full rate every round. A
+    resumed run or a later round (r > R) continues at the schedule's end."""
+    total = local_steps * max(num_rounds, 1)
+    return min(max(round_ - 1, 0) * local_steps, total - local_steps), total
+
+
 def local_train(cfg: RunConfig, spec: SiteSpec, state: dict[str, np.ndarray], round_: int, *,
                 num_beams: int, backbone: str, proximal_mu: float = 0.0, steps: int | None = None,
                 tasks: dict | None = None) -> LocalResult:
@@ -146,6 +156,8 @@ def local_train(cfg: RunConfig, spec: SiteSpec, state: dict[str, np.ndarray], ro
     seed = round_seed(cfg, spec.name, round_)
     kwargs = dict(steps=steps if steps is not None else cfg.local_steps, batch_size=cfg.batch_size,
                   lr=cfg.lr, dwa_temperature=cfg.dwa_temperature, seed=seed, device=device)
+    if cfg.lr_schedule == "run" and steps is None:
+        kwargs["schedule"] = round_schedule(round_, cfg.local_steps, cfg.num_server_rounds)
     if proximal_mu > 0:
         if "proximal_mu" not in inspect.signature(finetune).parameters:
             raise ValueError("strategy fedprox needs fedfm.train.finetune(proximal_mu=...)")

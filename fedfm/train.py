@@ -167,7 +167,7 @@ def finetune(model: nn.Module, tasks: dict, steps: int, batch_size: int = 32, lr
              dwa_temperature: float = 2.0, seed: int = 0, device=None, dwa_window: int = 10,
              stage1_steps: int = 0, train_lora: bool = True, proximal_mu: float = 0.0,
              weight_decay: float = 0.0, history: list | None = None,
-             head_lr_scale: float = 10.0) -> dict[str, float]:
+             head_lr_scale: float = 10.0, schedule: tuple[int, int] | None = None) -> dict[str, float]:
     """Multi-task fine-tuning of the trainable state (LoRA + adapters + heads) with DWA.
 
     tasks: {task: TaskData or [TaskData, ...] (pooled sites)}. Every step draws one batch per
@@ -175,10 +175,14 @@ def finetune(model: nn.Module, tasks: dict, steps: int, batch_size: int = 32, lr
     ``stage1_steps``: LLM4WM §IV-E two-stage schedule (LoRA frozen for the first steps).
     ``train_lora=False``: the frozen-backbone ablation. ``proximal_mu``: FedProx term
     μ/2·‖θ − θ_start‖². ``history`` (if given) receives one dict per window.
+    ``schedule`` = (offset, total): these steps are steps offset … offset+steps−1 of one
+    ``total``-step warm-up + cosine schedule (a federated round's slice of the run's schedule,
+    ``fedfm.federated.round_schedule``); default: the steps are the whole schedule.
     Returns each task's mean loss over the last window.
     """
     if steps <= 0 or batch_size <= 0:
         raise ValueError(f"finetune: `steps` and `batch_size` should be positive, got {steps}, {batch_size}")
+    offset, total = schedule if schedule is not None else (0, steps)
     device = resolve_device(device)
     model.to(device).train()
     samplers = {t: TaskSampler(td, device) for t, td in tasks.items()}
@@ -202,7 +206,7 @@ def finetune(model: nn.Module, tasks: dict, steps: int, batch_size: int = 32, lr
             weights = dwa_weights(windows[-1] if windows else None, windows[-2] if len(windows) > 1 else None,
                                   dwa_temperature) or {t: 1.0 for t in samplers}
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, steps, lr) * group["scale"]
+                group["lr"] = lr_at(offset + step, total, lr) * group["scale"]
             opt.zero_grad(set_to_none=True)
             for t, sampler in samplers.items():  # one backward per task: one graph in memory at a time
                 x, known, y, region, context = sampler.batch(batch_size, gen)

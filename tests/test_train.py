@@ -203,3 +203,22 @@ def test_bf_soft_targets_and_their_loss_by_hand():
     logits = torch.tensor([[0.0, 1.0, 0.0, 0.0]])
     logp = logits - math.log(3 + math.e)
     assert float(task_loss("BF", logits, q, None)) == pytest.approx(-(0.8 * logp[0, 1] + 0.2 * logp[0, 3]).item(), rel=1e-6)
+
+
+def test_round_schedule_slices_one_run_long_schedule(rng):
+    from fedfm.federated import round_schedule
+    from fedfm.train import lr_at
+
+    L, R = 7, 3
+    whole = [lr_at(s, L * R, 1.0) for s in range(L * R)]
+    sliced = [lr_at(off + s, tot, 1.0) for r in range(1, R + 1) for off, tot in [round_schedule(r, L, R)]
+              for s in range(L)]
+    assert sliced == whole and whole[-1] < 0.11 and max(whole) == 1.0
+    assert round_schedule(R + 2, L, R) == ((R - 1) * L, R * L)  # past the last round: stays at the end
+    # finetune follows the slice: Adam's first step moves a parameter by exactly the step's rate
+    model = build_model(tiny_cfg())
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    finetune(model, fake_tasks(rng), steps=1, batch_size=BSZ, lr=1e-3, seed=0, schedule=(19, 20))
+    moved = [float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters()
+             if n in before and "heads.CE." in n and "modules_to_save" in n]
+    assert max(moved) == pytest.approx(lr_at(19, 20, 1e-3), rel=1e-3) and lr_at(19, 20, 1e-3) < 2e-4
