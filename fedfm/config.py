@@ -59,6 +59,7 @@ class RunConfig:
     round_timeout: float = 1800.0   # seconds the server waits for a round's replies
     pretrain_steps: int = 200       # central pretraining steps when no backbone is given
     eval_max_samples: int = 128     # cap on test samples per site in central evaluation; 0 = all
+    train_max_samples: int = 0      # a site trains on (and its baselines fit) its first N train samples; 0 = all
     out_dir: str = "runs/latest"    # the run folder itself (config.json, metrics.jsonl, ...)
     cache_dir: str = ""             # site data cache; "" → $FEDFM_CACHE_DIR or ~/.cache/fedfm
     resume: str = ""                # a run folder to continue from its last complete round
@@ -76,7 +77,7 @@ class RunConfig:
         for key in ("num_server_rounds", "local_steps", "batch_size", "lora_r", "lora_alpha", "min_train_nodes"):
             value = getattr(self, key)
             _check(_kebab(key), value, value >= 1, "an integer >= 1")
-        for key in ("pretrain_steps", "eval_max_samples", "seed"):
+        for key in ("pretrain_steps", "eval_max_samples", "train_max_samples", "seed"):
             value = getattr(self, key)
             _check(_kebab(key), value, value >= 0, "an integer >= 0")
         for key in ("lr", "dwa_temperature", "fedadam_eta", "server_lr", "round_timeout"):

@@ -122,10 +122,11 @@ _LAST: dict = {}
 
 
 def _site_model_and_tasks(cfg: RunConfig, spec: SiteSpec, num_beams: int, backbone: str, device: str):
-    key = (spec_hash(spec), cfg.preset, cfg.lora_r, cfg.lora_alpha, num_beams, backbone, cfg.cache_dir, device)
+    key = (spec_hash(spec), cfg.preset, cfg.lora_r, cfg.lora_alpha, num_beams, backbone, cfg.cache_dir, device,
+           cfg.train_max_samples)
     if _LAST.get("key") != key:
         _LAST.clear()
-        tasks = load_site_tasks(spec, "train", cfg.cache_dir)
+        tasks = load_site_tasks(spec, "train", cfg.cache_dir, cfg.train_max_samples)
         model = build_run_model(cfg, num_beams, backbone, device)
         _LAST.update(key=key, tasks=tasks, model=model)
     return _LAST["model"], _LAST["tasks"]

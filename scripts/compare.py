@@ -53,7 +53,7 @@ def local_and_central(run_dir: Path) -> dict:
     sites = [e for e in load_federation_sites(cfg.federation) if e.role == "train" and e.spec]
     budget = cfg.local_steps * cfg.num_server_rounds
     out = {"local_only": {}, "centralized": {}, "steps": {"per_site": budget, "centralized": budget * len(sites)}}
-    train = {e.name: load_site_tasks(e.spec, "train", cfg.cache_dir) for e in sites}
+    train = {e.name: load_site_tasks(e.spec, "train", cfg.cache_dir, cfg.train_max_samples) for e in sites}
     test = {e.name: load_site_tasks(e.spec, "test", cfg.cache_dir, cfg.eval_max_samples) for e in sites}
     model = build_run_model(cfg, num_beams, backbone)
     for e in sites:

@@ -28,7 +28,7 @@ def fit_site_baselines(cfg: RunConfig, entry: SiteEntry, test_tds: dict) -> dict
     from fedfm.baselines import fit_baseline
     from fedfm.metrics import score
 
-    train_tds = load_site_tasks(entry.spec, "train", cfg.cache_dir)
+    train_tds = load_site_tasks(entry.spec, "train", cfg.cache_dir, cfg.train_max_samples)
     out = {}
     for task, td in test_tds.items():
         baseline = fit_baseline(task, train_tds[task], entry.spec)

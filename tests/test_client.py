@@ -82,3 +82,11 @@ def test_partition_count_mismatch_is_explained(setup, task_identity):
     rc = run_config(write_federation(root / "count"), root / "run", cache, backbone)
     reply = train(_message(state, backbone, digest), _context(rc, pid=0, n=3))
     assert reply.has_error() and "num-supernodes=2" in reply.error.reason
+
+
+def test_train_max_samples_caps_what_a_site_trains_on(setup, task_identity):
+    root, backbone, digest, state, cache = setup
+    rc = run_config(write_federation(root / "cap"), root / "run", cache, backbone, **{"train-max-samples": 24})
+    reply = train(_message(state, backbone, digest), _context(rc))
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    assert reply.content["metrics"]["num-examples"] == 24
