@@ -77,11 +77,16 @@ def summarize(run: dict) -> dict:
             vals = [v for v in vals if v is not None and math.isfinite(v)]  # ∞ sites listed in the table
             row[f"avg_score_{role}"] = float(np.mean(vals)) if vals else None
         per_round.append(row)
+    comm = _communication(run)
+    ok = {r["round"]: r["sites_ok"] for r in comm["per_round"]}
     return {"run_dir": str(run["dir"]), "final_round": final, "rounds": rounds,
             "strategy": run["config"]["run_config"].get("strategy"),
             "backbone": run["config"].get("backbone"), "sites": sites, "per_round": per_round,
             "avg_score": per_round[-1] if per_round else {},
-            "communication": _communication(run), "events": run["events"]}
+            # rounds after round 0 in which no site's update reached the average: the global
+            # adapters did not change, so the run did less training than it was asked for
+            "rounds_without_update": [r for r in rounds if r > 0 and not ok.get(r)],
+            "communication": comm, "events": run["events"]}
 
 
 def _metrics_only(row: dict) -> dict:
@@ -145,8 +150,15 @@ def _markdown(s: dict) -> str:
     lines = [f"# fedfm run report — {Path(s['run_dir']).name}", "",
              f"Strategy `{s['strategy']}`, {len(s['rounds']) - 1 if s['rounds'] else 0} rounds after round 0 "
              f"(final round {s['final_round']}). Backbone: {bb.get('source', '?')} "
-             f"(sha256 {str(bb.get('sha256', ''))[:12]}). NMSE in dB.", "",
-             "## Training sites (test split, final round)", ""]
+             f"(sha256 {str(bb.get('sha256', ''))[:12]}). NMSE in dB.", ""]
+    if s.get("rounds_without_update"):
+        lines += [f"**Incomplete: no site update reached the average in round(s) "
+                  f"{', '.join(map(str, s['rounds_without_update']))}; the global adapters did not change there "
+                  f"(see 'Site errors and rejected updates').**", ""]
+    failed = sum(r["sites_failed"] for r in s["communication"]["per_round"])
+    if failed:
+        lines += [f"{failed} site update(s) failed or were rejected; see 'Site errors and rejected updates'.", ""]
+    lines += ["## Training sites (test split, final round)", ""]
     lines += _site_table(s, "train")
     lines += ["## Held-out sites (never trained on)", ""]
     lines += _site_table(s, "heldout")

@@ -174,8 +174,14 @@ def run_outcome(result: dict, cfg: RunConfig, t0: float) -> dict:
     """Adds report, wall_s and ok: the run finished:completed and left what its stage makes
     (stage=pretrain a backbone checkpoint, stage=finetune a report)."""
     report = cfg.run_dir / ("backbone.safetensors" if cfg.stage == "pretrain" else "report.md")
-    result.update(report=str(report), wall_s=time.monotonic() - t0,
-                  ok=result["status"] == "finished:completed" and report.exists())
+    idle = []
+    if cfg.stage != "pretrain" and (cfg.run_dir / "report.json").exists():
+        try:
+            idle = json.loads((cfg.run_dir / "report.json").read_text()).get("rounds_without_update", [])
+        except ValueError:
+            idle = ["unknown (report.json unreadable)"]
+    result.update(report=str(report), wall_s=time.monotonic() - t0, rounds_without_update=idle,
+                  ok=result["status"] == "finished:completed" and report.exists() and not idle)
     return result
 
 
@@ -224,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     if not result["ok"]:
         for line in first_errors(Path(result["run_dir"]) / "flwr_run.log"):
             print(line, file=sys.stderr)
+        if result.get("rounds_without_update"):
+            print(f"fedfm: no site update reached the average in round(s) "
+                  f"{', '.join(map(str, result['rounds_without_update']))} (site errors: "
+                  f"{result['run_dir']}/events.jsonl)", file=sys.stderr)
         print(f"fedfm: run FAILED; logs: {result['run_dir']}/flwr_run.log", file=sys.stderr)
         return 1
     print(f"fedfm: report: {result['report']}")

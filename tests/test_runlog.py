@@ -63,3 +63,40 @@ def test_resume_drops_a_torn_last_line(tmp_path):
     log.truncate_after(1)
     assert read_jsonl(tmp_path / "metrics.jsonl") == [{"round": 0, "site": "s"}, {"round": 1, "site": "s"}]
     assert (tmp_path / "metrics.jsonl").read_text().endswith("}\n")
+
+
+def test_report_flags_rounds_in_which_no_update_reached_the_average(tmp_path):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from fedfm.config import RunConfig
+    from fedfm.report import _markdown, load_run, summarize
+    from fedfm.runlog import write_json
+
+    write_json(tmp_path / "config.json", {"run_config": {"strategy": "fedavg"},
+                                          "federation": {"sites": [{"name": "a", "role": "train"}]}})
+    log = RunLog(tmp_path)
+    log.append_metrics([{"round": r, "site": "a", "task": "CE", "source": "federated", "nmse": 0.5}
+                        for r in (0, 1, 2, 3)])
+    row = {"site": "a", "bytes_down": 8, "bytes_up": 0}
+    log.append_ledger([{**row, "round": 1, "status": "ok", "bytes_up": 8}, {**row, "round": 2, "status": "error"},
+                       {**row, "round": 3, "status": "rejected"}])
+    s = summarize(load_run(tmp_path))
+    assert s["rounds_without_update"] == [2, 3]
+    md = _markdown(s)
+    assert "**Incomplete: no site update reached the average in round(s) 2, 3;" in md
+    assert "2 site update(s) failed or were rejected" in md
+    # the launcher does not call such a run a success
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "scripts"))
+    spec = importlib.util.spec_from_file_location("run_federation_t", root / "scripts" / "run_federation.py")
+    rf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rf)
+    write_json(tmp_path / "report.json", s)
+    (tmp_path / "report.md").write_text(md)
+    cfg = RunConfig(federation="f.yaml", out_dir=str(tmp_path))
+    out = rf.run_outcome({"status": "finished:completed"}, cfg, 0.0)
+    assert out["ok"] is False and out["rounds_without_update"] == [2, 3]
+    write_json(tmp_path / "report.json", {**s, "rounds_without_update": []})
+    assert rf.run_outcome({"status": "finished:completed"}, cfg, 0.0)["ok"] is True
