@@ -58,7 +58,7 @@ class RunConfig:
     min_train_nodes: int = 2        # Flower waits until this many sites are connected
     round_timeout: float = 1800.0   # seconds the server waits for a round's replies
     pretrain_steps: int = 200       # central pretraining steps when no backbone is given
-    eval_max_samples: int = 128     # cap on test samples per site in central evaluation; 0 = all
+    eval_max_samples: int = 0       # cap on test samples per site in central evaluation; 0 = all
     train_max_samples: int = 0      # a site trains on (and its baselines fit) its first N train samples; 0 = all
     out_dir: str = "runs/latest"    # the run folder itself (config.json, metrics.jsonl, ...)
     cache_dir: str = ""             # site data cache; "" → $FEDFM_CACHE_DIR or ~/.cache/fedfm
