@@ -28,6 +28,7 @@ from safetensors.numpy import load_file, save_file
 CHECKPOINTS = "checkpoints"
 JSONL_FILES = ("metrics.jsonl", "ledger.jsonl", "events.jsonl")
 _RUN_FOLDER = "expected a run folder written by scripts/run_federation.py"
+_MISSING = object()
 
 
 def read_jsonl(path: str | Path, *, drop_torn_tail: bool = False) -> list[dict]:
@@ -65,8 +66,12 @@ def read_json(path: str | Path, default: Any = None) -> Any:
     if not p.exists():
         return default
     try:
-        return json.loads(p.read_text())
-    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{p}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        return json.loads(text)
+    except ValueError as e:  # JSONDecodeError
         raise ValueError(f"{p}: not valid JSON ({e})") from None
 
 
@@ -75,13 +80,11 @@ def read_run_config(run_dir: str | Path) -> dict:
     object: the scripts print a ValueError as their one-line error."""
     p = Path(run_dir) / "config.json"
     try:
-        conf = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{p}: not found; {_RUN_FOLDER}") from None
-    except OSError as e:
-        raise ValueError(f"{p}: cannot be read ({e.strerror}); {_RUN_FOLDER}") from None
-    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
-        raise ValueError(f"{p}: not valid JSON ({e}); {_RUN_FOLDER}") from None
+        conf = read_json(p, _MISSING)
+    except ValueError as e:
+        raise ValueError(f"{e}; {_RUN_FOLDER}") from None
+    if conf is _MISSING:
+        raise ValueError(f"{p}: not found; {_RUN_FOLDER}")
     if not isinstance(conf, dict):
         raise ValueError(f"{p}: not a JSON object; {_RUN_FOLDER}")
     return conf

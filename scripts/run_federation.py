@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fedfm.config import RunConfig, federation_site_paths  # noqa: E402
+from fedfm.runlog import read_json  # noqa: E402
 
 
 def free_port() -> int:
@@ -177,7 +178,7 @@ def run_outcome(result: dict, cfg: RunConfig, t0: float) -> dict:
     idle = []
     if cfg.stage != "pretrain" and (cfg.run_dir / "report.json").exists():
         try:
-            idle = json.loads((cfg.run_dir / "report.json").read_text()).get("rounds_without_update", [])
+            idle = read_json(cfg.run_dir / "report.json", {}).get("rounds_without_update", [])
         except ValueError:
             idle = ["unknown (report.json unreadable)"]
     result.update(report=str(report), wall_s=time.monotonic() - t0, rounds_without_update=idle,

@@ -56,11 +56,10 @@ class CentralEvaluator:
         path = self.runlog.dir / "baselines.json" if self.runlog else None
         try:
             cached = read_json(path, {}) if path else {}
+            if not isinstance(cached, dict):
+                raise ValueError(f"{path}: not a JSON object")
         except ValueError as e:  # a cache: refit rather than stop the run
             print(f"fedfm: {e}; refitting the baselines", file=sys.stderr, flush=True)
-            cached = {}
-        if not isinstance(cached, dict):
-            print(f"fedfm: {path}: not a JSON object; refitting the baselines", file=sys.stderr, flush=True)
             cached = {}
         out = {}
         print(f"fedfm: central evaluation on {len(self.sites)} sites; fitting classical baselines", flush=True)
