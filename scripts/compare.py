@@ -12,6 +12,14 @@ baselines (the federated run's ``baselines.json``). Writes ``compare.json`` into
 federated run folder, rebuilds its report (which then shows all columns) and prints one
 table with the issue's targets: federated within 10% of centralized on the average
 score, and better than local-only on every training site.
+
+Comparing several strategies costs one federated run each, not three trainings each:
+local-only and centralized depend on the data, backbone, initial adapters and budget, not on
+the strategy, so ``--reference RUN`` takes them from RUN's ``compare.json`` after checking
+that RUN shares all of those (else one line naming what differs, and nothing is written):
+
+    python scripts/run_federation.py --federation FED.yaml --out runs/b --set strategy=fedavgm
+    python scripts/compare.py FED.yaml --skip-federated --out runs/b --reference runs/a
 """
 from __future__ import annotations
 
@@ -27,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from fedfm.config import RunConfig, load_federation_sites  # noqa: E402
-from fedfm.runlog import RunLog, read_run_config, write_json  # noqa: E402
+from fedfm.runlog import RunLog, read_json, read_run_config, write_json  # noqa: E402
 from run_federation import _parse_value, run_federation  # noqa: E402
 
 
@@ -68,6 +76,37 @@ def local_and_central(run_dir: Path) -> dict:
     for e in sites:
         out["centralized"][e.name] = score_model(model, test[e.name])
     return out
+
+
+# run-config keys the local-only and centralized trainings and their scoring read (besides the
+# federation, backbone, model config and initial adapters, checked separately); the per-site
+# budget is num-server-rounds × local-steps, so 5 × 40 and 10 × 20 share a reference
+REFERENCE_KEYS = ("preset", "batch-size", "lr", "lora-r", "lora-alpha", "dwa-temperature",
+                  "train-max-samples", "eval-max-samples", "seed", "device")
+
+
+def reference_mismatch(run_dir: Path, ref_dir: Path) -> str | None:
+    """Why RUN's local-only/centralized results are not this run's (None: they are)."""
+    a, b = read_run_config(run_dir), read_run_config(ref_dir)
+    try:
+        ra, rb = a["run_config"], b["run_config"]
+        checks = [("federation (sites, seeds)", a["federation"], b["federation"]),
+                  ("backbone sha256", a["backbone"]["sha256"], b["backbone"]["sha256"]),
+                  ("model config", a["model"]["config"], b["model"]["config"]),
+                  ("per-site steps (num-server-rounds × local-steps)",
+                   ra["num-server-rounds"] * ra["local-steps"], rb["num-server-rounds"] * rb["local-steps"])]
+    except (KeyError, TypeError) as e:
+        return f"a config.json lacks {e} (a run of another fedfm version?)"
+    checks += [(k, ra.get(k), rb.get(k)) for k in REFERENCE_KEYS]
+    for what, mine, theirs in checks:
+        if mine != theirs:
+            return f"{what} is {theirs} there, {mine} here"
+    if not (ref_dir / "compare.json").is_file():
+        return "it has no compare.json (run compare.py on it first)"
+    init_a, init_b = RunLog(run_dir).load_checkpoint(0)[0], RunLog(ref_dir).load_checkpoint(0)[0]
+    if init_a.keys() != init_b.keys() or any(not np.array_equal(init_a[k], init_b[k]) for k in init_a):
+        return "its initial (round-0) adapter state differs from this run's"
+    return None
 
 
 def _num(v: float | None) -> str:
@@ -113,6 +152,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="federated run folder (default: runs/compare-<timestamp>)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run-config override")
     p.add_argument("--skip-federated", action="store_true", help="reuse the run in --out")
+    p.add_argument("--reference", default=None, metavar="RUN",
+                   help="take local-only and centralized from RUN's compare.json (checked to share "
+                        "data, backbone, initial adapters and budget) instead of training them")
     args = p.parse_args(argv)
     out = Path(args.out or f"runs/compare-{datetime.now():%Y%m%d-%H%M%S}").resolve()
     overrides = {k: _parse_value(v) for k, _, v in (s.partition("=") for s in args.set)}
@@ -125,7 +167,16 @@ def main(argv=None) -> int:
             if not result["ok"]:
                 print(f"error: federated run {result['status']}: {result['status_details']}", file=sys.stderr)
                 return 1
-        write_json(out / "compare.json", local_and_central(out))
+        if args.reference:
+            ref = Path(args.reference).resolve()
+            why = reference_mismatch(out, ref)
+            if why:
+                raise ValueError(f"--reference {args.reference}: its local-only/centralized results "
+                                 f"do not apply to {out}: {why}")
+            result = {**read_json(ref / "compare.json"), "reference": str(ref)}
+        else:
+            result = local_and_central(out)
+        write_json(out / "compare.json", result)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -218,6 +218,73 @@ def test_compare_equal_per_site_compute(fed_run, capsys):
                        for t in TASKS), (kind, site)
 
 
+def test_compare_reference_reuses_only_a_matching_run(fed_run, tmp_path, capsys):
+    """--reference takes local-only/centralized from a run that shares data, backbone, initial
+    adapters and budget (no training), and refuses one that differs, writing nothing."""
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    script = _load_script("compare")
+    ref, other = tmp_path / "ref", tmp_path / "other"
+    for d in (ref, other):
+        shutil.copytree(fed_run["run"], d)
+        (d / "compare.json").unlink(missing_ok=True)
+    assert script.main([str(fed_run["fed"]), "--out", str(ref), "--skip-federated"]) == 0
+    capsys.readouterr()
+    # another strategy's run is the same run here: what --reference checks is in config.json
+    conf = json.loads((other / "config.json").read_text())
+    conf["run_config"].update({"strategy": "fedavgm", "server-lr": 2.0,   # differ, may
+                               "num-server-rounds": ROUNDS * LOCAL_STEPS, "local-steps": 1})  # same budget
+    (other / "config.json").write_text(json.dumps(conf))
+    with pytest.MonkeyPatch.context() as mp:
+        calls = FinetuneCalls(mp)
+        rc = script.main([str(fed_run["fed"]), "--out", str(other), "--skip-federated", "--reference", str(ref)])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert calls.calls == []  # nothing trained
+    mine, theirs = (json.loads((d / "compare.json").read_text()) for d in (other, ref))
+    assert mine["reference"] == str(ref)
+    assert {k: mine[k] for k in theirs} == theirs
+    report = json.loads((other / "report.json").read_text())
+    assert all("avg_score_centralized" in report["sites"][s] for s in ("alpha", "beta"))
+
+    def refused(edit, words):
+        bad = tmp_path / f"bad-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(fed_run["run"], bad)
+        (bad / "compare.json").unlink(missing_ok=True)
+        edit(bad)
+        rc = script.main([str(fed_run["fed"]), "--out", str(bad), "--skip-federated", "--reference", str(ref)])
+        out, err = capsys.readouterr()
+        assert rc == 2 and out == "" and err.count("\n") == 1 and "Traceback" not in err
+        assert err.startswith(f"error: --reference {ref}: ") and all(w in err for w in words), err
+        assert not (bad / "compare.json").exists()
+
+    def set_key(key, value):
+        def edit(d):
+            c = json.loads((d / "config.json").read_text())
+            c["run_config"][key] = value
+            (d / "config.json").write_text(json.dumps(c))
+        return edit
+
+    def other_backbone(d):
+        c = json.loads((d / "config.json").read_text())
+        c["backbone"]["sha256"] = "0" * 64
+        (d / "config.json").write_text(json.dumps(c))
+
+    def other_init(d):
+        ck = RunLog(d).checkpoint_dir(0) / "adapter.safetensors"
+        state = RunLog(d).load_checkpoint(0)[0]
+        k = sorted(state)[0]
+        save_file({**state, k: state[k] + 1.0}, str(ck))
+
+    refused(set_key("lr", 0.5), ["lr is", "0.5 here"])
+    refused(set_key("local-steps", LOCAL_STEPS + 1), ["per-site steps"])
+    refused(set_key("eval-max-samples", 3), ["eval-max-samples"])
+    refused(other_backbone, ["backbone sha256"])
+    refused(other_init, ["initial (round-0) adapter state"])
+
+
 def test_finetune_site_prints_a_zero_ratio_as_zero(monkeypatch, capsys):
     script = _load_script("finetune_site")
     rows = [{"task": "CE", "baseline": {"nmse_db": -10.0}, "before": {"nmse_db": -12.0},
