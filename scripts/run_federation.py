@@ -176,7 +176,7 @@ def run_outcome(result: dict, cfg: RunConfig, t0: float) -> dict:
     (stage=pretrain a backbone checkpoint, stage=finetune a report)."""
     report = cfg.run_dir / ("backbone.safetensors" if cfg.stage == "pretrain" else "report.md")
     idle = []
-    if cfg.stage != "pretrain" and (cfg.run_dir / "report.json").exists():
+    if cfg.stage != "pretrain":  # read_json gives {} when there is no report.json
         try:
             idle = read_json(cfg.run_dir / "report.json", {}).get("rounds_without_update", [])
         except ValueError:
