@@ -79,6 +79,18 @@ def train(msg: Message, context: Context) -> Message:
                                "site": ConfigRecord({"name": entry.name, "seed": res.seed})}), reply_to=msg)
 
 
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Which site this node is: a server keeping per-site state (``personal-heads``) asks the
+    nodes it has not heard from yet, e.g. after a resume."""
+    found: list = []
+    try:
+        _, entry = _site(context, found)
+    except Exception as exc:  # noqa: BLE001
+        return _error(msg, context, found, exc)
+    return Message(RecordDict({"site": ConfigRecord({"name": entry.name})}), reply_to=msg)
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the global adapters on this site's own validation split (for deployments in

@@ -54,6 +54,7 @@ class RunConfig:
     fedadam_eta: float = 1e-2       # server learning rate, only used by fedadam
     server_lr: float = 1.0          # fedavgm: global += server_lr · (momentum of the averaged update)
     server_momentum: float = 0.0    # fedavgm: server momentum (Hsu et al. 2019); 0 and lr 1 = FedAvg
+    personal_heads: str = ""        # tasks whose output heads each training site keeps (FedPer): "", "all", "PE,LoS"
     fraction_train: float = 1.0     # fraction of connected sites sampled per round
     min_train_nodes: int = 2        # Flower waits until this many sites are connected
     round_timeout: float = 1800.0   # seconds the server waits for a round's replies
@@ -88,6 +89,21 @@ class RunConfig:
         _check("server-momentum", self.server_momentum,
                math.isfinite(self.server_momentum) and 0 <= self.server_momentum < 1, "a number in [0, 1)")
         _check("fraction-train", self.fraction_train, 0 < self.fraction_train <= 1, "a number in (0, 1]")
+        from fedfm.tasks import TASKS
+
+        named = [t.strip() for t in self.personal_heads.split(",") if t.strip()]
+        _check("personal-heads", self.personal_heads, self.personal_heads.strip() == "all" or
+               all(t in TASKS for t in named), f"'' (none), 'all' or a comma-separated list of {', '.join(TASKS)}")
+
+    @property
+    def personal_tasks(self) -> tuple[str, ...]:
+        """Tasks whose heads stay personal to each training site (``personal-heads``)."""
+        from fedfm.tasks import TASKS
+
+        if self.personal_heads.strip() == "all":
+            return TASKS
+        named = {t.strip() for t in self.personal_heads.split(",")}
+        return tuple(t for t in TASKS if t in named)
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any], base_dir: str | Path | None = None) -> "RunConfig":

@@ -81,6 +81,7 @@ def summarize(run: dict) -> dict:
     ok = {r["round"]: r["sites_ok"] for r in comm["per_round"]}
     return {"run_dir": str(run["dir"]), "final_round": final, "rounds": rounds,
             "strategy": run["config"]["run_config"].get("strategy"),
+            "personal_heads": run["config"]["run_config"].get("personal-heads", ""),
             "backbone": run["config"].get("backbone"), "sites": sites, "per_round": per_round,
             "avg_score": per_round[-1] if per_round else {},
             # rounds after round 0 in which no site's update reached the average: the global
@@ -90,7 +91,7 @@ def summarize(run: dict) -> dict:
 
 
 def _metrics_only(row: dict) -> dict:
-    return {k: v for k, v in row.items() if k not in ("round", "site", "role", "task", "source", "baseline")}
+    return {k: v for k, v in row.items() if k not in ("round", "site", "role", "task", "source", "baseline", "head")}
 
 
 def _avg(model: dict, base: dict) -> float | None:
@@ -151,6 +152,9 @@ def _markdown(s: dict) -> str:
              f"Strategy `{s['strategy']}`, {len(s['rounds']) - 1 if s['rounds'] else 0} rounds after round 0 "
              f"(final round {s['final_round']}). Backbone: {bb.get('source', '?')} "
              f"(sha256 {str(bb.get('sha256', ''))[:12]}). NMSE in dB.", ""]
+    if s.get("personal_heads"):
+        lines += [f"Personal heads (`personal-heads = {s['personal_heads']}`): each training site keeps and is "
+                  f"scored with its own head of those tasks; held-out sites use their average.", ""]
     if s.get("rounds_without_update"):
         lines += [f"**Incomplete: no site update reached the average in round(s) "
                   f"{', '.join(map(str, s['rounds_without_update']))}; the global adapters did not change there "

@@ -3,6 +3,7 @@
 
     python scripts/finetune_site.py --run runs/<id> --site scenarios/sites/uma_2g4.yaml --fraction 0.1
 
+A training site of a run with ``personal-heads`` starts from its own copy of those heads.
 The site may be a held-out one: with ``--fraction 0.1`` it fine-tunes on 10% of its
 train-split labels, as in LLM4WM's generalisation experiment. The classical baselines
 are fitted on the same labelled fraction. Scores are on the site's full test split.
@@ -36,8 +37,11 @@ def finetune_site(run_dir: str, site_path: str, fraction: float = 1.0, steps: in
     last = log.last_complete_round()
     if last is None:
         raise ValueError(f"{run_dir}: no complete round to start from")
-    adapter, _, _ = log.load_checkpoint(last)
+    adapter, strategy_state, _ = log.load_checkpoint(last)
     spec = load_site(site_path)
+    # a training site of a `personal-heads` run starts from its own heads, as the evaluator scored it
+    own = f"personal/{spec.name}/"
+    adapter = {**adapter, **{k[len(own):]: v for k, v in strategy_state.items() if k.startswith(own)}}
     num_beams = conf["model"]["config"]["num_beams"]
     labelled = max(1, math.ceil(fraction * spec.samples.train))
     train = load_site_tasks(spec, "train", cfg.cache_dir, max_samples=labelled)

@@ -49,7 +49,8 @@ def main(grid: Grid, context: Context) -> None:
                                    {"python_random": python_random_state(random), "seed": cfg.seed,
                                     "backbone_sha256": run.backbone_sha256, "sites": strategy.last_round_sites})
 
-    evaluate = get_evaluate_fn(cfg, run.sites, run.model, run.runlog, on_round_end=checkpoint)
+    evaluate = get_evaluate_fn(cfg, run.sites, run.model, run.runlog, on_round_end=checkpoint,
+                               personal_for=lambda site: strategy.personal.get(site, {}))
 
     def evaluate_fn(round_: int, arrays: ArrayRecord) -> MetricRecord | None:
         if round_ == 0 and offset > 0:

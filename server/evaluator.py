@@ -1,7 +1,9 @@
 """Central evaluation: every task on every site's test split, every round (round 0 too).
 
 Training sites and held-out sites alike are scored by the server with the global
-adapter state (issue 4). The classical baselines are fitted once per site on that
+adapter state (issue 4); with ``personal-heads`` a training site is scored with its own
+copy of those heads over the global rest (what that site deploys), the held-out sites
+with the global ones. The classical baselines are fitted once per site on that
 site's own train split, scored on the same test split, and cached in the run folder
 (``baselines.json``), so a resumed run does not refit them.
 
@@ -19,7 +21,7 @@ import numpy as np
 from flwr.app import ArrayRecord, MetricRecord
 
 from fedfm.config import RunConfig, SiteEntry
-from fedfm.federated import load_site_tasks, resolve_device, torch_state
+from fedfm.federated import load_site_tasks, personal_keys, resolve_device, torch_state
 from fedfm.runlog import RunLog, read_json, write_json
 
 
@@ -39,8 +41,10 @@ def fit_site_baselines(cfg: RunConfig, entry: SiteEntry, test_tds: dict) -> dict
 class CentralEvaluator:
     """Holds the sites' test task views, the baselines and one model between rounds."""
 
-    def __init__(self, cfg: RunConfig, sites: list[SiteEntry], model, runlog: RunLog | None):
+    def __init__(self, cfg: RunConfig, sites: list[SiteEntry], model, runlog: RunLog | None,
+                 personal_for: Callable[[str], dict] | None = None):
         self.cfg, self.model, self.runlog = cfg, model, runlog
+        self.personal_for = personal_for or (lambda site: {})
         self.device = resolve_device(cfg.device)
         self.sites = [e for e in sites if e.spec is not None]  # broken YAMLs are logged by the app
         self._tds: dict[str, dict] = {}
@@ -82,15 +86,19 @@ class CentralEvaluator:
         from fedfm.model import set_adapter_state
 
         t0 = time.perf_counter()
-        set_adapter_state(self.model, torch_state({k: a.numpy() for k, a in arrays.items()}))
+        state = {k: a.numpy() for k, a in arrays.items()}
         self.model.eval()
         rows, summary = [], {}
         for entry in self.sites:
+            own = self.personal_for(entry.name) if entry.role == "train" else {}
+            set_adapter_state(self.model, torch_state({**state, **own}))
+            own_heads = {t for t in self.test_tasks(entry) if personal_keys(own, (t,))}
             site_metrics = {}
             for task, td in self.test_tasks(entry).items():
                 site_metrics[task] = score(task, predict(self.model, td, device=self.device), td)
                 rows.append({"round": round_, "site": entry.name, "role": entry.role, "task": task,
-                             "source": "federated", **site_metrics[task]})
+                             "source": "federated", **({"head": "own"} if task in own_heads else {}),
+                             **site_metrics[task]})
             summary[entry.name] = (entry.role, average_score(site_metrics, self.baselines[entry.name]))
         if self.runlog:
             self.runlog.append_metrics(rows)
@@ -103,11 +111,13 @@ class CentralEvaluator:
 
 
 def get_evaluate_fn(cfg: RunConfig, sites: list[SiteEntry], model, runlog: RunLog | None,
-                    on_round_end: Callable[[int, ArrayRecord], None] | None = None
+                    on_round_end: Callable[[int, ArrayRecord], None] | None = None,
+                    personal_for: Callable[[str], dict] | None = None
                     ) -> Callable[[int, ArrayRecord], MetricRecord]:
     """``evaluate_fn`` for ``strategy.start``; ``on_round_end`` (checkpointing) runs after
-    the round's metrics are written, so a checkpoint marks a fully logged round."""
-    evaluator = CentralEvaluator(cfg, sites, model, runlog)
+    the round's metrics are written, so a checkpoint marks a fully logged round;
+    ``personal_for(site)`` gives a training site's own heads (``personal-heads``)."""
+    evaluator = CentralEvaluator(cfg, sites, model, runlog, personal_for)
 
     def evaluate_fn(round_: int, arrays: ArrayRecord) -> MetricRecord:
         record = evaluator(round_, arrays)

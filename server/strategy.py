@@ -11,7 +11,12 @@ What the mixin adds to a stock ``flwr.serverapp.strategy`` class, and why:
 - **deterministic aggregation order**: usable replies are sorted by site name, so a
   resumed run sums in the same order as an uninterrupted one;
 - **round offset** for resume: Flower's ``start()`` counts rounds from 1, the run does not;
-- **strategy state** (FedAdam's moments) as arrays, for checkpoints.
+- **personal heads** (``personal-heads``, FedPer): each training site's own copy of the
+  named task heads is kept from its reply and sent back to that site only (a QUERY message
+  asks nodes the server has not heard from which site they are); the average of the copies
+  is the global head;
+- **strategy state** (FedAdam's moments, FedAvgM's momentum, personal heads) as arrays,
+  for checkpoints.
 """
 from __future__ import annotations
 
@@ -19,11 +24,12 @@ import re
 from typing import Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
 from fedfm.config import RunConfig
+from fedfm.federated import personal_keys
 from fedfm.runlog import RunLog
 
 _SITE_IN_ERROR = re.compile(r"site=([A-Za-z0-9_.\-]+)")
@@ -68,10 +74,14 @@ def reply_site(msg: Message, known: dict[int, str]) -> str:
 class FedFMMixin:
     """Bookkeeping around a Flower strategy; see the module docstring."""
 
-    def setup_fedfm(self, runlog: RunLog | None, full_model_bytes: int, round_offset: int = 0) -> None:
+    def setup_fedfm(self, runlog: RunLog | None, full_model_bytes: int, round_offset: int = 0,
+                    personal_tasks: tuple[str, ...] = (), query_timeout: float = 600.0) -> None:
         self.runlog = runlog
         self.full_model_bytes = int(full_model_bytes)
         self.round_offset = round_offset
+        self.personal_tasks = tuple(personal_tasks)
+        self.personal: dict[str, dict[str, np.ndarray]] = {}  # site → its own heads of personal_tasks
+        self.query_timeout = query_timeout
         self.node_sites: dict[int, str] = {}
         self._sent: dict[int, int] = {}
         self._reference: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
@@ -81,6 +91,9 @@ class FedFMMixin:
                         grid: Grid) -> Iterable[Message]:
         rnd = server_round + self.round_offset
         messages = list(super().configure_train(rnd, arrays, config, grid))
+        if self.personal:
+            self._learn_sites(rnd, grid, [m.metadata.dst_node_id for m in messages])
+            messages = [self._with_personal(m) for m in messages]
         down = payload_bytes(arrays)
         self._sent = {m.metadata.dst_node_id: down for m in messages}
         self._reference = {k: (a.numpy().shape, a.numpy().dtype) for k, a in arrays.items()}
@@ -118,6 +131,9 @@ class FedFMMixin:
                            "num_examples": int(metrics["num-examples"]),
                            "local_time_s": float(metrics.get("local-time-s", 0.0))})
             train_rows.extend(_train_rows(rnd, site, metrics))
+            if self.personal_tasks:
+                self.personal[site] = {k: arrays[k].numpy().copy() for k in personal_keys(arrays.keys(),
+                                                                                          self.personal_tasks)}
             usable.append((site, _clean_reply(arrays, metrics)))
         for node, down in self._sent.items():
             if node not in replied:
@@ -136,6 +152,33 @@ class FedFMMixin:
             return None, None
         return super().aggregate_train(rnd, _common_metric_keys([m for _, m in usable]))
 
+    def _learn_sites(self, rnd: int, grid: Grid, nodes: list[int]) -> None:
+        """Ask nodes never heard from (a resumed run, a late joiner) which site they are."""
+        unknown = [n for n in nodes if n not in self.node_sites]
+        if not unknown:
+            return
+        queries = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type=MessageType.QUERY)
+                   for n in unknown]
+        for msg in grid.send_and_receive(queries, timeout=self.query_timeout):
+            site = reply_site(msg, {})
+            if not site.startswith("node-"):
+                self.node_sites[msg.metadata.src_node_id] = site
+        for node in unknown:
+            if node not in self.node_sites:
+                self._event(rnd, f"node-{node}", "did not say which site it is: it trains from the global "
+                                                 "personal heads this round")
+
+    def _with_personal(self, msg: Message) -> Message:
+        """The train message to one node, with that site's own personal heads when it has some."""
+        own = self.personal.get(self.node_sites.get(msg.metadata.dst_node_id, ""))
+        if not own:
+            return msg
+        content = msg.content
+        arrays = content.array_records[self.arrayrecord_key]
+        mine = ArrayRecord({k: Array(own[k]) if k in own else a for k, a in arrays.items()})
+        return Message(RecordDict({self.arrayrecord_key: mine, self.configrecord_key: content[self.configrecord_key]}),
+                       dst_node_id=msg.metadata.dst_node_id, message_type=msg.metadata.message_type)
+
     def _event(self, rnd: int, site: str, message: str) -> None:
         print(f"fedfm: round {rnd}: site {site}: {message}", flush=True)
         if self.runlog:
@@ -150,6 +193,8 @@ class FedFMMixin:
                 state[f"{name}/{k}"] = np.asarray(v)
         for i, v in enumerate(getattr(self, "momentum_vector", None) or []):  # FedAvgM keeps a list
             state[f"momentum/{i:05d}"] = np.asarray(v)
+        for site, own in self.personal.items():
+            state.update({f"personal/{site}/{k}": v for k, v in own.items()})
         return state
 
     def set_state(self, state: dict[str, np.ndarray]) -> None:
@@ -160,6 +205,11 @@ class FedFMMixin:
         if hasattr(self, "momentum_vector"):
             mom = [state[k] for k in sorted(k for k in state if k.startswith("momentum/"))]
             self.momentum_vector = mom or None
+        self.personal = {}
+        for key, v in state.items():
+            if key.startswith("personal/"):
+                _, site, name = key.split("/", 2)
+                self.personal.setdefault(site, {})[name] = np.asarray(v)
 
 
 def _train_rows(rnd: int, site: str, metrics: MetricRecord) -> list[dict]:
@@ -219,5 +269,6 @@ def build_strategy(cfg: RunConfig, runlog: RunLog | None, full_model_bytes: int,
         strategy = FedFMFedAvgM(server_learning_rate=cfg.server_lr, server_momentum=cfg.server_momentum, **common)
     else:  # RunConfig validates this; kept for direct callers
         raise ValueError(f"strategy {cfg.strategy!r} is not one of fedavg, fedprox, fedadam, fedavgm")
-    strategy.setup_fedfm(runlog, full_model_bytes, round_offset)
+    strategy.setup_fedfm(runlog, full_model_bytes, round_offset, personal_tasks=cfg.personal_tasks,
+                         query_timeout=cfg.round_timeout)
     return strategy

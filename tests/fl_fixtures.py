@@ -75,9 +75,9 @@ class InProcessGrid:
         return list(self.contexts)
 
     def send_and_receive(self, messages, *, timeout=None):
-        from clients.app import evaluate, train
+        from clients.app import evaluate, query, train
 
-        handler = {MessageType.TRAIN: train, MessageType.EVALUATE: evaluate}
+        handler = {MessageType.TRAIN: train, MessageType.EVALUATE: evaluate, MessageType.QUERY: query}
         return [handler[m.metadata.message_type](m, self.contexts[m.metadata.dst_node_id]) for m in messages]
 
 

@@ -1,13 +1,17 @@
 """One real `flwr run .` end to end: local simulation SuperLink + Ray, 2 sites, tiny preset,
-2 rounds, server-side pretraining of the backbone (no checkpoint given). Own FLWR_HOME in a
-temp dir; the SuperLink is stopped by PID in `run_federation`'s finally, also on failure."""
+2 rounds, server-side pretraining of the backbone (no checkpoint given), personal PE heads;
+then a resumed third round, whose new nodes the server must ask which site they are (a
+QUERY message through Ray) to hand each its own head. Own FLWR_HOME in a temp dir; the
+SuperLink is stopped by PID in `run_federation`'s finally, also on failure."""
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import load_file
 
+from fedfm.runlog import read_jsonl
 from fl_fixtures import run_config, write_federation
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,16 +22,8 @@ from run_federation import run_federation  # noqa: E402
 
 def test_flwr_run_end_to_end(tmp_path, cache_dir):
     fed = write_federation(tmp_path / "fed")
-    rc = run_config(fed, tmp_path / "run", cache_dir, backbone="")
-    with open(tmp_path / "stream.log", "w") as log:
-        result = run_federation(rc, num_supernodes=2, flwr_home=tmp_path / "flwr-home", num_cpus=1,
-                                log=log, timeout_s=600)
-    stream = (tmp_path / "stream.log").read_text()
-    assert result["ok"], f"{result}\n{stream[-3000:]}"
-    assert result["status"] == "finished:completed"
-    # nothing of ours keeps running: no process mentions this test's FLWR_HOME
-    left = subprocess.run(["pgrep", "-f", str(tmp_path / "flwr-home")], capture_output=True, text=True)
-    assert left.stdout.strip() == ""
+    rc = run_config(fed, tmp_path / "run", cache_dir, backbone="", **{"personal-heads": "PE"})
+    _run(rc, tmp_path, "first")
 
     run = tmp_path / "run"
     for name in ("config.json", "metrics.jsonl", "ledger.jsonl", "baselines.json", "report.md", "report.json"):
@@ -43,3 +39,24 @@ def test_flwr_run_end_to_end(tmp_path, cache_dir):
     assert all(r["bytes_up"] == 2 * comm["adapter_bytes"] for r in comm["per_round"])
     assert 0 < comm["adapter_fraction"] < 1
     assert (run / "checkpoints" / "round-002" / "adapter.safetensors").exists()
+
+    # resume for a third round: fresh SuperNodes, so the server asks them which site they are
+    _run({**rc, "num-server-rounds": 3, "resume": str(run)}, tmp_path, "resumed")
+    assert read_jsonl(run / "events.jsonl") == []  # no site error, no rejected update, no timeout
+    ledger = read_jsonl(run / "ledger.jsonl")
+    assert sorted((r["round"], r["site"], r["status"]) for r in ledger if r["round"] == 3) == [
+        (3, "alpha", "ok"), (3, "beta", "ok")]
+    state = load_file(str(run / "checkpoints" / "round-003" / "strategy.safetensors"))
+    assert {k.split("/")[1] for k in state if k.startswith("personal/")} == {"alpha", "beta"}
+
+
+def _run(rc: dict, tmp_path: Path, name: str) -> None:
+    with open(tmp_path / f"{name}.log", "w") as log:
+        result = run_federation(rc, num_supernodes=2, flwr_home=tmp_path / "flwr-home", num_cpus=1,
+                                log=log, timeout_s=600)
+    stream = (tmp_path / f"{name}.log").read_text()
+    assert result["ok"], f"{result}\n{stream[-3000:]}"
+    assert result["status"] == "finished:completed"
+    # nothing of ours keeps running: no process mentions this test's FLWR_HOME
+    left = subprocess.run(["pgrep", "-f", str(tmp_path / "flwr-home")], capture_output=True, text=True)
+    assert left.stdout.strip() == ""

@@ -141,3 +141,46 @@ def test_corrupt_baselines_cache_is_named_and_refitted(full_run, tmp_path, capsy
     run_server({**rc, "resume": str(run)})  # all rounds done: evaluator set-up and report only
     assert f"{run / 'baselines.json'}: not valid JSON" in capsys.readouterr().err
     assert json.loads((run / "baselines.json").read_text()) == good
+
+
+def test_personal_heads_resume_and_score_each_site_with_its_own(tmp_path, cache_dir, backbone, task_identity):
+    from fedfm.config import RunConfig
+    from fedfm.evaluate import predict
+    from fedfm.federated import build_run_model, load_site_tasks, personal_keys, torch_state
+    from fedfm.metrics import score
+    from fedfm.model import set_adapter_state
+    from fedfm.scenarios import load_site
+    from fl_fixtures import NUM_BEAMS
+
+    fed = write_federation(tmp_path / "fed")
+    personal = {"personal-heads": "PE,LoS"}
+    full = run_server(run_config(fed, tmp_path / "full", cache_dir, backbone[0], **personal))
+    rc = run_config(fed, tmp_path / "cut", cache_dir, backbone[0], **personal, **{"num-server-rounds": 1})
+    run_server(rc)
+    resumed = run_server({**rc, "num-server-rounds": 2, "resume": str(tmp_path / "cut")})  # new nodes: a query
+    a, sa, _ = full.load_checkpoint(2)
+    b, sb, _ = resumed.load_checkpoint(2)
+    assert set(a) == set(b) and set(sa) == set(sb)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    for k in sa:
+        np.testing.assert_array_equal(sa[k], sb[k])
+    # one copy of the PE and LoS heads per training site, and they differ between sites
+    own = {s: {k.split("/", 2)[2]: v for k, v in sa.items() if k.startswith(f"personal/{s}/")} for s in ("alpha", "beta")}
+    assert set(own["alpha"]) == set(own["beta"]) == set(personal_keys(a, ("PE", "LoS"))) != set()
+    assert any(not np.array_equal(own["alpha"][k], own["beta"][k]) for k in own["alpha"])
+    # the evaluator scored alpha's PE with alpha's own head, gamma (held out) with the global one
+    rows = {(r["site"], r["task"]): r for r in read_jsonl(full.dir / "metrics.jsonl")
+            if r["source"] == "federated" and r["round"] == 2}
+    assert rows[("alpha", "PE")]["head"] == "own" and "head" not in rows[("alpha", "CE")]
+    assert "head" not in rows[("gamma", "PE")]
+    cfg = RunConfig.from_flower({**rc, "num-server-rounds": 2})
+    model = build_run_model(cfg, NUM_BEAMS, backbone[0]).eval()
+    td = load_site_tasks(load_site(fed.parent / "alpha.yaml"), "test", str(cache_dir))["PE"]
+    mae = {}
+    for name, state in (("own", {**a, **own["alpha"]}), ("global", a)):
+        set_adapter_state(model, torch_state(state))
+        mae[name] = score("PE", predict(model, td), td)["mae_db"]
+    assert rows[("alpha", "PE")]["mae_db"] == pytest.approx(mae["own"], rel=1e-6)
+    assert mae["own"] != pytest.approx(mae["global"], rel=1e-6)
+    assert "Personal heads (`personal-heads = PE,LoS`)" in (full.dir / "report.md").read_text()

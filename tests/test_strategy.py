@@ -168,3 +168,64 @@ def test_fedavgm_server_momentum_by_hand_and_its_state_resumes():
     agg2, _ = resumed.aggregate_train(2, [reply(sent[1], "s1", 1, a=[-1.0, 2.0]),
                                           reply(sent[2], "s2", 1, a=[-1.0, 2.0])])
     np.testing.assert_allclose(agg2["a"].numpy(), [-2.0, 2.0], rtol=1e-6)
+
+
+class QueryGrid(FakeGrid):
+    """FakeGrid that also answers QUERY messages: node id → site name, as clients.app.query."""
+
+    def __init__(self, sites):
+        super().__init__(list(sites))
+        self.sites, self.queried = sites, []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        out = []
+        for m in messages:
+            assert m.metadata.message_type == "query"
+            self.queried.append(m.metadata.dst_node_id)
+            out.append(Message(RecordDict({"site": ConfigRecord({"name": self.sites[m.metadata.dst_node_id]})}),
+                               reply_to=m))
+        return out
+
+
+def test_personal_heads_stay_with_their_site_and_survive_a_resume():
+    # Prepare: the PE head is personal, the LoRA weight and the CE head are shared
+    cfg = RunConfig(min_train_nodes=2, personal_heads="PE")
+    lora, ce, pe = "base_model.model.lora_A", "base_model.model.heads.CE.fc.weight", "base_model.model.heads.PE.fc.weight"
+    glob = {lora: np.zeros(2), ce: np.zeros(2), pe: np.zeros(2)}
+    strategy = build_strategy(cfg, None, 1)
+    grid = QueryGrid({1: "east", 2: "west"})
+    sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, arrays(**glob), ConfigRecord(), grid)}
+    assert grid.queried == []  # round 1: nothing personal yet, every site starts from the global state
+    east = {lora: [1.0, 1.0], ce: [2.0, 2.0], pe: [10.0, 10.0]}
+    west = {lora: [3.0, 3.0], ce: [4.0, 4.0], pe: [30.0, 50.0]}
+    # Execute: aggregate round 1 (weights 1 and 3), configure round 2
+    agg, _ = strategy.aggregate_train(1, [reply(sent[1], "east", 1, **east), reply(sent[2], "west", 3, **west)])
+    nxt = {m.metadata.dst_node_id: m for m in strategy.configure_train(2, agg, ConfigRecord(), grid)}
+    # Assert: the global state is the weighted FedAvg of everything, PE head included (for the held-out
+    # sites and sites not seen yet); each site gets back its own PE head and the global rest
+    np.testing.assert_allclose(agg[lora].numpy(), [2.5, 2.5])          # (1·1 + 3·3) / 4
+    np.testing.assert_allclose(agg[pe].numpy(), [25.0, 40.0])          # (10 + 3·30)/4, (10 + 3·50)/4
+    np.testing.assert_array_equal(nxt[1].content["arrays"][pe].numpy(), [10.0, 10.0])
+    np.testing.assert_array_equal(nxt[2].content["arrays"][pe].numpy(), [30.0, 50.0])
+    for node in (1, 2):
+        np.testing.assert_allclose(nxt[node].content["arrays"][ce].numpy(), [3.5, 3.5])  # (2 + 3·4) / 4
+        np.testing.assert_allclose(nxt[node].content["arrays"][lora].numpy(), [2.5, 2.5])
+    assert grid.queried == []  # the round-1 replies named the sites
+    assert set(strategy.personal) == {"east", "west"} and set(strategy.personal["east"]) == {pe}
+    # Resume: a fresh strategy with the checkpointed state and new node ids asks who is who
+    state = strategy.get_state()
+    resumed = build_strategy(cfg, None, 1, round_offset=1)
+    resumed.set_state(state)
+    grid2 = QueryGrid({7: "west", 8: "east"})
+    again = {m.metadata.dst_node_id: m for m in resumed.configure_train(1, agg, ConfigRecord(), grid2)}
+    assert sorted(grid2.queried) == [7, 8]
+    np.testing.assert_array_equal(again[7].content["arrays"][pe].numpy(), [30.0, 50.0])
+    np.testing.assert_array_equal(again[8].content["arrays"][pe].numpy(), [10.0, 10.0])
+
+
+def test_personal_heads_config_is_checked():
+    assert RunConfig(personal_heads="PE, LoS").personal_tasks == ("PE", "LoS")
+    assert RunConfig(personal_heads="all").personal_tasks == ("CE", "CP", "PF", "BF", "DE", "PE", "LoS")
+    assert RunConfig().personal_tasks == ()
+    with pytest.raises(ValueError, match=r"`personal-heads` = 'PE,los'.*comma-separated list of CE"):
+        RunConfig(personal_heads="PE,los")
