@@ -60,6 +60,7 @@ class RunConfig:
     round_timeout: float = 1800.0   # seconds the server waits for a round's replies
     pretrain_steps: int = 200       # central pretraining steps when no backbone is given
     eval_max_samples: int = 0       # cap on test samples per site in central evaluation; 0 = all
+    eval_every: int = 1             # central evaluation at round 0, every k-th round and the last round
     train_max_samples: int = 0      # a site trains on (and its baselines fit) its first N train samples; 0 = all
     out_dir: str = "runs/latest"    # the run folder itself (config.json, metrics.jsonl, ...)
     cache_dir: str = ""             # site data cache; "" → $FEDFM_CACHE_DIR or ~/.cache/fedfm
@@ -75,7 +76,8 @@ class RunConfig:
         _check("device", self.device, self.device in DEVICES, f"one of {', '.join(DEVICES)}")
         _check("federation", self.federation, bool(self.federation), "a path to a federation YAML")
         _check("out-dir", self.out_dir, bool(self.out_dir), "a folder path")
-        for key in ("num_server_rounds", "local_steps", "batch_size", "lora_r", "lora_alpha", "min_train_nodes"):
+        for key in ("num_server_rounds", "local_steps", "batch_size", "lora_r", "lora_alpha", "min_train_nodes",
+                    "eval_every"):
             value = getattr(self, key)
             _check(_kebab(key), value, value >= 1, "an integer >= 1")
         for key in ("pretrain_steps", "eval_max_samples", "train_max_samples", "seed"):
@@ -94,6 +96,12 @@ class RunConfig:
         named = [t.strip() for t in self.personal_heads.split(",") if t.strip()]
         _check("personal-heads", self.personal_heads, self.personal_heads.strip() == "all" or
                all(t in TASKS for t in named), f"'' (none), 'all' or a comma-separated list of {', '.join(TASKS)}")
+
+    def evaluates_round(self, round_: int) -> bool:
+        """Whether the central evaluator scores round ``round_`` (``eval-every``): round 0, every
+        k-th round and the last, so a run's report always has its start and its end. Every
+        round is checkpointed either way."""
+        return round_ % self.eval_every == 0 or round_ == self.num_server_rounds
 
     @property
     def personal_tasks(self) -> tuple[str, ...]:

@@ -86,7 +86,7 @@ def summarize(run: dict) -> dict:
             "avg_score": per_round[-1] if per_round else {},
             # rounds after round 0 in which no site's update reached the average: the global
             # adapters did not change, so the run did less training than it was asked for
-            "rounds_without_update": [r for r in rounds if r > 0 and not ok.get(r)],
+            "rounds_without_update": sorted(r for r in set(rounds) | set(ok) if r > 0 and not ok.get(r)),
             "communication": comm, "events": run["events"]}
 
 
@@ -149,8 +149,11 @@ def _site_table(summary: dict, role: str) -> list[str]:
 def _markdown(s: dict) -> str:
     bb = s.get("backbone") or {}
     lines = [f"# fedfm run report — {Path(s['run_dir']).name}", "",
-             f"Strategy `{s['strategy']}`, {len(s['rounds']) - 1 if s['rounds'] else 0} rounds after round 0 "
-             f"(final round {s['final_round']}). Backbone: {bb.get('source', '?')} "
+             f"Strategy `{s['strategy']}`, {s['final_round'] or 0} rounds after round 0 "
+             f"(final round {s['final_round']}"
+             + (f"; central evaluation at rounds {', '.join(map(str, s['rounds']))}"
+                if s["rounds"] and len(s["rounds"]) <= s["final_round"] else "")
+             + f"). Backbone: {bb.get('source', '?')} "
              f"(sha256 {str(bb.get('sha256', ''))[:12]}). NMSE in dB.", ""]
     if s.get("personal_heads"):
         lines += [f"Personal heads (`personal-heads = {s['personal_heads']}`): each training site keeps and is "

@@ -55,6 +55,9 @@ def main(grid: Grid, context: Context) -> None:
     def evaluate_fn(round_: int, arrays: ArrayRecord) -> MetricRecord | None:
         if round_ == 0 and offset > 0:
             return None  # resumed: round `offset` was evaluated and checkpointed already
+        if not cfg.evaluates_round(round_ + offset):  # eval-every: the round is complete all the same
+            checkpoint(round_ + offset, arrays)
+            return None
         return evaluate(round_ + offset, arrays)
 
     site_config = ConfigRecord({"backbone-path": run.backbone, "backbone-sha256": run.backbone_sha256,

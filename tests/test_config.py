@@ -51,3 +51,11 @@ def test_broken_site_yaml_is_isolated(tmp_path):
     assert train_site_for_partition(fed, 1, 2).error == entries[1].error
     with pytest.raises(ValueError, match="num-supernodes=2"):
         train_site_for_partition(fed, 0, 3)
+
+
+def test_eval_every_schedule():
+    cfg = RunConfig(num_server_rounds=7, eval_every=3)
+    assert [r for r in range(8) if cfg.evaluates_round(r)] == [0, 3, 6, 7]
+    assert all(RunConfig(num_server_rounds=4).evaluates_round(r) for r in range(5))
+    with pytest.raises(ValueError, match=r"`eval-every` = 0 is not allowed; expected an integer >= 1"):
+        RunConfig(eval_every=0)

@@ -184,3 +184,18 @@ def test_personal_heads_resume_and_score_each_site_with_its_own(tmp_path, cache_
     assert rows[("alpha", "PE")]["mae_db"] == pytest.approx(mae["own"], rel=1e-6)
     assert mae["own"] != pytest.approx(mae["global"], rel=1e-6)
     assert "Personal heads (`personal-heads = PE,LoS`)" in (full.dir / "report.md").read_text()
+
+
+def test_eval_every_scores_round_0_every_kth_and_the_last_and_checkpoints_all(tmp_path, cache_dir, backbone,
+                                                                             task_identity):
+    rc = run_config(write_federation(tmp_path / "fed"), tmp_path / "run", cache_dir, backbone[0],
+                    **{"num-server-rounds": 3, "eval-every": 2, "local-steps": 1})
+    log = run_server(rc)
+    fed = read_jsonl(log.dir / "metrics.jsonl")
+    assert sorted({r["round"] for r in fed if r["source"] == "federated"}) == [0, 2, 3]
+    assert sorted({r["round"] for r in fed if r["source"] == "train"}) == [1, 2, 3]  # every round trained
+    assert log.complete_rounds() == [0, 1, 2, 3]
+    report = json.loads((log.dir / "report.json").read_text())
+    assert report["rounds"] == [0, 2, 3] and report["final_round"] == 3 and report["rounds_without_update"] == []
+    assert "3 rounds after round 0 (final round 3; central evaluation at rounds 0, 2, 3)" in \
+        (log.dir / "report.md").read_text()
