@@ -4,7 +4,8 @@
 
 Only adapter state travels. Each round: broadcast the global adapters → sites train
 locally → the strategy aggregates (server/strategy.py) → the central evaluator scores
-every site (server/evaluator.py) → a checkpoint marks the round complete.
+every site (server/evaluator.py; each k-th round with ``eval-every=k``) → a checkpoint
+marks the round complete.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Central evaluation: every task on every site's test split, every round (round 0 too).
+"""Central evaluation: every task on every site's test split, after every round and at round 0
+(with ``eval-every=k``: round 0, every k-th round and the last).
 
 Training sites and held-out sites alike are scored by the server with the global
 adapter state (issue 4); with ``personal-heads`` a training site is scored with its own
