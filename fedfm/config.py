@@ -93,9 +93,15 @@ class RunConfig:
         _check("fraction-train", self.fraction_train, 0 < self.fraction_train <= 1, "a number in (0, 1]")
         from fedfm.tasks import TASKS
 
-        named = [t.strip() for t in self.personal_heads.split(",") if t.strip()]
-        _check("personal-heads", self.personal_heads, self.personal_heads.strip() == "all" or
-               all(t in TASKS for t in named), f"'' (none), 'all' or a comma-separated list of {', '.join(TASKS)}")
+        _check("personal-heads", self.personal_heads, set(self._named_heads()) <= set(TASKS),
+               f"'' (none), 'all' or a comma-separated list of {', '.join(TASKS)}")
+
+    def _named_heads(self) -> list[str]:
+        from fedfm.tasks import TASKS
+
+        if self.personal_heads.strip() == "all":
+            return list(TASKS)
+        return [t.strip() for t in self.personal_heads.split(",") if t.strip()]
 
     def evaluates_round(self, round_: int) -> bool:
         """Whether the central evaluator scores round ``round_`` (``eval-every``): round 0, every
@@ -108,10 +114,7 @@ class RunConfig:
         """Tasks whose heads stay personal to each training site (``personal-heads``)."""
         from fedfm.tasks import TASKS
 
-        if self.personal_heads.strip() == "all":
-            return TASKS
-        named = {t.strip() for t in self.personal_heads.split(",")}
-        return tuple(t for t in TASKS if t in named)
+        return tuple(t for t in TASKS if t in self._named_heads())
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any], base_dir: str | Path | None = None) -> "RunConfig":
