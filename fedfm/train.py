@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from fedfm.model.config import DENSE_TASKS, POOLED_OUTPUTS
 from fedfm.model.lora import base_model, lora_parameters
-from fedfm.model.pretrain import MASK_TYPES, Pretrainer, make_mask, masked_nmse
+from fedfm.model.pretrain import MASK_PRIORS, MASK_TYPES, Pretrainer, make_mask, masked_nmse
+from fedfm.model.prior import classical_prior
 
 
 POOLED_TASKS = ("BF", *POOLED_OUTPUTS)
@@ -331,17 +332,29 @@ def pretrain(model: nn.Module, sites, steps: int, batch_size: int = 32, lr: floa
 
 
 @torch.no_grad()
-def reconstruction_nmse(pre: Pretrainer, spec, arrays: dict, kind: str, seed: int = 0,
-                        batch_size: int = 64, device=None) -> float:
-    """Linear NMSE on the hidden elements of a split's true CSI under one mask type."""
+def reconstruction_nmse(pre: Pretrainer | None, spec, arrays: dict, kind: str, seed: int = 0,
+                        batch_size: int = 64, device=None, patch: tuple[int, int, int] | None = None) -> float:
+    """Linear NMSE on the hidden elements of a split's true CSI under one mask type.
+
+    ``pre=None`` scores the mask's classical filler instead (``MASK_PRIORS``: last slot held,
+    AR across sub-bands, zeros for the random mask; give ``patch``) on the same noisy, masked
+    samples: the reference a reconstruction has to beat to be worth anything.
+    """
     device = resolve_device(device)
-    pre.to(device).eval()
+    if pre is not None:
+        pre.to(device).eval()
+        patch = pre.cfg.patch
     (h, lo, hi), = _site_grids([(spec, arrays)])
     gen = torch.Generator().manual_seed(seed)
     total = 0.0
     for i in range(0, h.shape[0], batch_size):
-        x, visible, target, mask = masked_batch(h[i:i + batch_size].to(device), kind, (lo, hi), pre.cfg.patch, gen)
-        with autocast(device):
-            total += float(masked_nmse(pre(x, visible), target, mask)) * x.shape[0]
-    pre.train()
+        x, visible, target, mask = masked_batch(h[i:i + batch_size].to(device), kind, (lo, hi), patch, gen)
+        if pre is None:  # time/frequency masks are one mask for the whole batch
+            out = classical_prior(MASK_PRIORS[kind], x, visible if kind == "random" else visible[0])
+        else:
+            with autocast(device):
+                out = pre(x, visible)
+        total += float(masked_nmse(out, target, mask)) * x.shape[0]
+    if pre is not None:
+        pre.train()
     return total / h.shape[0]

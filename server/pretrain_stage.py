@@ -28,7 +28,7 @@ def run_pretrain(grid: Grid, cfg: RunConfig) -> str:
     def evaluate_fn(round_: int, arrays: ArrayRecord) -> MetricRecord:
         rows = evaluate_reconstruction(cfg, good, {k: a.numpy() for k, a in arrays.items()}, num_beams, round_)
         runlog.append_metrics(rows)
-        return MetricRecord({f"{r['site']}-{r['task']}-nmse": r["nmse"] for r in rows})
+        return MetricRecord({f"{r['site']}-{r['task']}-nmse": r["nmse"] for r in rows if r["source"] == "federated"})
 
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord({k: Array(v) for k, v in state.items()}),
                             num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,

@@ -36,6 +36,14 @@ def test_reconstruction_improves_on_every_site(pretrain_run):
         assert sum(end[site, m] for m in MASKS) < sum(start[site, m] for m in MASKS), (start, end)
 
 
+def test_classical_reference_is_logged_once_beside_the_model(pretrain_run):
+    _, log = pretrain_run
+    rows = [r for r in read_jsonl(log.dir / "metrics.jsonl") if r["source"] == "classical"]
+    assert sorted((r["site"], r["task"], r["method"], r["round"]) for r in rows) == sorted(
+        (s, t, m, 0) for s in ("alpha", "beta", "gamma") for t, m in (("MASK-time", "hold"), ("MASK-frequency", "ar")))
+    assert all(0.0 < r["nmse"] < 1.0 for r in rows if r["method"] == "ar")  # AR across sub-bands beats zeros
+
+
 def test_full_state_travels_and_ledger_counts_it(pretrain_run):
     _, log = pretrain_run
     full = log.read_config()["full_state_bytes"]

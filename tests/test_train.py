@@ -143,6 +143,34 @@ def test_tiny_pretrain_lowers_reconstruction_nmse_of_every_mask(cache_dir):
     assert pre.backbone is base_model(model).backbone  # pretraining wrote into the model's backbone
 
 
+def test_reconstruction_reference_is_the_classical_filler(cache_dir):
+    """The reference of the time mask is the last visible slot held (by hand here), of the
+    frequency mask AR extrapolation (better than zeros); a model that outputs zeros scores 1."""
+    from fedfm.model.pretrain import Pretrainer
+    from fedfm.train import _site_grids, masked_batch
+
+    spec, _, test = tiny_real_site(cache_dir)
+    cfg = real_cfg()
+    ref = {k: reconstruction_nmse(None, spec, test, k, seed=3, patch=cfg.patch) for k in ("time", "frequency")}
+    (h, lo, hi), = _site_grids([(spec, test)])
+    assert h.shape[0] <= 64  # one batch, so the noise draws below are the ones reconstruction_nmse made
+    x, visible, target, mask = masked_batch(h, "time", (lo, hi), cfg.patch, torch.Generator().manual_seed(3))
+    x, target, mask = x.numpy(), target.numpy(), mask.numpy()
+    last = int(np.flatnonzero(visible[0].any(axis=(1, 2)).numpy())[-1])
+    held = np.repeat(x[:, last:last + 1], x.shape[1], axis=1)
+    m = mask[..., None]
+    by_hand = np.mean(((held - target) ** 2 * m).reshape(len(x), -1).sum(1) / (target ** 2 * m).reshape(len(x), -1).sum(1))
+    assert ref["time"] == pytest.approx(by_hand, rel=1e-5)
+    assert 0.0 < ref["frequency"] < 1.0  # AR across sub-bands beats zeros on real channels
+    pre = Pretrainer(cfg)
+    with torch.no_grad():
+        pre.head.weight.zero_()
+        pre.head.bias.zero_()
+    for k in ("random", *ref):
+        assert reconstruction_nmse(pre, spec, test, k, seed=3, device="cpu") == pytest.approx(1.0)
+    assert reconstruction_nmse(None, spec, test, "random", seed=3, patch=cfg.patch) == pytest.approx(1.0)
+
+
 def test_tiny_finetune_lowers_every_task_loss(cache_dir):
     tasks_mod = pytest.importorskip("fedfm.tasks")
     if not hasattr(tasks_mod, "build_tasks"):
