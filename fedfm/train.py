@@ -282,31 +282,14 @@ def masked_batch(h: torch.Tensor, kind: str, snr_db: tuple[float, float], patch,
     return noisy * visible[..., None] / scale, visible, h / scale, mask
 
 
-SUB_GRIDS = ("full", "every other sub-band", "half array", "both")
-
-
-def sub_grid(h: torch.Tensor, variant: int) -> torch.Tensor:
-    """One of ``SUB_GRIDS`` of a batch h [B, G, K, N, 2] (a grid too small to halve stays whole)."""
-    name = SUB_GRIDS[variant]
-    B, G, K, N, _ = h.shape
-    if name in ("every other sub-band", "both") and K >= 16:
-        h = h[:, :, ::2]
-    if name in ("half array", "both") and N >= 4:
-        h = h[:, :, :, :N // 2]
-    return h
-
-
 def pretrain(model: nn.Module, sites, steps: int, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
              device=None, mask_types: tuple[str, ...] = MASK_TYPES, history: list | None = None,
-             log_every: int = 50, sub_grids: bool = False) -> Pretrainer:
+             log_every: int = 50) -> Pretrainer:
     """Masked reconstruction of the sites' true sub-6 CSI (all T+P slots), trained into the
     backbone of ``model`` (a FedFM, peft-wrapped or not, or a Pretrainer).
 
     sites: [(SiteSpec, split arrays)]. Steps cycle through ``mask_types``. Returns the
     Pretrainer (backbone + decoder) for ``reconstruction_nmse``; save with ``save_backbone``.
-    ``sub_grids``: each batch is, with equal odds, the full grid, every other sub-band (the
-    same band sampled half as finely), the first half of the array (a smaller ULA), or both —
-    so the backbone meets other system configurations than the training sites' own.
     """
     if steps <= 0:
         raise ValueError(f"pretrain: `steps` should be positive, got {steps}")
@@ -329,10 +312,7 @@ def pretrain(model: nn.Module, sites, steps: int, batch_size: int = 32, lr: floa
             i = int(torch.multinomial(sizes, 1, generator=gen))
             h, lo, hi = grids[i]
             idx = torch.randint(h.shape[0], (batch_size,), generator=gen)
-            hb = h[idx]
-            if sub_grids:  # drawn only when asked, so the default keeps its random stream
-                hb = sub_grid(hb, int(torch.randint(len(SUB_GRIDS), (1,), generator=gen)))
-            x, visible, target, mask = masked_batch(hb.to(device), kind, (lo, hi), pre.cfg.patch, gen)
+            x, visible, target, mask = masked_batch(h[idx].to(device), kind, (lo, hi), pre.cfg.patch, gen)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, steps, lr)
             with autocast(device):

@@ -29,7 +29,7 @@ CLASSICAL_MASKS = ("time", "frequency")  # masks with a classical filler to comp
 
 def run_pretraining(federation: str, out: str, preset: str = "tiny", steps: int = 2000, batch_size: int = 32,
                     lr: float = 1e-3, seed: int = 0, device: str | None = None, cache_dir: str | None = None,
-                    sub_grids: bool = False, log=print) -> dict:
+                    log=print) -> dict:
     fed = load_federation(federation)
     device = resolve_device(device)
     cfg = ModelConfig.from_preset(preset, num_beams=fed.num_beams, seed=seed)
@@ -38,11 +38,11 @@ def run_pretraining(federation: str, out: str, preset: str = "tiny", steps: int 
     history: list = []
     t0 = time.perf_counter()
     pre = pretrain(model, sites, steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=device,
-                   history=history, log_every=max(1, steps // 20), sub_grids=sub_grids)
+                   history=history, log_every=max(1, steps // 20))
     seconds = time.perf_counter() - t0
     out_dir = Path(out)
     digest = save_backbone(out_dir / "backbone.safetensors", model,
-                           meta={"federation": fed.name, "steps": steps, "seed": seed, "sub_grids": sub_grids,
+                           meta={"federation": fed.name, "steps": steps, "seed": seed,
                                  "sites": [s.name for s in fed.train_sites]})
     recon, reference = {}, {}
     for spec in fed.sites:
@@ -58,7 +58,7 @@ def run_pretraining(federation: str, out: str, preset: str = "tiny", steps: int 
     report = {"federation": fed.name, "preset": preset, "config": cfg.to_dict(), "steps": steps,
               "batch_size": batch_size, "lr": lr, "seed": seed, "device": str(device), "train_seconds": seconds,
               "backbone": str((out_dir / "backbone.safetensors").resolve()), "sha256": digest,
-              "params": parameter_summary(model), "history": history, "sub_grids": sub_grids,
+              "params": parameter_summary(model), "history": history,
               "reconstruction_nmse_linear": recon,
               "classical_reference_nmse_linear": reference}
     (out_dir / "pretrain.json").write_text(json.dumps(report, indent=1))
@@ -76,12 +76,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu | cuda (default: CUDA when available)")
     p.add_argument("--cache-dir", default=None)
-    p.add_argument("--sub-grids", action="store_true",
-                   help="also pretrain on every other sub-band and on half the array (other system configurations)")
     a = p.parse_args(argv)
     try:
-        r = run_pretraining(a.federation, a.out, a.preset, a.steps, a.batch_size, a.lr, a.seed, a.device, a.cache_dir,
-                            a.sub_grids)
+        r = run_pretraining(a.federation, a.out, a.preset, a.steps, a.batch_size, a.lr, a.seed, a.device, a.cache_dir)
     except ValueError as e:
         print(f"pretrain: {e}", file=sys.stderr)
         return 2

@@ -171,33 +171,6 @@ def test_reconstruction_reference_is_the_classical_filler(cache_dir):
     assert reconstruction_nmse(None, spec, test, "random", seed=3, patch=cfg.patch) == pytest.approx(1.0)
 
 
-def test_sub_grids_halve_the_band_and_the_array():
-    from fedfm.train import sub_grid
-
-    h = torch.arange(2 * 16 * 8 * 2, dtype=torch.float32).reshape(1, 2, 16, 8, 2)
-    assert torch.equal(sub_grid(h, 0), h)
-    assert torch.equal(sub_grid(h, 1), h[:, :, [0, 2, 4, 6, 8, 10, 12, 14]])  # every other sub-band
-    assert torch.equal(sub_grid(h, 2), h[:, :, :, :4])                       # first half of the array
-    assert torch.equal(sub_grid(h, 3), h[:, :, ::2, :4])
-    assert sub_grid(h[:, :, :8, :2], 3).shape == (1, 2, 8, 2, 2)             # too small to halve: whole
-
-
-def test_pretraining_on_sub_grids_meets_other_grid_sizes(cache_dir):
-    spec, train, _ = tiny_real_site(cache_dir)
-    seen = {}
-    for flag in (False, True):
-        model = build_model(real_cfg())
-        tokeniser = base_model(model).backbone.tokeniser
-        shapes = set()
-        hook = tokeniser.register_forward_pre_hook(lambda _m, args: shapes.add(tuple(args[0].shape[2:4])))
-        pretrain(model, [(spec, train)], steps=12, batch_size=4, lr=1e-3, seed=0, device="cpu", sub_grids=flag)
-        hook.remove()
-        seen[flag] = shapes
-    K, N = spec.sub6.subcarriers, spec.sub6.antennas
-    assert seen[False] == {(K, N)}
-    assert seen[True] == {(K, N), (K // 2, N), (K, N // 2), (K // 2, N // 2)}  # 12 draws of 4 variants, seed 0
-
-
 def test_tiny_finetune_lowers_every_task_loss(cache_dir):
     tasks_mod = pytest.importorskip("fedfm.tasks")
     if not hasattr(tasks_mod, "build_tasks"):
