@@ -344,6 +344,8 @@ def reconstruction_nmse(pre: Pretrainer | None, spec, arrays: dict, kind: str, s
     if pre is not None:
         pre.to(device).eval()
         patch = pre.cfg.patch
+    elif patch is None:
+        raise ValueError("reconstruction_nmse: the classical reference (pre=None) needs `patch` for its masks")
     (h, lo, hi), = _site_grids([(spec, arrays)])
     gen = torch.Generator().manual_seed(seed)
     total = 0.0

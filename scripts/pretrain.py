@@ -6,7 +6,8 @@
 Writes OUT/backbone.safetensors + OUT/backbone.json (config, sha256) and OUT/pretrain.json
 (loss history; reconstruction NMSE per mask type on every site's test split, held-out
 sites included, with the classical filler's NMSE on the same masked samples beside the time
-and frequency masks: the last slot held, AR extrapolation across sub-bands). Data: each site's train split (generated or loaded from the cache).
+and frequency masks: the last slot held, AR extrapolation across sub-bands). Data: each
+site's train split (generated or loaded from the cache).
 """
 from __future__ import annotations
 
