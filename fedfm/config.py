@@ -114,7 +114,8 @@ class RunConfig:
         """Tasks whose heads stay personal to each training site (``personal-heads``)."""
         from fedfm.tasks import TASKS
 
-        return tuple(t for t in TASKS if t in self._named_heads())
+        named = self._named_heads()
+        return tuple(t for t in TASKS if t in named)
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any], base_dir: str | Path | None = None) -> "RunConfig":

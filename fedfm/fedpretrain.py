@@ -60,7 +60,7 @@ def evaluate_reconstruction(cfg: RunConfig, entries, state: dict[str, np.ndarray
     rows with ``"source": "classical"``: the time and frequency masks' classical fillers (last
     slot held, AR across sub-bands; ``fedfm.model.pretrain.MASK_PRIORS``) on the same samples,
     the reference a reconstruction has to beat."""
-    from fedfm.model.pretrain import MASK_PRIORS
+    from fedfm.model.pretrain import CLASSICAL_MASKS, MASK_PRIORS
     from fedfm.train import reconstruction_nmse
 
     pre = new_pretrainer(cfg, num_beams, state)
@@ -75,7 +75,7 @@ def evaluate_reconstruction(cfg: RunConfig, entries, state: dict[str, np.ndarray
             nmse = reconstruction_nmse(pre, e.spec, arrays, kind, seed=cfg.seed, device=resolve_device(cfg.device))
             rows.append({"round": round_, "site": e.name, "role": e.role, "task": task, "source": "federated",
                          "nmse": nmse, "nmse_db": float(10 * np.log10(max(nmse, 1e-12)))})
-            if round_ == 0 and kind != "random":  # the model-free reference, once
+            if round_ == 0 and kind in CLASSICAL_MASKS:  # the model-free reference, once
                 ref = reconstruction_nmse(None, e.spec, arrays, kind, seed=cfg.seed, patch=pre.cfg.patch)
                 rows.append({"round": 0, "site": e.name, "role": e.role, "task": task, "source": "classical",
                              "method": MASK_PRIORS[kind], "nmse": ref,

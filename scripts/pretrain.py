@@ -21,11 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedfm.data import load_split  # noqa: E402
 from fedfm.model import ModelConfig, build_model, parameter_summary, save_backbone  # noqa: E402
-from fedfm.model.pretrain import MASK_PRIORS, MASK_TYPES  # noqa: E402
+from fedfm.model.pretrain import CLASSICAL_MASKS, MASK_PRIORS, MASK_TYPES  # noqa: E402
 from fedfm.scenarios import load_federation  # noqa: E402
 from fedfm.train import pretrain, reconstruction_nmse, resolve_device  # noqa: E402
-
-CLASSICAL_MASKS = ("time", "frequency")  # masks with a classical filler to compare against (random: zeros)
 
 
 def run_pretraining(federation: str, out: str, preset: str = "tiny", steps: int = 2000, batch_size: int = 32,

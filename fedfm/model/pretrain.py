@@ -25,6 +25,7 @@ from fedfm.model.tokeniser import grid_dims, unpatchify
 MASK_TYPES = ("random", "time", "frequency")
 MASK_RATIOS = {"random": 0.85, "time": 0.5, "frequency": 0.5}
 MASK_PRIORS = {"random": "observed", "time": "hold", "frequency": "ar"}  # classical filler per mask type
+CLASSICAL_MASKS = tuple(k for k, prior in MASK_PRIORS.items() if prior != "observed")  # those with a filler
 
 
 def make_mask(kind: str, batch: int, shape: tuple[int, int, int], patch: tuple[int, int, int],
