@@ -16,7 +16,8 @@ import numpy as np
 
 from fedfm.config import RunConfig
 from fedfm.data import load_split
-from fedfm.federated import LocalResult, model_config, numpy_state, resolve_device, round_seed, torch_state
+from fedfm.federated import (LocalResult, model_config, numpy_state, resolve_device, round_schedule, round_seed,
+                             torch_state)
 from fedfm.scenarios import SiteSpec
 
 MASK_TASKS = {"random": "MASK-random", "time": "MASK-time", "frequency": "MASK-frequency"}
@@ -46,8 +47,11 @@ def local_pretrain(cfg: RunConfig, spec: SiteSpec, state: dict[str, np.ndarray],
     arrays = load_split(spec, "train", cfg.cache_dir or None)
     seed = round_seed(cfg, spec.name, round_)
     history: list = []
+    # lr-schedule=run: this round's slice of one run-long schedule, as in fine-tuning; `round`
+    # restarts the warm-up and the decay to lr/10 every round.
+    schedule = round_schedule(round_, cfg.local_steps, cfg.num_server_rounds) if cfg.lr_schedule == "run" else None
     pretrain(pre, [(spec, arrays)], steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed,
-             device=resolve_device(cfg.device), history=history, log_every=cfg.local_steps)
+             device=resolve_device(cfg.device), history=history, log_every=cfg.local_steps, schedule=schedule)
     losses = {MASK_TASKS[k[len("nmse_"):]]: float(v) for k, v in history[-1].items() if k.startswith("nmse_")}
     return LocalResult(numpy_state(pre.state_dict()), int(arrays["h_sub6"].shape[0]), losses,
                        time.perf_counter() - t0, seed)

@@ -284,15 +284,19 @@ def masked_batch(h: torch.Tensor, kind: str, snr_db: tuple[float, float], patch,
 
 def pretrain(model: nn.Module, sites, steps: int, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
              device=None, mask_types: tuple[str, ...] = MASK_TYPES, history: list | None = None,
-             log_every: int = 50) -> Pretrainer:
+             log_every: int = 50, schedule: tuple[int, int] | None = None) -> Pretrainer:
     """Masked reconstruction of the sites' true sub-6 CSI (all T+P slots), trained into the
     backbone of ``model`` (a FedFM, peft-wrapped or not, or a Pretrainer).
 
     sites: [(SiteSpec, split arrays)]. Steps cycle through ``mask_types``. Returns the
     Pretrainer (backbone + decoder) for ``reconstruction_nmse``; save with ``save_backbone``.
+    ``schedule`` = (offset, total): as in ``finetune`` (a federated round's slice of one
+    run-long warm-up + cosine schedule); default: the steps are the whole schedule. The
+    history rows carry the learning rate of their last step (``lr``).
     """
     if steps <= 0:
         raise ValueError(f"pretrain: `steps` should be positive, got {steps}")
+    offset, total = schedule if schedule is not None else (0, steps)
     device = resolve_device(device)
     pre = model if isinstance(model, Pretrainer) else Pretrainer(base_model(model).cfg, base_model(model).backbone)
     pre.to(device).train()
@@ -314,7 +318,7 @@ def pretrain(model: nn.Module, sites, steps: int, batch_size: int = 32, lr: floa
             idx = torch.randint(h.shape[0], (batch_size,), generator=gen)
             x, visible, target, mask = masked_batch(h[idx].to(device), kind, (lo, hi), pre.cfg.patch, gen)
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, steps, lr)
+                group["lr"] = lr_at(offset + step, total, lr)
             with autocast(device):
                 loss = masked_nmse(pre(x, visible), target, mask)
             opt.zero_grad(set_to_none=True)
@@ -323,8 +327,8 @@ def pretrain(model: nn.Module, sites, steps: int, batch_size: int = 32, lr: floa
             opt.step()
             running[kind].append(float(loss.detach()))
             if history is not None and ((step + 1) % log_every == 0 or step == steps - 1):
-                history.append({"step": step + 1, **{f"nmse_{k}": float(np.mean(v[-log_every:]))
-                                                     for k, v in running.items() if v}})
+                history.append({"step": step + 1, "lr": opt.param_groups[0]["lr"],
+                                **{f"nmse_{k}": float(np.mean(v[-log_every:])) for k, v in running.items() if v}})
     finally:
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)

@@ -64,3 +64,32 @@ def test_backbone_verifies_and_loads_for_finetuning(pretrain_run):
     assert not any("decoder" in k for k in state)  # the decoder is dropped
     model = build_run_model(RunConfig(preset="tiny", seed=5), 32, str(path))
     assert model is not None and all(np.isfinite(v.numpy()).all() for v in state.values())
+
+
+def test_round_trains_its_slice_of_the_run_schedule(pretrain_run):
+    """lr-schedule=run: round 3 of 3 is steps 8–11 of one 12-step warm-up + cosine schedule
+    (decaying towards lr/10), not a restart of a 4-step one; lr-schedule=round restarts it."""
+    import dataclasses
+
+    import torch
+
+    from fedfm.config import RunConfig, load_federation_sites
+    from fedfm.data import load_split
+    from fedfm.fedpretrain import initial_state, local_pretrain, new_pretrainer
+    from fedfm.federated import round_seed
+    from fedfm.train import lr_at, pretrain
+
+    rc, _ = pretrain_run
+    cfg = dataclasses.replace(RunConfig.from_flower(rc), **{"local_steps": 4, "num_server_rounds": 3, "lr": 0.01})
+    spec = next(e.spec for e in load_federation_sites(cfg.federation) if e.role == "train")
+    state = initial_state(cfg, 32)
+    got = local_pretrain(cfg, spec, state, 3, num_beams=32).state
+    history: list = []
+    want = pretrain(new_pretrainer(cfg, 32, state), [(spec, load_split(spec, "train", cfg.cache_dir))], steps=4,
+                    batch_size=cfg.batch_size, lr=0.01, seed=round_seed(cfg, spec.name, 3), device="cpu",
+                    history=history, log_every=4, schedule=(8, 12)).state_dict()
+    assert history[-1]["lr"] == pytest.approx(lr_at(11, 12, 0.01))
+    assert history[-1]["lr"] < 0.0012  # near the end of the decay to lr/10, not a restart
+    assert all(torch.equal(torch.from_numpy(got[k]), v) for k, v in want.items())
+    restarted = local_pretrain(dataclasses.replace(cfg, lr_schedule="round"), spec, state, 3, num_beams=32).state
+    assert not all(np.array_equal(restarted[k], got[k]) for k in got)
