@@ -25,7 +25,9 @@ def run_pretrain(grid: Grid, cfg: RunConfig) -> str:
                          "full_state_bytes": state_bytes(state)})
     strategy = build_strategy(cfg, runlog, state_bytes(state))
 
-    def evaluate_fn(round_: int, arrays: ArrayRecord) -> MetricRecord:
+    def evaluate_fn(round_: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if not cfg.evaluates_round(round_):  # eval-every: round 0, every k-th and the last
+            return None
         rows = evaluate_reconstruction(cfg, good, {k: a.numpy() for k, a in arrays.items()}, num_beams, round_)
         runlog.append_metrics(rows)
         return MetricRecord({f"{r['site']}-{r['task']}-nmse": r["nmse"] for r in rows if r["source"] == "federated"})
