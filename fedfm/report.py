@@ -259,9 +259,120 @@ def _save(fig, path: Path) -> str:
     return path.name
 
 
+# ---- stage=pretrain: reconstruction NMSE per site and mask type --------------------------
+MASKS = ("random", "time", "frequency")   # fedfm.fedpretrain.MASK_TASKS: task "MASK-<kind>"
+
+
+def summarize_pretrain(run: dict) -> dict:
+    """report.json of a federated pretraining run: reconstruction NMSE (linear) per site and
+    mask type at every scored round, the classical fillers' NMSE beside them, bytes."""
+    roles = {e["name"]: e["role"] for e in run["config"]["sites"]}
+    fed = [r for r in run["metrics"] if r.get("source") == "federated" and r["task"].startswith("MASK-")]
+    rounds = sorted({r["round"] for r in fed})
+    nmse = {(r["round"], r["site"], r["task"][len("MASK-"):]): r["nmse"] for r in fed}
+    classical = {(r["site"], r["task"][len("MASK-"):]): {"method": r.get("method"), "nmse": r["nmse"]}
+                 for r in run["metrics"] if r.get("source") == "classical"}
+    final = rounds[-1] if rounds else None
+    sites = {site: {"role": role,
+                    "start": {m: nmse.get((0, site, m)) for m in MASKS},
+                    "final": {m: nmse.get((final, site, m)) for m in MASKS},
+                    "classical": {m: classical[site, m] for m in MASKS if (site, m) in classical}}
+             for site, role in roles.items()}
+    per_round = [{"round": rnd, **{f"{role}_{m}": _mean([nmse.get((rnd, s, m)) for s, r in roles.items() if r == role])
+                                   for role in ("train", "heldout") for m in MASKS}} for rnd in rounds]
+    comm = _communication(run)
+    ok = {r["round"]: r["sites_ok"] for r in comm["per_round"]}
+    comm["full_state_bytes"] = run["config"].get("full_state_bytes")
+    backbone = read_json(run["dir"] / "backbone.json", {}) if (run["dir"] / "backbone.safetensors").exists() else {}
+    return {"run_dir": str(run["dir"]), "stage": "pretrain", "final_round": final, "rounds": rounds,
+            "strategy": run["config"]["run_config"].get("strategy"),
+            "local_steps": run["config"]["run_config"].get("local-steps"),
+            "backbone": {"path": str(run["dir"] / "backbone.safetensors"), "sha256": backbone.get("sha256")}
+            if backbone else None,
+            "sites": sites, "per_round": per_round, "communication": comm, "events": run["events"],
+            "rounds_without_update": sorted(r for r in set(rounds) | set(ok) if r > 0 and not ok.get(r))}
+
+
+def _mean(values) -> float | None:
+    vals = [v for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def _markdown_pretrain(s: dict) -> str:
+    bb = s["backbone"]
+    lines = [f"# fedfm pretraining report — {Path(s['run_dir']).name}", "",
+             f"Stage `pretrain`: strategy `{s['strategy']}` over the whole backbone + decoder state, "
+             f"{s['final_round'] or 0} rounds × {s['local_steps']} local steps of masked reconstruction per site. "
+             + (f"Backbone: `{bb['path']}` (sha256 {str(bb['sha256'])[:12]}; decoder dropped)."
+                if bb else "**No backbone was saved: the run did not finish.**"), ""]
+    if s.get("rounds_without_update"):
+        lines += [f"**Incomplete: no site update reached the average in round(s) "
+                  f"{', '.join(map(str, s['rounds_without_update']))}.**", ""]
+    lines += [f"## Reconstruction NMSE (linear, test split): round 0 → round {s['final_round']}", "",
+              "| site | role | " + " | ".join(f"{m} mask" for m in MASKS) + " |", "|---|---|---|---|---|"]
+    for name, e in s["sites"].items():
+        cells = []
+        for m in MASKS:
+            cell = f"{_ratio(e['start'][m], 3)} → {_ratio(e['final'][m], 3)}"
+            if m in e["classical"]:
+                cell += f" ({e['classical'][m]['method']} {_ratio(e['classical'][m]['nmse'], 3)})"
+            cells.append(cell)
+        lines.append(f"| {name} | {e['role']} | " + " | ".join(cells) + " |")
+    lines += ["", "In brackets: the classical filler of the same hidden elements on the same samples "
+                  "(last slot held, AR across sub-bands); the random mask has none (zeros = 1.0). Lower is better.",
+              "", "## Mean NMSE per round", "",
+              "| round | " + " | ".join(f"{role} {m}" for role in ("train", "heldout") for m in MASKS) + " |",
+              "|---|" + "---|" * 6]
+    for r in s["per_round"]:
+        lines.append(f"| {r['round']} | " + " | ".join(_ratio(r[f'{role}_{m}'], 3)
+                                                       for role in ("train", "heldout") for m in MASKS) + " |")
+    c = s["communication"]
+    lines += ["", "## Communication", "", f"The whole state travels: {c['full_state_bytes'] or 0:,} B per site "
+              "and direction.", "", "| round | bytes down | bytes up | sites ok | sites failed |", "|---|---|---|---|---|"]
+    lines += [f"| {r['round']} | {r['bytes_down']:,} | {r['bytes_up']:,} | {r['sites_ok']} | {r['sites_failed']} |"
+              for r in c["per_round"]]
+    if s["events"]:
+        lines += ["", "## Site errors and rejected updates", ""]
+        lines += [f"- round {e['round']}, site `{e['site']}`: {e['message']}" for e in s["events"]]
+    lines += ["", "Plots: `plots/`. Rebuild: `python scripts/report.py " + s["run_dir"] + "`.", ""]
+    return "\n".join(lines)
+
+
+def _plots_pretrain(run: dict, s: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(exist_ok=True)
+    fed = [r for r in run["metrics"] if r.get("source") == "federated" and r["task"].startswith("MASK-")]
+    fig, axes = plt.subplots(1, len(MASKS), figsize=(13, 4), sharey=True)
+    for ax, m in zip(axes, MASKS):
+        for site, e in s["sites"].items():
+            pts = sorted((r["round"], r["nmse"]) for r in fed if r["site"] == site and r["task"] == f"MASK-{m}")
+            if not pts:
+                continue
+            line, = ax.plot(*zip(*pts), marker="o", label=f"{site} ({e['role']})")
+            if m in e["classical"]:
+                ax.axhline(e["classical"][m]["nmse"], color=line.get_color(), ls="--", lw=0.8)
+        ax.set(xlabel="round", title=f"{m} mask" + (" (dashed: classical)" if m != "random" else ""))
+    axes[0].set(ylabel="reconstruction NMSE (linear)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return [_save(fig, out / "reconstruction_vs_round.png")]
+
+
 def write_report(run_dir: str | Path) -> Path:
-    """Write report.md, report.json and plots/ into ``run_dir``; return report.md's path."""
+    """Write report.md, report.json and plots/ into ``run_dir``; return report.md's path.
+    A ``stage=pretrain`` run (config.json's ``stage``) gets the reconstruction report."""
     run = load_run(run_dir)
+    if run["config"].get("stage") == "pretrain":
+        s = summarize_pretrain(run)
+        s["plots"] = _plots_pretrain(run, s, run["dir"] / "plots")
+        write_json(run["dir"] / "report.json", s)
+        path = run["dir"] / "report.md"
+        path.write_text(_markdown_pretrain(s))
+        return path
     s = summarize(run)
     s["plots"] = _plots(run, s, run["dir"] / "plots")
     write_json(run["dir"] / "report.json", s)

@@ -15,7 +15,7 @@ the run failed. So this script
 - passes absolute paths (the apps run from $FLWR_HOME/apps/... in a cwd nobody chooses);
 - sets one simulated SuperNode per training site and Ray resources per site;
 - reads the run status with `flwr ls --run-id ID --format json` and checks report.md exists
-  (backbone.safetensors for stage=pretrain).
+  (and backbone.safetensors for stage=pretrain).
 Exit status 0 only if the run finished:completed and its report (or backbone) exists.
 """
 from __future__ import annotations
@@ -172,17 +172,16 @@ def run_federation(overrides: dict, num_supernodes: int, flwr_home: Path, num_cp
 
 
 def run_outcome(result: dict, cfg: RunConfig, t0: float) -> dict:
-    """Adds report, wall_s and ok: the run finished:completed and left what its stage makes
-    (stage=pretrain a backbone checkpoint, stage=finetune a report)."""
-    report = cfg.run_dir / ("backbone.safetensors" if cfg.stage == "pretrain" else "report.md")
-    idle = []
-    if cfg.stage != "pretrain":  # read_json gives {} when there is no report.json
-        try:
-            idle = read_json(cfg.run_dir / "report.json", {}).get("rounds_without_update", [])
-        except ValueError:
-            idle = ["unknown (report.json unreadable)"]
+    """Adds report, wall_s and ok: the run finished:completed, left its report, every round
+    changed the global state, and stage=pretrain saved its backbone checkpoint."""
+    report = cfg.run_dir / "report.md"
+    try:  # read_json gives {} when there is no report.json
+        idle = read_json(cfg.run_dir / "report.json", {}).get("rounds_without_update", [])
+    except ValueError:
+        idle = ["unknown (report.json unreadable)"]
+    made = report.exists() and (cfg.stage != "pretrain" or (cfg.run_dir / "backbone.safetensors").exists())
     result.update(report=str(report), wall_s=time.monotonic() - t0, rounds_without_update=idle,
-                  ok=result["status"] == "finished:completed" and report.exists() and not idle)
+                  ok=result["status"] == "finished:completed" and made and not idle)
     return result
 
 

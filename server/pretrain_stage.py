@@ -7,6 +7,7 @@ from flwr.serverapp import Grid
 from fedfm.config import RunConfig, load_federation_sites
 from fedfm.federated import state_bytes
 from fedfm.fedpretrain import evaluate_reconstruction, initial_state, save_federated_backbone
+from fedfm.report import write_report
 from fedfm.runlog import RunLog
 from server.strategy import build_strategy
 
@@ -38,6 +39,7 @@ def run_pretrain(grid: Grid, cfg: RunConfig) -> str:
                             evaluate_fn=evaluate_fn)
     path = runlog.dir / "backbone.safetensors"
     digest = save_federated_backbone(cfg, {k: a.numpy() for k, a in result.arrays.items()}, num_beams, path)
+    report = write_report(runlog.dir)
     print(f"fedfm: federated backbone saved: {path} (sha256 {digest[:12]}); "
-          f"fine-tune with backbone={path}", flush=True)
+          f"fine-tune with backbone={path}; report: {report}", flush=True)
     return str(path)

@@ -44,6 +44,30 @@ def test_classical_reference_is_logged_once_beside_the_model(pretrain_run):
     assert all(0.0 < r["nmse"] < 1.0 for r in rows if r["method"] == "ar")  # AR across sub-bands beats zeros
 
 
+def test_report_tables_the_logged_reconstruction(pretrain_run):
+    from fedfm.runlog import read_json
+
+    _, log = pretrain_run
+    rows = [r for r in read_jsonl(log.dir / "metrics.jsonl") if r["source"] in ("federated", "classical")]
+    report = read_json(log.dir / "report.json")
+    assert report["stage"] == "pretrain" and report["final_round"] == 3 and report["rounds_without_update"] == []
+    md = (log.dir / "report.md").read_text()
+    for r in rows:
+        kind = r["task"][len("MASK-"):]
+        site = report["sites"][r["site"]]
+        if r["source"] == "classical":
+            assert site["classical"][kind]["nmse"] == r["nmse"]
+            assert f"({r['method']} {r['nmse']:.3f})" in md
+        elif r["round"] == 3:
+            assert site["final"][kind] == r["nmse"]
+            assert f"{site['start'][kind]:.3f} → {r['nmse']:.3f}" in md
+    train_time = [r["nmse"] for r in rows if r["round"] == 3 and r["role"] == "train" and r["task"] == "MASK-time"
+                  and r["source"] == "federated"]
+    assert report["per_round"][-1]["train_time"] == pytest.approx(np.mean(train_time))
+    assert (log.dir / "plots" / "reconstruction_vs_round.png").stat().st_size > 10_000
+    assert report["backbone"]["sha256"] and report["backbone"]["sha256"][:12] in md
+
+
 def test_full_state_travels_and_ledger_counts_it(pretrain_run):
     _, log = pretrain_run
     full = log.read_config()["full_state_bytes"]

@@ -100,3 +100,8 @@ def test_report_flags_rounds_in_which_no_update_reached_the_average(tmp_path):
     assert out["ok"] is False and out["rounds_without_update"] == [2, 3]
     write_json(tmp_path / "report.json", {**s, "rounds_without_update": []})
     assert rf.run_outcome({"status": "finished:completed"}, cfg, 0.0)["ok"] is True
+    # stage=pretrain also needs its backbone checkpoint
+    pre = RunConfig(federation="f.yaml", out_dir=str(tmp_path), stage="pretrain")
+    assert rf.run_outcome({"status": "finished:completed"}, pre, 0.0)["ok"] is False
+    (tmp_path / "backbone.safetensors").write_bytes(b"weights")
+    assert rf.run_outcome({"status": "finished:completed"}, pre, 0.0)["ok"] is True
