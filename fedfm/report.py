@@ -4,7 +4,9 @@
 
 Inputs (fedfm.runlog): config.json, metrics.jsonl, baselines.json, ledger.jsonl,
 events.jsonl and, when scripts/compare.py wrote it, compare.json (local-only and
-centralized scores of the same sites). Nothing is recomputed from data or models.
+centralized scores of the same sites). Nothing is recomputed from data or models. A
+``stage=pretrain`` run gets a reconstruction report instead: NMSE per site and mask type
+beside the classical fillers (its metrics.jsonl rows), bytes, and backbone.json's hash.
 
 Average score (DESIGN.md): per task, model error / baseline error on the same split
 (NMSE for CE/CP/PF, MAE for DE/PE, 1 − top-1 for BF, 1 − accuracy for LoS); a site's
@@ -266,6 +268,8 @@ MASKS = ("random", "time", "frequency")   # fedfm.fedpretrain.MASK_TASKS: task "
 def summarize_pretrain(run: dict) -> dict:
     """report.json of a federated pretraining run: reconstruction NMSE (linear) per site and
     mask type at every scored round, the classical fillers' NMSE beside them, bytes."""
+    if not isinstance(run["config"].get("sites"), list):
+        raise ValueError(f"{run['dir'] / 'config.json'}: a stage=pretrain run's config has no `sites` list")
     roles = {e["name"]: e["role"] for e in run["config"]["sites"]}
     fed = [r for r in run["metrics"] if r.get("source") == "federated" and r["task"].startswith("MASK-")]
     rounds = sorted({r["round"] for r in fed})
@@ -366,16 +370,10 @@ def write_report(run_dir: str | Path) -> Path:
     """Write report.md, report.json and plots/ into ``run_dir``; return report.md's path.
     A ``stage=pretrain`` run (config.json's ``stage``) gets the reconstruction report."""
     run = load_run(run_dir)
-    if run["config"].get("stage") == "pretrain":
-        s = summarize_pretrain(run)
-        s["plots"] = _plots_pretrain(run, s, run["dir"] / "plots")
-        write_json(run["dir"] / "report.json", s)
-        path = run["dir"] / "report.md"
-        path.write_text(_markdown_pretrain(s))
-        return path
-    s = summarize(run)
-    s["plots"] = _plots(run, s, run["dir"] / "plots")
+    pre = run["config"].get("stage") == "pretrain"
+    s = (summarize_pretrain if pre else summarize)(run)
+    s["plots"] = (_plots_pretrain if pre else _plots)(run, s, run["dir"] / "plots")
     write_json(run["dir"] / "report.json", s)
     path = run["dir"] / "report.md"
-    path.write_text(_markdown(s))
+    path.write_text((_markdown_pretrain if pre else _markdown)(s))
     return path
