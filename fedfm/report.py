@@ -181,14 +181,18 @@ def _markdown(s: dict) -> str:
     if c.get("full_model_bytes"):
         lines.append(f"Adapter state {c['adapter_bytes']:,} B vs full model {c['full_model_bytes']:,} B "
                      f"({100 * c['adapter_fraction']:.2f}% of the model per site and direction).")
-    lines += ["", "| round | bytes down | bytes up | sites ok | sites failed |", "|---|---|---|---|---|"]
-    for r in c["per_round"]:
-        lines.append(f"| {r['round']} | {r['bytes_down']:,} | {r['bytes_up']:,} | {r['sites_ok']} | {r['sites_failed']} |")
+    return "\n".join(lines + _bytes_and_events(s))
+
+
+def _bytes_and_events(s: dict) -> list[str]:
+    """The bytes-per-round table, site errors and the rebuild line: the end of either report."""
+    lines = ["", "| round | bytes down | bytes up | sites ok | sites failed |", "|---|---|---|---|---|"]
+    lines += [f"| {r['round']} | {r['bytes_down']:,} | {r['bytes_up']:,} | {r['sites_ok']} | {r['sites_failed']} |"
+              for r in s["communication"]["per_round"]]
     if s["events"]:
         lines += ["", "## Site errors and rejected updates", ""]
         lines += [f"- round {e['round']}, site `{e['site']}`: {e['message']}" for e in s["events"]]
-    lines += ["", "Plots: `plots/`. Rebuild: `python scripts/report.py " + s["run_dir"] + "`.", ""]
-    return "\n".join(lines)
+    return lines + ["", "Plots: `plots/`. Rebuild: `python scripts/report.py " + s["run_dir"] + "`.", ""]
 
 
 # ---- plots ------------------------------------------------------------------------------
@@ -332,14 +336,8 @@ def _markdown_pretrain(s: dict) -> str:
                                                        for role in ("train", "heldout") for m in MASKS) + " |")
     c = s["communication"]
     lines += ["", "## Communication", "", f"The whole state travels: {c['full_state_bytes'] or 0:,} B per site "
-              "and direction.", "", "| round | bytes down | bytes up | sites ok | sites failed |", "|---|---|---|---|---|"]
-    lines += [f"| {r['round']} | {r['bytes_down']:,} | {r['bytes_up']:,} | {r['sites_ok']} | {r['sites_failed']} |"
-              for r in c["per_round"]]
-    if s["events"]:
-        lines += ["", "## Site errors and rejected updates", ""]
-        lines += [f"- round {e['round']}, site `{e['site']}`: {e['message']}" for e in s["events"]]
-    lines += ["", "Plots: `plots/`. Rebuild: `python scripts/report.py " + s["run_dir"] + "`.", ""]
-    return "\n".join(lines)
+              "and direction."]
+    return "\n".join(lines + _bytes_and_events(s))
 
 
 def _plots_pretrain(run: dict, s: dict, out: Path) -> list[str]:
