@@ -31,6 +31,7 @@ from fedfm.scenarios import ConfigError, SiteSpec, load_site
 LR_SCHEDULES = ("run", "round")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm")
 STAGES = ("finetune", "pretrain")
+SITE_MODELS = ("global", "local")
 PRESETS = ("tiny", "small", "base", "large")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -55,6 +56,7 @@ class RunConfig:
     server_lr: float = 1.0          # fedavgm: global += server_lr · (momentum of the averaged update)
     server_momentum: float = 0.0    # fedavgm: server momentum (Hsu et al. 2019); 0 and lr 1 = FedAvg
     personal_heads: str = ""        # tasks whose output heads each training site keeps (FedPer): "", "all", "PE,LoS"
+    site_model: str = "global"      # what a training site is scored with: the aggregate, or its own last local model
     fraction_train: float = 1.0     # fraction of connected sites sampled per round
     min_train_nodes: int = 2        # Flower waits until this many sites are connected
     round_timeout: float = 1800.0   # seconds the server waits for a round's replies
@@ -72,6 +74,7 @@ class RunConfig:
         _check("strategy", self.strategy, self.strategy in STRATEGIES, f"one of {', '.join(STRATEGIES)}")
         _check("lr-schedule", self.lr_schedule, self.lr_schedule in LR_SCHEDULES, f"one of {', '.join(LR_SCHEDULES)}")
         _check("stage", self.stage, self.stage in STAGES, f"one of {', '.join(STAGES)}")
+        _check("site-model", self.site_model, self.site_model in SITE_MODELS, f"one of {', '.join(SITE_MODELS)}")
         _check("preset", self.preset, self.preset in PRESETS, f"one of {', '.join(PRESETS)}")
         _check("device", self.device, self.device in DEVICES, f"one of {', '.join(DEVICES)}")
         _check("federation", self.federation, bool(self.federation), "a path to a federation YAML")

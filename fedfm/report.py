@@ -84,6 +84,7 @@ def summarize(run: dict) -> dict:
     return {"run_dir": str(run["dir"]), "final_round": final, "rounds": rounds,
             "strategy": run["config"]["run_config"].get("strategy"),
             "personal_heads": run["config"]["run_config"].get("personal-heads", ""),
+            "site_model": run["config"]["run_config"].get("site-model", "global"),
             "backbone": run["config"].get("backbone"), "sites": sites, "per_round": per_round,
             "avg_score": per_round[-1] if per_round else {},
             # rounds after round 0 in which no site's update reached the average: the global
@@ -160,6 +161,10 @@ def _markdown(s: dict) -> str:
     if s.get("personal_heads"):
         lines += [f"Personal heads (`personal-heads = {s['personal_heads']}`): each training site keeps and is "
                   f"scored with its own head of those tasks; held-out sites use their average.", ""]
+    if s.get("site_model") == "local":
+        lines += ["Local models (`site-model = local`): each training site is scored with its own model after its "
+                  "last local training from the aggregate (FedAvg + local fine-tuning); held-out sites with the "
+                  "aggregate.", ""]
     if s.get("rounds_without_update"):
         lines += [f"**Incomplete: no site update reached the average in round(s) "
                   f"{', '.join(map(str, s['rounds_without_update']))}; the global adapters did not change there "

@@ -3,7 +3,8 @@
 
     python scripts/finetune_site.py --run runs/<id> --site scenarios/sites/uma_2g4.yaml --fraction 0.1
 
-A training site of a run with ``personal-heads`` starts from its own copy of those heads.
+A training site of a run with ``personal-heads`` starts from its own copy of those heads,
+of a run with ``site-model=local`` from its own last local model (as the evaluator scored it).
 The site may be a held-out one: with ``--fraction 0.1`` it fine-tunes on 10% of its
 train-split labels, as in LLM4WM's generalisation experiment. The classical baselines
 are fitted on the same labelled fraction. Scores are on the site's full test split.
@@ -39,9 +40,13 @@ def finetune_site(run_dir: str, site_path: str, fraction: float = 1.0, steps: in
         raise ValueError(f"{run_dir}: no complete round to start from")
     adapter, strategy_state, _ = log.load_checkpoint(last)
     spec = load_site(site_path)
-    # a training site of a `personal-heads` run starts from its own heads, as the evaluator scored it
-    own = f"personal/{spec.name}/"
-    adapter = {**adapter, **{k[len(own):]: v for k, v in strategy_state.items() if k.startswith(own)}}
+    # a training site starts from what the evaluator scored it with: its own last local model
+    # (`site-model=local`), else its own heads (`personal-heads`), over the global state
+    for own in (f"local/{spec.name}/", f"personal/{spec.name}/"):
+        mine = {k[len(own):]: v for k, v in strategy_state.items() if k.startswith(own)}
+        if mine:
+            adapter = {**adapter, **mine}
+            break
     num_beams = conf["model"]["config"]["num_beams"]
     labelled = max(1, math.ceil(fraction * spec.samples.train))
     train = load_site_tasks(spec, "train", cfg.cache_dir, max_samples=labelled)

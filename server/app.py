@@ -51,7 +51,7 @@ def main(grid: Grid, context: Context) -> None:
                                     "backbone_sha256": run.backbone_sha256, "sites": strategy.last_round_sites})
 
     evaluate = get_evaluate_fn(cfg, run.sites, run.model, run.runlog, on_round_end=checkpoint,
-                               personal_for=lambda site: strategy.personal.get(site, {}))
+                               personal_for=strategy.site_state)
 
     def evaluate_fn(round_: int, arrays: ArrayRecord) -> MetricRecord | None:
         if round_ == 0 and offset > 0:

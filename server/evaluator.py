@@ -4,7 +4,9 @@
 Training sites and held-out sites alike are scored by the server with the global
 adapter state (issue 4); with ``personal-heads`` a training site is scored with its own
 copy of those heads over the global rest (what that site deploys), the held-out sites
-with the global ones. The classical baselines are fitted once per site on that
+with the global ones; with ``site-model=local`` a training site is scored with its own
+model after its last local training (FedAvg + local fine-tuning), held-out sites again
+with the global one. The classical baselines are fitted once per site on that
 site's own train split, scored on the same test split, and cached in the run folder
 (``baselines.json``), so a resumed run does not refit them.
 
@@ -93,12 +95,14 @@ class CentralEvaluator:
         for entry in self.sites:
             own = self.personal_for(entry.name) if entry.role == "train" else {}
             set_adapter_state(self.model, torch_state({**state, **own}))
-            own_heads = {t for t in self.test_tasks(entry) if personal_keys(own, (t,))}
+            local = bool(own) and self.cfg.site_model == "local"
+            own_heads = set() if local else {t for t in self.test_tasks(entry) if personal_keys(own, (t,))}
             site_metrics = {}
             for task, td in self.test_tasks(entry).items():
                 site_metrics[task] = score(task, predict(self.model, td, device=self.device), td)
                 rows.append({"round": round_, "site": entry.name, "role": entry.role, "task": task,
                              "source": "federated", **({"head": "own"} if task in own_heads else {}),
+                             **({"model": "local"} if local else {}),
                              **site_metrics[task]})
             summary[entry.name] = (entry.role, average_score(site_metrics, self.baselines[entry.name]))
         if self.runlog:
@@ -117,7 +121,8 @@ def get_evaluate_fn(cfg: RunConfig, sites: list[SiteEntry], model, runlog: RunLo
                     ) -> Callable[[int, ArrayRecord], MetricRecord]:
     """``evaluate_fn`` for ``strategy.start``; ``on_round_end`` (checkpointing) runs after
     the round's metrics are written, so a checkpoint marks a fully logged round;
-    ``personal_for(site)`` gives a training site's own heads (``personal-heads``)."""
+    ``personal_for(site)`` gives what a training site loads over the global state: its own
+    heads (``personal-heads``) or its last local model (``site-model=local``)."""
     evaluator = CentralEvaluator(cfg, sites, model, runlog, personal_for)
 
     def evaluate_fn(round_: int, arrays: ArrayRecord) -> MetricRecord:

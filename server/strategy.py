@@ -15,8 +15,11 @@ What the mixin adds to a stock ``flwr.serverapp.strategy`` class, and why:
   named task heads is kept from its reply and sent back to that site only (a QUERY message
   asks nodes the server has not heard from which site they are); the average of the copies
   is the global head;
-- **strategy state** (FedAdam's moments, FedAvgM's momentum, personal heads) as arrays,
-  for checkpoints.
+- **local models** (``site-model=local``, FedAvg + local fine-tuning, Wang et al. 2019): each
+  training site's last usable reply, its model after its local steps from the aggregate, is
+  kept (never sent back) for the central evaluator to score that site with;
+- **strategy state** (FedAdam's moments, FedAvgM's momentum, personal heads, local models)
+  as arrays, for checkpoints.
 """
 from __future__ import annotations
 
@@ -75,12 +78,15 @@ class FedFMMixin:
     """Bookkeeping around a Flower strategy; see the module docstring."""
 
     def setup_fedfm(self, runlog: RunLog | None, full_model_bytes: int, round_offset: int = 0,
-                    personal_tasks: tuple[str, ...] = (), query_timeout: float = 600.0) -> None:
+                    personal_tasks: tuple[str, ...] = (), query_timeout: float = 600.0,
+                    keep_local: bool = False) -> None:
         self.runlog = runlog
         self.full_model_bytes = int(full_model_bytes)
         self.round_offset = round_offset
         self.personal_tasks = tuple(personal_tasks)
         self.personal: dict[str, dict[str, np.ndarray]] = {}  # site → its own heads of personal_tasks
+        self.keep_local = keep_local
+        self.local: dict[str, dict[str, np.ndarray]] = {}     # site → its last local model (keep_local)
         self.query_timeout = query_timeout
         self.node_sites: dict[int, str] = {}
         self._sent: dict[int, int] = {}
@@ -134,6 +140,8 @@ class FedFMMixin:
             if self.personal_tasks:
                 self.personal[site] = {k: arrays[k].numpy().copy() for k in personal_keys(arrays.keys(),
                                                                                           self.personal_tasks)}
+            if self.keep_local:
+                self.local[site] = {k: a.numpy().copy() for k, a in arrays.items()}
             usable.append((site, _clean_reply(arrays, metrics)))
         for node, down in self._sent.items():
             if node not in replied:
@@ -179,13 +187,18 @@ class FedFMMixin:
         return Message(RecordDict({self.arrayrecord_key: mine, self.configrecord_key: content[self.configrecord_key]}),
                        dst_node_id=msg.metadata.dst_node_id, message_type=msg.metadata.message_type)
 
+    def site_state(self, site: str) -> dict[str, np.ndarray]:
+        """What the central evaluator loads over the global state to score training site ``site``:
+        its last local model (``site-model=local``), else its personal heads, else nothing."""
+        return self.local.get(site) or self.personal.get(site, {})
+
     def _event(self, rnd: int, site: str, message: str) -> None:
         print(f"fedfm: round {rnd}: site {site}: {message}", flush=True)
         if self.runlog:
             self.runlog.append_event(rnd, site, "error", message)
 
-    # ---- state for checkpoints (FedAdam's moments, FedAvgM's momentum; nothing for
-    # FedAvg/FedProx) ----------------------------------------------------------------------
+    # ---- state for checkpoints (FedAdam's moments, FedAvgM's momentum, personal heads,
+    # local models; nothing for plain FedAvg/FedProx) ----------------------------------------------------------------------
     def get_state(self) -> dict[str, np.ndarray]:
         state = {}
         for name in ("m_t", "v_t"):
@@ -195,6 +208,8 @@ class FedFMMixin:
             state[f"momentum/{i:05d}"] = np.asarray(v)
         for site, own in self.personal.items():
             state.update({f"personal/{site}/{k}": v for k, v in own.items()})
+        for site, own in self.local.items():
+            state.update({f"local/{site}/{k}": v for k, v in own.items()})
         return state
 
     def set_state(self, state: dict[str, np.ndarray]) -> None:
@@ -205,11 +220,12 @@ class FedFMMixin:
         if hasattr(self, "momentum_vector"):
             mom = [state[k] for k in sorted(k for k in state if k.startswith("momentum/"))]
             self.momentum_vector = mom or None
-        self.personal = {}
+        self.personal, self.local = {}, {}
         for key, v in state.items():
-            if key.startswith("personal/"):
+            kind = key.split("/", 1)[0]
+            if kind == "personal" or (kind == "local" and self.keep_local):  # a resume may switch site-model off
                 _, site, name = key.split("/", 2)
-                self.personal.setdefault(site, {})[name] = np.asarray(v)
+                getattr(self, kind).setdefault(site, {})[name] = np.asarray(v)
 
 
 def _train_rows(rnd: int, site: str, metrics: MetricRecord) -> list[dict]:
@@ -270,5 +286,5 @@ def build_strategy(cfg: RunConfig, runlog: RunLog | None, full_model_bytes: int,
     else:  # RunConfig validates this; kept for direct callers
         raise ValueError(f"strategy {cfg.strategy!r} is not one of fedavg, fedprox, fedadam, fedavgm")
     strategy.setup_fedfm(runlog, full_model_bytes, round_offset, personal_tasks=cfg.personal_tasks,
-                         query_timeout=cfg.round_timeout)
+                         query_timeout=cfg.round_timeout, keep_local=cfg.site_model == "local")
     return strategy

@@ -186,6 +186,36 @@ def test_personal_heads_resume_and_score_each_site_with_its_own(tmp_path, cache_
     assert "Personal heads (`personal-heads = PE,LoS`)" in (full.dir / "report.md").read_text()
 
 
+def test_site_model_local_scores_each_training_site_with_its_last_local_model(tmp_path, cache_dir, backbone,
+                                                                            task_identity):
+    from fedfm.config import RunConfig
+    from fedfm.evaluate import predict
+    from fedfm.federated import build_run_model, load_site_tasks, torch_state
+    from fedfm.metrics import score
+    from fedfm.model import set_adapter_state
+    from fedfm.scenarios import load_site
+    from fl_fixtures import NUM_BEAMS
+
+    fed = write_federation(tmp_path / "fed")
+    rc = run_config(fed, tmp_path / "run", cache_dir, backbone[0], **{"site-model": "local", "num-server-rounds": 1})
+    log = run_server(rc)
+    glob, state, _ = log.load_checkpoint(1)
+    local = {k.split("/", 2)[2]: v for k, v in state.items() if k.startswith("local/alpha/")}
+    assert set(local) == set(glob) and not any(k.startswith("local/gamma/") for k in state)  # held out: none
+    rows = {(r["site"], r["task"]): r for r in read_jsonl(log.dir / "metrics.jsonl")
+            if r["source"] == "federated" and r["round"] == 1}
+    assert rows[("alpha", "CE")]["model"] == "local" and "model" not in rows[("gamma", "CE")]
+    model = build_run_model(RunConfig.from_flower(rc), NUM_BEAMS, backbone[0]).eval()
+    td = load_site_tasks(load_site(fed.parent / "alpha.yaml"), "test", str(cache_dir))["CE"]
+    nmse = {}
+    for name, adapters in (("local", local), ("global", glob)):
+        set_adapter_state(model, torch_state(adapters))
+        nmse[name] = score("CE", predict(model, td), td)["nmse_db"]
+    assert rows[("alpha", "CE")]["nmse_db"] == pytest.approx(nmse["local"], rel=1e-6)
+    assert nmse["local"] != pytest.approx(nmse["global"], rel=1e-6)
+    assert "Local models (`site-model = local`)" in (log.dir / "report.md").read_text()
+
+
 def test_eval_every_scores_round_0_every_kth_and_the_last_and_checkpoints_all(tmp_path, cache_dir, backbone,
                                                                              task_identity):
     rc = run_config(write_federation(tmp_path / "fed"), tmp_path / "run", cache_dir, backbone[0],

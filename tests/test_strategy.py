@@ -223,6 +223,40 @@ def test_personal_heads_stay_with_their_site_and_survive_a_resume():
     np.testing.assert_array_equal(again[8].content["arrays"][pe].numpy(), [10.0, 10.0])
 
 
+def test_local_models_are_kept_for_scoring_never_sent_back_and_survive_a_resume():
+    # Prepare: site-model=local with a personal PE head; two sites reply with their local models
+    cfg = RunConfig(min_train_nodes=2, personal_heads="PE", site_model="local")
+    lora, pe = "base_model.model.lora_A", "base_model.model.heads.PE.fc.weight"
+    strategy = build_strategy(cfg, None, 1)
+    grid = QueryGrid({1: "east", 2: "west"})
+    glob = arrays(**{lora: np.zeros(2), pe: np.zeros(2)})
+    assert strategy.site_state("east") == {}  # round 0: every site is scored with the global state
+    sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, glob, ConfigRecord(), grid)}
+    east = {lora: [1.0, 2.0], pe: [10.0, 10.0]}
+    west = {lora: [3.0, 6.0], pe: [30.0, 50.0]}
+    # Execute
+    agg, _ = strategy.aggregate_train(1, [reply(sent[1], "east", 1, **east), reply(sent[2], "west", 1, **west)])
+    nxt = {m.metadata.dst_node_id: m for m in strategy.configure_train(2, agg, ConfigRecord(), grid)}
+    # Assert: the average is unchanged by keeping local models, and each site trains on from the
+    # aggregate LoRA (not its own local one) with its own PE head; it is scored with its whole reply
+    np.testing.assert_allclose(agg[lora].numpy(), [2.0, 4.0])
+    for node, own_pe in ((1, [10.0, 10.0]), (2, [30.0, 50.0])):
+        np.testing.assert_allclose(nxt[node].content["arrays"][lora].numpy(), [2.0, 4.0])
+        np.testing.assert_array_equal(nxt[node].content["arrays"][pe].numpy(), own_pe)
+    np.testing.assert_array_equal(strategy.site_state("west")[lora], [3.0, 6.0])
+    np.testing.assert_array_equal(strategy.site_state("west")[pe], [30.0, 50.0])
+    # a resumed strategy scores each site with the same local model
+    resumed = build_strategy(cfg, None, 1, round_offset=1)
+    resumed.set_state(strategy.get_state())
+    np.testing.assert_array_equal(resumed.site_state("east")[lora], [1.0, 2.0])
+    # without site-model=local only the personal heads are loaded over the global state
+    plain = build_strategy(RunConfig(min_train_nodes=2, personal_heads="PE"), None, 1)
+    plain.set_state(strategy.get_state())
+    assert set(plain.site_state("east")) == {pe}
+    with pytest.raises(ValueError, match=r"`site-model` = 'own'.*one of global, local"):
+        RunConfig(site_model="own")
+
+
 def test_personal_heads_config_is_checked():
     assert RunConfig(personal_heads="PE, LoS").personal_tasks == ("PE", "LoS")
     assert RunConfig(personal_heads="all").personal_tasks == ("CE", "CP", "PF", "BF", "DE", "PE", "LoS")
