@@ -5,6 +5,8 @@ What the mixin adds to a stock ``flwr.serverapp.strategy`` class, and why:
   per site per round, beside the full model's size (issue 4: adapters ≤ 3% of the model);
 - **site names**: replies carry ``site.name`` in a ConfigRecord and error replies start
   with ``site=NAME:``, so failures are logged by site, not by an anonymous node id;
+- **float32 global state**: the aggregate keeps the dtypes that were sent (FedAdam's step is
+  float64 in Flower), so the next round's float32 replies match it;
 - **update rejection**: a reply whose arrays hold NaN/inf, or whose keys, shapes or dtype
   differ from what was sent, is dropped and logged; it never reaches the average
   (and never crashes the round with ``InconsistentMessageReplies``);
@@ -13,8 +15,8 @@ What the mixin adds to a stock ``flwr.serverapp.strategy`` class, and why:
 - **round offset** for resume: Flower's ``start()`` counts rounds from 1, the run does not;
 - **personal heads** (``personal-heads``, FedPer): each training site's own copy of the
   named task heads is kept from its reply and sent back to that site only (a QUERY message
-  asks nodes the server has not heard from which site they are); the average of the copies
-  is the global head;
+  asks nodes the server has not heard from which site they are); the example-weighted
+  average of the copies is the global head, whatever the strategy's server step;
 - **local models** (``site-model=local``, FedAvg + local fine-tuning, Wang et al. 2019): each
   training site's last usable reply, its model after its local steps from the aggregate, is
   kept (never sent back) for the central evaluator to score that site with;
@@ -158,7 +160,40 @@ class FedFMMixin:
         if not usable:
             self._event(rnd, "*", "no usable update this round: global adapters unchanged")
             return None, None
-        return super().aggregate_train(rnd, _common_metric_keys([m for _, m in usable]))
+        arrays, metrics = super().aggregate_train(rnd, _common_metric_keys([m for _, m in usable]))
+        if arrays is not None:
+            arrays = self._as_sent(arrays)
+            if self.personal_tasks:
+                arrays = self._average_personal(arrays, [m for _, m in usable])
+            if isinstance(getattr(self, "current_arrays", None), ArrayRecord):  # FedAvgM steps from it next round
+                self.current_arrays = arrays
+        return arrays, metrics
+
+    def _as_sent(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The aggregate in the dtypes the sites were sent (float32): FedAdam's server step
+        computes in float64, and a float64 global state would make every site's float32 reply
+        of the next round fail the update check (measured: every update of rounds 2 and 3 rejected)."""
+        if all(a.numpy().dtype == self._reference[k][1] for k, a in arrays.items() if k in self._reference):
+            return arrays
+        return ArrayRecord({k: Array(a.numpy().astype(self._reference[k][1])) if k in self._reference else a
+                            for k, a in arrays.items()})
+
+    def _average_personal(self, arrays: ArrayRecord, replies: list[Message]) -> ArrayRecord:
+        """The global copy of a personal head is the example-weighted average of the sites' copies.
+
+        FedAvgM and FedAdam step from the previous global state along (average − previous); for a
+        personal head that difference is not an update anyone trained (each site started from its
+        own copy), so a server learning rate or momentum would extrapolate across the sites'
+        heads (measured with server-lr 2: held-out PE 11.7 dB against 6.8 dB for the kNN)."""
+        keys = personal_keys(arrays.keys(), self.personal_tasks)
+        if not keys:
+            return arrays
+        weights = np.array([float(next(iter(m.content.metric_records.values()))["num-examples"]) for m in replies])
+        weights = weights / weights.sum()
+        own = [next(iter(m.content.array_records.values())) for m in replies]
+        averaged = {k: sum(w * r[k].numpy().astype(np.float64) for w, r in zip(weights, own)).astype(np.float32)
+                    for k in keys}
+        return ArrayRecord({k: Array(averaged[k]) if k in averaged else a for k, a in arrays.items()})
 
     def _learn_sites(self, rnd: int, grid: Grid, nodes: list[int]) -> None:
         """Ask nodes never heard from (a resumed run, a late joiner) which site they are."""

@@ -223,6 +223,28 @@ def test_personal_heads_stay_with_their_site_and_survive_a_resume():
     np.testing.assert_array_equal(again[8].content["arrays"][pe].numpy(), [10.0, 10.0])
 
 
+@pytest.mark.parametrize("strategy", ["fedavgm", "fedadam"])
+def test_personal_heads_global_copy_is_their_plain_average_under_a_server_step(strategy):
+    # Prepare: a server step (FedAvgM server-lr 2, FedAdam) on everything; the PE head is personal
+    cfg = RunConfig(min_train_nodes=2, personal_heads="PE", strategy=strategy, server_lr=2.0)
+    lora, pe = "base_model.model.lora_A", "base_model.model.heads.PE.fc.weight"
+    strat = build_strategy(cfg, None, 1)
+    grid = QueryGrid({1: "east", 2: "west"})
+    glob = arrays(**{lora: np.zeros(2), pe: np.zeros(2)})
+    for rnd, (east, west) in enumerate((([1.0, 1.0], [3.0, 5.0]), ([2.0, 2.0], [4.0, 6.0])), start=1):
+        sent = {m.metadata.dst_node_id: m for m in strat.configure_train(rnd, glob, ConfigRecord(), grid)}
+        # Execute: sites reply with a LoRA and their own PE heads, weights 1 and 3
+        glob, _ = strat.aggregate_train(rnd, [reply(sent[1], "east", 1, **{lora: east, pe: east}),
+                                              reply(sent[2], "west", 3, **{lora: west, pe: west})])
+        # Assert: the PE head is the weighted average of the copies, never extrapolated; the
+        # shared LoRA does get the server step (FedAvgM: 0 + 2·(average − 0) in round 1)
+        expected = (np.asarray(east) + 3 * np.asarray(west)) / 4
+        assert all(a.numpy().dtype == np.float32 for a in glob.values())  # round 2's float32 replies must fit it
+        np.testing.assert_allclose(glob[pe].numpy(), expected, rtol=1e-6)
+        if strategy == "fedavgm" and rnd == 1:
+            np.testing.assert_allclose(glob[lora].numpy(), 2 * expected, rtol=1e-6)
+
+
 def test_local_models_are_kept_for_scoring_never_sent_back_and_survive_a_resume():
     # Prepare: site-model=local with a personal PE head; two sites reply with their local models
     cfg = RunConfig(min_train_nodes=2, personal_heads="PE", site_model="local")
