@@ -32,6 +32,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedfm.config import RunConfig
 from fedfm.federated import personal_keys
@@ -188,12 +189,10 @@ class FedFMMixin:
         keys = personal_keys(arrays.keys(), self.personal_tasks)
         if not keys:
             return arrays
-        weights = np.array([float(next(iter(m.content.metric_records.values()))["num-examples"]) for m in replies])
-        weights = weights / weights.sum()
-        own = [next(iter(m.content.array_records.values())) for m in replies]
-        averaged = {k: sum(w * r[k].numpy().astype(np.float64) for w, r in zip(weights, own)).astype(np.float32)
-                    for k in keys}
-        return ArrayRecord({k: Array(averaged[k]) if k in averaged else a for k, a in arrays.items()})
+        heads = [RecordDict({"arrays": ArrayRecord({k: next(iter(m.content.array_records.values()))[k] for k in keys}),
+                             "metrics": next(iter(m.content.metric_records.values()))}) for m in replies]
+        averaged = aggregate_arrayrecords(heads, self.weighted_by_key)  # Flower's own FedAvg average
+        return ArrayRecord({k: averaged[k] if k in averaged else a for k, a in arrays.items()})
 
     def _learn_sites(self, rnd: int, grid: Grid, nodes: list[int]) -> None:
         """Ask nodes never heard from (a resumed run, a late joiner) which site they are."""
@@ -233,7 +232,7 @@ class FedFMMixin:
             self.runlog.append_event(rnd, site, "error", message)
 
     # ---- state for checkpoints (FedAdam's moments, FedAvgM's momentum, personal heads,
-    # local models; nothing for plain FedAvg/FedProx) ----------------------------------------------------------------------
+    # local models; nothing for plain FedAvg/FedProx) ---------------------------------------
     def get_state(self) -> dict[str, np.ndarray]:
         state = {}
         for name in ("m_t", "v_t"):
