@@ -64,7 +64,7 @@ class RunConfig:
     eval_max_samples: int = 0       # cap on test samples per site in central evaluation; 0 = all
     eval_every: int = 1             # central evaluation at round 0, every k-th round and the last round
     train_max_samples: int = 0      # a site trains on (and its baselines fit) its first N train samples; 0 = all
-    out_dir: str = "runs/latest"    # the run folder itself (config.json, metrics.jsonl, ...)
+    out_dir: str = "runs/{run-id}"  # the run folder itself (config.json, ...); server/app.py fills in {run-id}
     cache_dir: str = ""             # site data cache; "" → $FEDFM_CACHE_DIR or ~/.cache/fedfm
     resume: str = ""                # a run folder to continue from its last complete round
     seed: int = 0                   # root seed: every (site, split) and (site, round) derives from it

@@ -237,7 +237,7 @@ class RunSetup:
     initial_state: dict[str, np.ndarray]
     strategy_state: dict[str, np.ndarray]
     round_offset: int                # rounds already complete (resume)
-    random_state: list | None        # python `random` state to restore (Flower's node sampling)
+    random_state: list | None        # python `random` state to restore (Flower's own draws)
     full_model_bytes: int
 
 
@@ -247,26 +247,37 @@ def setup_run(cfg: RunConfig) -> RunSetup:
     initial adapter state or the last complete round's checkpoint (``resume``)."""
     from fedfm.config import load_federation_sites
     from fedfm.model import get_adapter_state
-    from fedfm.runlog import RunLog
+    from fedfm.runlog import RunLog, check_fresh_run_dir
 
+    if not cfg.resume:
+        check_fresh_run_dir(cfg.run_dir)
     runlog = RunLog(cfg.run_dir)
+    resumed = cfg.resume and (runlog.dir / "config.json").exists()
     sites = load_federation_sites(cfg.federation)
     for e in sites:
-        if e.error:
+        if e.error and not resumed:  # logged once, by the run's first start
             runlog.append_event(0, e.name, "error", f"site excluded: {e.error}")
     good = [e for e in sites if e.spec is not None]
     if not any(e.role == "train" for e in good):
         raise ValueError(f"{cfg.federation}: no usable training site (see {runlog.dir / 'events.jsonl'})")
     num_beams = good[0].spec.mmwave.codebook_beams
-    backbone, source = cfg.backbone, "given"
-    if cfg.resume and (runlog.dir / "config.json").exists():
-        backbone, source = runlog.read_config()["backbone"]["path"], runlog.read_config()["backbone"]["source"]
+    backbone, source, recorded = cfg.backbone, "given", None
+    if resumed:
+        recorded = runlog.read_config()["backbone"]
+        if backbone and Path(backbone).resolve() != Path(recorded["path"]).resolve():
+            raise ValueError(f"resume={runlog.dir}: backbone={backbone} differs from the run's "
+                             f"{recorded['path']}; a run keeps its backbone (leave backbone unset to resume)")
+        backbone, source = recorded["path"], recorded["source"]
     elif not backbone:
         print(f"fedfm: no backbone given: pretraining one centrally ({cfg.pretrain_steps} steps)", flush=True)
         backbone = pretrain_backbone_centrally(cfg, [e.spec for e in good if e.role == "train"], num_beams,
                                                runlog.dir / "backbone")
         source = "central masked pretraining on the federation's training sites' synthetic train splits"
     digest = check_backbone(backbone, "")
+    if recorded and digest != recorded["sha256"]:
+        raise ValueError(f"resume={runlog.dir}: backbone {backbone} has sha256 {digest[:12]}…, the run was "
+                         f"trained on {recorded['sha256'][:12]}… (the file was replaced); its adapters do not "
+                         f"fit this backbone: restore that file or start a new run")
     model = build_run_model(cfg, num_beams, backbone, resolve_device(cfg.device))
     initial, strategy_state, offset, rstate = numpy_state(get_adapter_state(model)), {}, 0, None
     last = runlog.last_complete_round() if cfg.resume else None

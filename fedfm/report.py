@@ -81,7 +81,12 @@ def summarize(run: dict) -> dict:
         per_round.append(row)
     comm = _communication(run)
     ok = {r["round"]: r["sites_ok"] for r in comm["per_round"]}
+    planned = run["config"]["run_config"].get("num-server-rounds")
     return {"run_dir": str(run["dir"]), "final_round": final, "rounds": rounds,
+            "planned_rounds": planned,
+            # the run stopped before its last round was scored (interrupted, not yet resumed):
+            # the tables are an earlier round's, not the run's result
+            "incomplete": planned is not None and (final is None or final < int(planned)),
             "strategy": run["config"]["run_config"].get("strategy"),
             "personal_heads": run["config"]["run_config"].get("personal-heads", ""),
             "site_model": run["config"]["run_config"].get("site-model", "global"),
@@ -158,6 +163,10 @@ def _markdown(s: dict) -> str:
                 if s["rounds"] and len(s["rounds"]) <= s["final_round"] else "")
              + f"). Backbone: {bb.get('source', '?')} "
              f"(sha256 {str(bb.get('sha256', ''))[:12]}). NMSE in dB.", ""]
+    if s.get("incomplete"):
+        lines += [f"**Incomplete: the run was asked for {s['planned_rounds']} rounds and its last scored round is "
+                  f"{s['final_round']}; the tables below are that round's, not the run's result. Continue it with "
+                  f"`resume={s['run_dir']}`.**", ""]
     if s.get("personal_heads"):
         lines += [f"Personal heads (`personal-heads = {s['personal_heads']}`): each training site keeps and is "
                   f"scored with its own head of those tasks; held-out sites use their average.", ""]
@@ -228,13 +237,13 @@ def _plots(run: dict, s: dict, out: Path) -> list[str]:
         written.append(_save(fig, out / f"{task}_vs_round.png"))
     names = list(s["sites"])
     ratios = np.full((len(names), len(TASK_ORDER)), np.nan)
-    from fedfm.metrics import error_for_score
+    from fedfm.metrics import error_for_score, error_ratio
     for i, n in enumerate(names):
         for j, t in enumerate(TASK_ORDER):
             e = s["sites"][n]["tasks"].get(t, {})
-            if e.get("federated") and e.get("baseline"):
-                b = error_for_score(t, e["baseline"])
-                ratios[i, j] = error_for_score(t, e["federated"]) / b if b else np.nan
+            if e.get("federated") and e.get("baseline"):  # the table's ratio (BF/LoS floored at 1 %)
+                r = error_ratio(t, error_for_score(t, e["federated"]), error_for_score(t, e["baseline"]))
+                ratios[i, j] = r if math.isfinite(r) else np.nan
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / max(len(names), 1)
     for i, n in enumerate(names):

@@ -96,7 +96,7 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [_jsonable(v) for v in x]
     if isinstance(x, np.generic):
-        return x.item()
+        return _jsonable(x.item())  # a NaN np.float32 is a NaN float
     if isinstance(x, float) and not np.isfinite(x):
         return None  # JSON has no NaN/inf; None reads as "not available"
     if isinstance(x, Path):
@@ -118,6 +118,19 @@ def _ends_cleanly(path: Path) -> bool:
     with open(path, "rb") as f:
         f.seek(-1, os.SEEK_END)
         return f.read(1) == b"\n"
+
+
+def check_fresh_run_dir(run_dir: str | Path) -> None:
+    """ValueError when ``run_dir`` already holds a run. A new run there would append to its
+    logs, reuse its cached baselines and leave its later checkpoints for a resume to pick up:
+    the report would mix the two runs. Nothing is written or removed."""
+    d = Path(run_dir)
+    held = [n for n in ("config.json", "metrics.jsonl", "ledger.jsonl") if (d / n).exists()]
+    if (d / CHECKPOINTS).is_dir() and any((d / CHECKPOINTS).iterdir()):
+        held.append(f"{CHECKPOINTS}/")
+    if held:
+        raise ValueError(f"{d}: already holds a run ({held[0]}); choose another out-dir, continue that run "
+                         f"with resume={d}, or delete the folder")
 
 
 class RunLog:

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from fedfm.config import RunConfig, load_federation_sites  # noqa: E402
-from fedfm.runlog import RunLog, read_json, read_run_config, write_json  # noqa: E402
+from fedfm.runlog import RunLog, read_json, read_jsonl, read_run_config, write_json  # noqa: E402
 from run_federation import _parse_value, run_federation  # noqa: E402
 
 
@@ -76,6 +76,26 @@ def local_and_central(run_dir: Path) -> dict:
     for e in sites:
         out["centralized"][e.name] = score_model(model, test[e.name])
     return out
+
+
+def federated_steps(run_dir: Path) -> dict[str, int]:
+    """Local steps each training site trained in the federated run: its rounds with an
+    accepted update (ledger status ``ok``) × local-steps. ValueError when the run has fewer
+    complete rounds than it was asked for: comparing it with arms trained for the full budget
+    would not be at equal compute."""
+    conf = read_run_config(run_dir)
+    rc = conf["run_config"]
+    planned = int(rc["num-server-rounds"])
+    last = RunLog(run_dir).last_complete_round() or 0
+    if last < planned:
+        raise ValueError(f"{run_dir}: the federated run has {last} of its {planned} rounds complete; "
+                         f"finish it (resume={run_dir}) before comparing")
+    ok: dict[str, int] = {}
+    for r in read_jsonl(run_dir / "ledger.jsonl"):
+        if r.get("status") == "ok" and 0 < r.get("round", 0) <= planned:
+            ok[r["site"]] = ok.get(r["site"], 0) + 1
+    return {s["name"]: ok.get(s["name"], 0) * int(rc["local-steps"])
+            for s in conf["federation"]["sites"] if s["role"] == "train" and not s.get("error")}
 
 
 # run-config keys the local-only and centralized trainings and their scoring read (besides the
@@ -167,6 +187,7 @@ def main(argv=None) -> int:
             if not result["ok"]:
                 print(f"error: federated run {result['status']}: {result['status_details']}", file=sys.stderr)
                 return 1
+        fed_steps = federated_steps(out)
         if args.reference:
             ref = Path(args.reference).resolve()
             why = reference_mismatch(out, ref)
@@ -176,6 +197,12 @@ def main(argv=None) -> int:
             result = {**read_json(ref / "compare.json"), "reference": str(ref)}
         else:
             result = local_and_central(out)
+        result["steps"] = {**result.get("steps", {}), "federated_per_site": fed_steps}
+        short = {site: n for site, n in fed_steps.items() if n < result["steps"].get("per_site", 0)}
+        if short:  # a site error or rejected update cost that site rounds: say so beside the table
+            print(f"warning: not at equal compute: federated sites trained fewer than the "
+                  f"{result['steps']['per_site']} steps local-only had: "
+                  + ", ".join(f"{site} {n}" for site, n in short.items()), file=sys.stderr)
         write_json(out / "compare.json", result)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

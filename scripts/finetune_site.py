@@ -6,7 +6,8 @@
 A training site of a run with ``personal-heads`` starts from its own copy of those heads,
 of a run with ``site-model=local`` from its own last local model (as the evaluator scored it).
 The site may be a held-out one: with ``--fraction 0.1`` it fine-tunes on 10% of its
-train-split labels, as in LLM4WM's generalisation experiment. The classical baselines
+train-split labels (of its first ``train-max-samples`` when the run capped them), as in
+LLM4WM's generalisation experiment. The classical baselines
 are fitted on the same labelled fraction. Scores are on the site's full test split.
 Writes ``<run>/finetune/<site>-<fraction>.json``.
 """
@@ -48,7 +49,10 @@ def finetune_site(run_dir: str, site_path: str, fraction: float = 1.0, steps: in
             adapter = {**adapter, **mine}
             break
     num_beams = conf["model"]["config"]["num_beams"]
-    labelled = max(1, math.ceil(fraction * spec.samples.train))
+    # the fraction is of the labels a site has in this run: train-max-samples caps them as it
+    # capped the federation's sites (a benchmark's "250 labels per site")
+    available = min(spec.samples.train, cfg.train_max_samples) if cfg.train_max_samples else spec.samples.train
+    labelled = max(1, math.ceil(fraction * available))
     train = load_site_tasks(spec, "train", cfg.cache_dir, max_samples=labelled)
     test = {spec.name: load_site_tasks(spec, "test", cfg.cache_dir, cfg.eval_max_samples)}
     baselines = {spec.name: {t: fit_baseline(t, td, spec) for t, td in train.items()}}

@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from fedfm.config import RunConfig, federation_site_paths  # noqa: E402
+from fedfm.runlog import check_fresh_run_dir  # noqa: E402
 from run_federation import (  # noqa: E402
     add_run_args, flwr_env, free_port, run_outcome, run_overrides, run_status, start_superlink, stop_superlink,
     write_run_config)
@@ -155,6 +156,8 @@ def run_deployment(overrides: dict, num_supernodes: int, num_partitions: int, fl
     'ok', 'pids', 'error'}."""
     cfg = RunConfig.from_flower(overrides, base_dir=ROOT)  # validate before starting anything
     run_dir = cfg.run_dir
+    if not cfg.resume:  # before anything is written there
+        check_fresh_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     flwr_home = flwr_home.resolve()
     flwr_home.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fedfm.config import RunConfig, federation_site_paths  # noqa: E402
-from fedfm.runlog import read_json  # noqa: E402
+from fedfm.runlog import check_fresh_run_dir, read_json  # noqa: E402
 
 
 def free_port() -> int:
@@ -135,6 +135,8 @@ def run_federation(overrides: dict, num_supernodes: int, flwr_home: Path, num_cp
     Returns {'run_id', 'status', 'status_details', 'run_dir', 'report', 'wall_s', 'ok'}."""
     cfg = RunConfig.from_flower(overrides, base_dir=ROOT)  # validate before starting anything
     run_dir = cfg.run_dir
+    if not cfg.resume:  # before anything is written there
+        check_fresh_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     flwr_home.mkdir(parents=True, exist_ok=True)
     run_config_file = run_dir / "run_config.toml"

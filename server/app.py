@@ -30,11 +30,13 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = RunConfig.from_flower(context.run_config, base_dir=APP_DIR)
-    if cfg.stage == "pretrain":
-        run_pretrain(grid, cfg)
-        return
+    run_config = dict(context.run_config)  # out-dir "runs/{run-id}": each `flwr run` its own folder
+    run_config["out-dir"] = str(run_config.get("out-dir", "")).replace("{run-id}", str(context.run_id))
+    cfg = RunConfig.from_flower(run_config, base_dir=APP_DIR)
     try:
+        if cfg.stage == "pretrain":
+            run_pretrain(grid, cfg)
+            return
         run = setup_run(cfg)
     except ValueError as e:  # the line scripts/run_federation.py shows; Flower logs the rest
         print(f"fedfm: error: {e}", flush=True)
@@ -42,7 +44,7 @@ def main(grid: Grid, context: Context) -> None:
     offset = run.round_offset
     strategy = build_strategy(cfg, run.runlog, run.full_model_bytes, round_offset=offset)
     strategy.set_state(run.strategy_state)
-    if run.random_state:  # Flower samples sites with the `random` module (fraction-train < 1)
+    if run.random_state:  # Flower's own draws; which sites train is seeded per round (server/strategy.py)
         set_python_random_state(random, run.random_state)
 
     def checkpoint(round_: int, arrays: ArrayRecord) -> None:

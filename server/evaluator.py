@@ -70,9 +70,18 @@ class CentralEvaluator:
             cached = {}
         out = {}
         print(f"fedfm: central evaluation on {len(self.sites)} sites; fitting classical baselines", flush=True)
-        for entry in self.sites:
-            rows = cached.get(entry.name)
-            out[entry.name] = rows if rows else fit_site_baselines(self.cfg, entry, self.test_tasks(entry))
+        for entry in list(self.sites):
+            try:  # the test views are loaded now (a resume with cached baselines too): a site whose
+                # data cannot be made or read is excluded here, once, not mid-run
+                tds = self.test_tasks(entry)
+                out[entry.name] = cached.get(entry.name) or fit_site_baselines(self.cfg, entry, tds)
+            except (ValueError, OSError) as e:
+                self.sites.remove(entry)
+                self._tds.pop(entry.name, None)
+                msg = f"site excluded from central evaluation: {e}"
+                print(f"fedfm: site {entry.name}: {msg}", file=sys.stderr, flush=True)
+                if self.runlog:
+                    self.runlog.append_event(0, entry.name, "error", msg)
         if path:
             write_json(path, out)
         return out

@@ -8,12 +8,14 @@ from fedfm.config import RunConfig, load_federation_sites
 from fedfm.federated import state_bytes
 from fedfm.fedpretrain import evaluate_reconstruction, initial_state, save_federated_backbone
 from fedfm.report import write_report
-from fedfm.runlog import RunLog
+from fedfm.runlog import RunLog, check_fresh_run_dir
 from server.strategy import build_strategy
 
 
 def run_pretrain(grid: Grid, cfg: RunConfig) -> str:
     """Run the rounds; returns the path of the saved backbone."""
+    if not cfg.resume:
+        check_fresh_run_dir(cfg.run_dir)
     runlog = RunLog(cfg.run_dir)
     sites = load_federation_sites(cfg.federation)
     good = [e for e in sites if e.spec is not None]

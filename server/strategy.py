@@ -12,6 +12,9 @@ What the mixin adds to a stock ``flwr.serverapp.strategy`` class, and why:
   (and never crashes the round with ``InconsistentMessageReplies``);
 - **deterministic aggregation order**: usable replies are sorted by site name, so a
   resumed run sums in the same order as an uninterrupted one;
+- **seeded site sampling**: with fraction-train < 1 the sites of a round are drawn from the
+  run's seed and the sites' names, not Flower's random node ids, so a resumed run or a rerun
+  trains the same sites each round;
 - **round offset** for resume: Flower's ``start()`` counts rounds from 1, the run does not;
 - **personal heads** (``personal-heads``, FedPer): each training site's own copy of the
   named task heads is kept from its reply and sent back to that site only (a QUERY message
@@ -25,6 +28,7 @@ What the mixin adds to a stock ``flwr.serverapp.strategy`` class, and why:
 """
 from __future__ import annotations
 
+import random
 import re
 from typing import Iterable
 
@@ -36,6 +40,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedfm.config import RunConfig
 from fedfm.federated import personal_keys
+from fedfm.scenarios import derive_seed
 from fedfm.runlog import RunLog
 
 _SITE_IN_ERROR = re.compile(r"site=([A-Za-z0-9_.\-]+)")
@@ -82,13 +87,14 @@ class FedFMMixin:
 
     def setup_fedfm(self, runlog: RunLog | None, full_model_bytes: int, round_offset: int = 0,
                     personal_tasks: tuple[str, ...] = (), query_timeout: float = 600.0,
-                    keep_local: bool = False) -> None:
+                    keep_local: bool = False, seed: int = 0) -> None:
         self.runlog = runlog
         self.full_model_bytes = int(full_model_bytes)
         self.round_offset = round_offset
         self.personal_tasks = tuple(personal_tasks)
         self.personal: dict[str, dict[str, np.ndarray]] = {}  # site → its own heads of personal_tasks
         self.keep_local = keep_local
+        self.seed = seed
         self.local: dict[str, dict[str, np.ndarray]] = {}     # site → its last local model (keep_local)
         self.query_timeout = query_timeout
         self.node_sites: dict[int, str] = {}
@@ -100,7 +106,8 @@ class FedFMMixin:
                         grid: Grid) -> Iterable[Message]:
         rnd = server_round + self.round_offset
         messages = list(super().configure_train(rnd, arrays, config, grid))
-        if self.personal:
+        messages = self._seeded_sample(rnd, grid, messages)
+        if self.personal_tasks and self.personal:
             self._learn_sites(rnd, grid, [m.metadata.dst_node_id for m in messages])
             messages = [self._with_personal(m) for m in messages]
         down = payload_bytes(arrays)
@@ -133,6 +140,8 @@ class FedFMMixin:
                 why = "MetricRecord lacks `num-examples`"
             if why:
                 self._event(rnd, site, f"update rejected: {why}")
+                if arrays is not None:  # it was uploaded all the same: count its bytes
+                    row.update(bytes_up=payload_bytes(arrays), wire_bytes_up=wire_bytes(arrays))
                 ledger.append({**row, "status": "rejected"})
                 continue
             up = payload_bytes(arrays)
@@ -194,7 +203,23 @@ class FedFMMixin:
         averaged = aggregate_arrayrecords(heads, self.weighted_by_key)  # Flower's own FedAvg average
         return ArrayRecord({k: averaged[k] if k in averaged else a for k, a in arrays.items()})
 
-    def _learn_sites(self, rnd: int, grid: Grid, nodes: list[int]) -> None:
+    def _seeded_sample(self, rnd: int, grid: Grid, messages: list[Message]) -> list[Message]:
+        """With fraction-train < 1, which sites train round ``rnd`` is drawn from the run's seed
+        and the sites' names. Flower draws node ids with the global ``random`` module, and node
+        ids are new random numbers every run: neither two runs with one seed nor a resume
+        would train the same sites. Same message, other addressees (Flower's own messages share
+        one RecordDict too)."""
+        nodes = sorted(grid.get_node_ids())
+        if not messages or len(messages) >= len(nodes):
+            return messages
+        self._learn_sites(rnd, grid, nodes, "it is drawn after the named sites, by node id")
+        by_site = sorted(nodes, key=lambda n: (n not in self.node_sites, self.node_sites.get(n, ""), n))
+        chosen = random.Random(derive_seed(self.seed, "sample", rnd)).sample(by_site, len(messages))
+        first = messages[0]
+        return [Message(first.content, dst_node_id=n, message_type=first.metadata.message_type) for n in chosen]
+
+    def _learn_sites(self, rnd: int, grid: Grid, nodes: list[int],
+                     unanswered: str = "it trains from the global personal heads this round") -> None:
         """Ask nodes never heard from (a resumed run, a late joiner) which site they are."""
         unknown = [n for n in nodes if n not in self.node_sites]
         if not unknown:
@@ -207,8 +232,7 @@ class FedFMMixin:
                 self.node_sites[msg.metadata.src_node_id] = site
         for node in unknown:
             if node not in self.node_sites:
-                self._event(rnd, f"node-{node}", "did not say which site it is: it trains from the global "
-                                                 "personal heads this round")
+                self._event(rnd, f"node-{node}", f"did not say which site it is: {unanswered}")
 
     def _with_personal(self, msg: Message) -> Message:
         """The train message to one node, with that site's own personal heads when it has some."""
@@ -257,8 +281,13 @@ class FedFMMixin:
         self.personal, self.local = {}, {}
         for key, v in state.items():
             kind = key.split("/", 1)[0]
-            if kind == "personal" or (kind == "local" and self.keep_local):  # a resume may switch site-model off
-                _, site, name = key.split("/", 2)
+            if kind not in ("personal", "local"):
+                continue
+            _, site, name = key.split("/", 2)
+            # a resume may switch site-model off, or change which heads are personal: only what
+            # this run's settings keep comes back
+            keep = self.keep_local if kind == "local" else bool(personal_keys([name], self.personal_tasks))
+            if keep:
                 getattr(self, kind).setdefault(site, {})[name] = np.asarray(v)
 
 
@@ -320,5 +349,5 @@ def build_strategy(cfg: RunConfig, runlog: RunLog | None, full_model_bytes: int,
     else:  # RunConfig validates this; kept for direct callers
         raise ValueError(f"strategy {cfg.strategy!r} is not one of fedavg, fedprox, fedadam, fedavgm")
     strategy.setup_fedfm(runlog, full_model_bytes, round_offset, personal_tasks=cfg.personal_tasks,
-                         query_timeout=cfg.round_timeout, keep_local=cfg.site_model == "local")
+                         query_timeout=cfg.round_timeout, keep_local=cfg.site_model == "local", seed=cfg.seed)
     return strategy

@@ -33,8 +33,10 @@ def test_truncate_after_drops_an_interrupted_round(tmp_path):
 
 def test_json_has_no_nan(tmp_path):
     log = RunLog(tmp_path)
-    log.append_metrics([{"round": 0, "nmse": float("nan"), "x": np.float32(1.5)}])
-    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"round": 0, "nmse": None, "x": 1.5}
+    log.append_metrics([{"round": 0, "nmse": float("nan"), "x": np.float32(1.5), "y": np.float32("nan"),
+                         "z": np.float64("inf")}])
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"round": 0, "nmse": None, "x": 1.5,
+                                                                     "y": None, "z": None}
 
 
 def test_corrupt_json_lines_named_by_file_and_line(tmp_path):
@@ -105,3 +107,41 @@ def test_report_flags_rounds_in_which_no_update_reached_the_average(tmp_path):
     assert rf.run_outcome({"status": "finished:completed"}, pre, 0.0)["ok"] is False
     (tmp_path / "backbone.safetensors").write_bytes(b"weights")
     assert rf.run_outcome({"status": "finished:completed"}, pre, 0.0)["ok"] is True
+
+
+def test_a_folder_holding_a_run_is_not_a_fresh_run_folder(tmp_path):
+    import pytest
+
+    from fedfm.runlog import check_fresh_run_dir
+
+    check_fresh_run_dir(tmp_path / "absent")
+    (tmp_path / "run_config.toml").write_text("")   # the launcher's files are not a run
+    (tmp_path / "flwr_run.log").write_text("")
+    check_fresh_run_dir(tmp_path)
+    RunLog(tmp_path)                                  # an empty checkpoints/ folder is not one either
+    check_fresh_run_dir(tmp_path)
+    for name in ("metrics.jsonl", "config.json"):
+        (tmp_path / name).write_text("{}\n")
+        with pytest.raises(ValueError, match=rf"^{tmp_path}: already holds a run \({name}\); .*resume={tmp_path}"):
+            check_fresh_run_dir(tmp_path)
+        (tmp_path / name).unlink()
+    RunLog(tmp_path).save_checkpoint(0, {"a": np.zeros(1)}, {}, {})
+    with pytest.raises(ValueError, match=r"already holds a run \(checkpoints/\)"):
+        check_fresh_run_dir(tmp_path)
+
+
+def test_report_of_an_interrupted_run_says_incomplete(tmp_path):
+    from fedfm.report import _markdown, load_run, summarize
+    from fedfm.runlog import write_json
+
+    write_json(tmp_path / "config.json", {"run_config": {"strategy": "fedavg", "num-server-rounds": 5},
+                                          "federation": {"sites": [{"name": "a", "role": "train"}]}})
+    log = RunLog(tmp_path)
+    log.append_metrics([{"round": r, "site": "a", "task": "CE", "source": "federated", "nmse": 0.5}
+                        for r in (0, 1, 2)])
+    s = summarize(load_run(tmp_path))
+    assert s["incomplete"] is True and s["final_round"] == 2 and s["planned_rounds"] == 5
+    assert "**Incomplete: the run was asked for 5 rounds and its last scored round is 2;" in _markdown(s)
+    log.append_metrics([{"round": r, "site": "a", "task": "CE", "source": "federated", "nmse": 0.5} for r in (3, 4, 5)])
+    s = summarize(load_run(tmp_path))
+    assert s["incomplete"] is False and "was asked for" not in _markdown(s)

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -186,7 +187,8 @@ def test_compare_equal_per_site_compute(fed_run, capsys):
     assert all(set(c["samples"]) == TASKS for c in calls.calls)
 
     res = json.loads((run / "compare.json").read_text())
-    assert res["steps"] == {"per_site": budget, "centralized": 2 * budget}
+    assert res["steps"] == {"per_site": budget, "centralized": 2 * budget,
+                            "federated_per_site": {"alpha": budget, "beta": budget}}
     for kind in ("local_only", "centralized"):
         assert set(res[kind]) == {"alpha", "beta"}  # training sites only
         for site, tasks in res[kind].items():
@@ -218,6 +220,61 @@ def test_compare_equal_per_site_compute(fed_run, capsys):
                        for t in TASKS), (kind, site)
 
 
+def test_compare_refuses_an_unfinished_run_and_warns_about_lost_rounds(fed_run, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    script = _load_script("compare")
+    run = tmp_path / "run"
+    shutil.copytree(fed_run["run"], run)
+    shutil.rmtree(run / "checkpoints" / f"round-{ROUNDS:03d}")  # interrupted in its last round
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert script.main([str(fed_run["fed"]), "--out", str(run), "--skip-federated"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {run}: the federated run has {ROUNDS - 1} of its {ROUNDS} rounds complete; "
+                   f"finish it (resume={run}) before comparing")
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    # a finished run in which beta's round-1 update was rejected: beta trained one round fewer
+    shutil.rmtree(run)
+    shutil.copytree(fed_run["run"], run)
+    ledger = [{**r, "status": "rejected"} if (r["round"], r["site"]) == (1, "beta") else r
+              for r in read_jsonl(run / "ledger.jsonl")]
+    (run / "ledger.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ledger))
+    monkeypatch.setattr(script, "local_and_central", lambda d: {"steps": {"per_site": ROUNDS * LOCAL_STEPS}})
+    assert script.main([str(fed_run["fed"]), "--out", str(run), "--skip-federated"]) == 0
+    assert (f"warning: not at equal compute: federated sites trained fewer than the {ROUNDS * LOCAL_STEPS} "
+            f"steps local-only had: beta {(ROUNDS - 1) * LOCAL_STEPS}") in capsys.readouterr().err
+    assert json.loads((run / "compare.json").read_text())["steps"]["federated_per_site"] == {
+        "alpha": ROUNDS * LOCAL_STEPS, "beta": (ROUNDS - 1) * LOCAL_STEPS}
+
+
+def test_launchers_refuse_a_folder_that_holds_a_run(fed_run, tmp_path, capsys):
+    run = fed_run["run"]
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    why = f"{run}: already holds a run (config.json); choose another out-dir, continue that run with resume={run}"
+    assert _load_script("run_federation").main(["--federation", str(fed_run["fed"]), "--out", str(run)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {why}, or delete the folder"
+    deployment = _load_script("run_deployment")  # its main installs a SIGTERM handler: call the function
+    with pytest.raises(ValueError, match=f"^{re.escape(why)}"):
+        deployment.run_deployment({"federation": str(fed_run["fed"]), "out-dir": str(run)}, 1, 2, tmp_path / "flwr")
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    assert not (tmp_path / "flwr").exists()  # nothing was started
+
+
+def test_finetune_site_fraction_is_of_the_labels_the_run_capped(fed_run, tmp_path, capsys):
+    import shutil
+
+    script = _load_script("finetune_site")
+    run = tmp_path / "run"
+    shutil.copytree(fed_run["run"], run)
+    conf = json.loads((run / "config.json").read_text())
+    conf["run_config"]["train-max-samples"] = 10
+    (run / "config.json").write_text(json.dumps(conf))
+    assert script.main(["--run", str(run), "--site", str(fed_run["root"] / "alpha.yaml"), "--fraction", "0.5",
+                        "--steps", "1"]) == 0
+    out = json.loads((run / "finetune" / "alpha-0.5.json").read_text())
+    assert out["labelled_samples"] == 5  # half of the 10 the run gave each site, not of its whole train split
+
+
 def test_compare_reference_reuses_only_a_matching_run(fed_run, tmp_path, capsys):
     """--reference takes local-only/centralized from a run that shares data, backbone, initial
     adapters and budget (no training), and refuses one that differs, writing nothing."""
@@ -237,11 +294,15 @@ def test_compare_reference_reuses_only_a_matching_run(fed_run, tmp_path, capsys)
     conf["run_config"].update({"strategy": "fedavgm", "server-lr": 2.0,   # differ, may
                                "num-server-rounds": ROUNDS * LOCAL_STEPS, "local-steps": 1})  # same budget
     (other / "config.json").write_text(json.dumps(conf))
+    for r in range(ROUNDS + 1, ROUNDS * LOCAL_STEPS + 1):  # and it has those rounds, every site in each
+        shutil.copytree(RunLog(other).checkpoint_dir(ROUNDS), RunLog(other).checkpoint_dir(r))
+        RunLog(other).append_ledger([{**row, "round": r} for row in read_jsonl(other / "ledger.jsonl")
+                                     if row["round"] == 1])
     with pytest.MonkeyPatch.context() as mp:
         calls = FinetuneCalls(mp)
         rc = script.main([str(fed_run["fed"]), "--out", str(other), "--skip-federated", "--reference", str(ref)])
     out, err = capsys.readouterr()
-    assert rc == 0, err
+    assert rc == 0 and err == "", err
     assert calls.calls == []  # nothing trained
     mine, theirs = (json.loads((d / "compare.json").read_text()) for d in (other, ref))
     assert mine["reference"] == str(ref)
@@ -314,6 +375,7 @@ def test_compare_table_leaves_out_missing_scores(monkeypatch, capsys, tmp_path):
     summary = {"sites": {"alpha": _site("train", 0.5, 0.8, 0.45), "beta": _site("train", None),
                          "delta": _site("train", 0.6, 0.7, None), "gamma": _site("heldout", 0.9)}}
     monkeypatch.setattr(script, "local_and_central", lambda run_dir: {})
+    monkeypatch.setattr(script, "federated_steps", lambda run_dir: {})
     monkeypatch.setattr(fedfm.report, "write_report", lambda run_dir: tmp_path / "report.md")
     monkeypatch.setattr(fedfm.report, "load_run", lambda run_dir: None)
     monkeypatch.setattr(fedfm.report, "summarize", lambda run: summary)

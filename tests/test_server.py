@@ -143,6 +143,60 @@ def test_corrupt_baselines_cache_is_named_and_refitted(full_run, tmp_path, capsy
     assert json.loads((run / "baselines.json").read_text()) == good
 
 
+def _files(run):
+    return {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+
+def test_a_new_run_in_a_folder_that_holds_one_is_refused_and_the_folder_kept(full_run, tmp_path, task_identity):
+    rc, full = full_run
+    run = _copy_run(full.dir, tmp_path / "run")
+    before = _files(run)
+    with pytest.raises(ValueError, match=rf"^{run}: already holds a run \(config.json\); .*resume={run}"):
+        run_server({**rc, "out-dir": str(run)})
+    assert _files(run) == before
+
+
+def test_resume_keeps_the_run_backbone_and_refuses_a_replaced_one(full_run, tmp_path, backbone, task_identity):
+    rc, full = full_run
+    run = _copy_run(full.dir, tmp_path / "run")
+    other = make_backbone(tmp_path / "other.safetensors")[0]
+    before = _files(run)
+    with pytest.raises(ValueError, match=rf"^resume={run}: backbone={other} differs from the run's {backbone[0]}"):
+        run_server({**rc, "backbone": other, "resume": str(run)})
+    assert _files(run) == before
+    conf = json.loads((run / "config.json").read_text())  # the file at that path was replaced
+    conf["backbone"]["sha256"] = "0" * 64
+    (run / "config.json").write_text(json.dumps(conf))
+    before = _files(run)
+    with pytest.raises(ValueError, match=r"the run was trained on 000000000000… \(the file was replaced\)"):
+        run_server({**rc, "resume": str(run)})
+    assert _files(run) == before
+
+
+def test_a_site_whose_test_data_cannot_be_made_is_excluded_from_evaluation(tmp_path, cache_dir, backbone,
+                                                                           task_identity, monkeypatch, capsys):
+    import server.evaluator
+
+    real = server.evaluator.load_site_tasks
+
+    def load_site_tasks(spec, split, *args, **kw):
+        if spec.name == "gamma":
+            raise OSError(f"[Errno 28] No space left on device: '{cache_dir}/gamma'")
+        return real(spec, split, *args, **kw)
+
+    monkeypatch.setattr(server.evaluator, "load_site_tasks", load_site_tasks)
+    rc = run_config(write_federation(tmp_path / "fed"), tmp_path / "runs" / "{run-id}", cache_dir, backbone[0],
+                    **{"num-server-rounds": 1})
+    server_main(InProcessGrid(rc, 2), server_context(rc))
+    log = RunLog(tmp_path / "runs" / "1")  # the default out-dir's {run-id}: Flower's run id (1 here)
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["1"]
+    assert log.complete_rounds() == [0, 1]
+    assert {r["site"] for r in read_jsonl(log.dir / "metrics.jsonl") if r["source"] == "federated"} == {"alpha", "beta"}
+    events = [e for e in read_jsonl(log.dir / "events.jsonl") if e["site"] == "gamma"]
+    assert len(events) == 1 and "excluded from central evaluation" in events[0]["message"]
+    assert "No space left on device" in capsys.readouterr().err
+
+
 def test_personal_heads_resume_and_score_each_site_with_its_own(tmp_path, cache_dir, backbone, task_identity):
     from fedfm.config import RunConfig
     from fedfm.evaluate import predict

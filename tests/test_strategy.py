@@ -88,6 +88,9 @@ def test_nan_and_malformed_updates_are_rejected(tmp_path):
     np.testing.assert_array_equal(agg["a"].numpy(), [1.0, 2.0, 3.0])  # only the good site counts
     status = {r["site"]: r["status"] for r in read_jsonl(tmp_path / "ledger.jsonl")}
     assert status == {"good": "ok", "nan": "rejected", "wrong": "rejected"}
+    # a rejected update was uploaded all the same: its bytes count (3 and 2 float32 values)
+    assert {r["site"]: r["bytes_up"] for r in read_jsonl(tmp_path / "ledger.jsonl")} == {
+        "good": 12, "nan": 12, "wrong": 8}
     messages = {e["site"]: e["message"] for e in read_jsonl(tmp_path / "events.jsonl")}
     assert "NaN" in messages["nan"] and "shape" not in messages["nan"]
     assert "float32[2]" in messages["wrong"] and "float32[3]" in messages["wrong"]
@@ -285,3 +288,44 @@ def test_personal_heads_config_is_checked():
     assert RunConfig().personal_tasks == ()
     with pytest.raises(ValueError, match=r"`personal-heads` = 'PE,los'.*comma-separated list of CE"):
         RunConfig(personal_heads="PE,los")
+
+
+def test_site_sampling_follows_the_seed_and_site_names_not_node_ids():
+    # Flower draws node ids with the global `random` module, and node ids are new random
+    # numbers every run; with fraction-train < 1 the sites of each round must still follow
+    # the run's seed (two runs alike, a resume alike)
+    import random
+
+    names = ["alpha", "beta", "gamma", "delta"]
+
+    def sampled(node_ids, seed=0, offset=0, rounds=range(1, 7)):
+        strategy = build_strategy(RunConfig(min_train_nodes=1, fraction_train=0.5, seed=seed), None, 1,
+                                  round_offset=offset)
+        grid = QueryGrid(dict(zip(node_ids, names)))
+        random.seed(node_ids[0])  # Flower's own draw differs between the two runs
+        return [sorted(grid.sites[m.metadata.dst_node_id]
+                       for m in strategy.configure_train(r, arrays(a=[0.0]), ConfigRecord(), grid)) for r in rounds]
+
+    first = sampled([101, 202, 303, 404])
+    assert all(len(r) == 2 for r in first)
+    assert len({tuple(r) for r in first}) > 1      # the draw changes from round to round
+    assert sampled([9, 5, 7, 3]) == first           # other node ids, other global random state: same sites
+    assert sampled([9, 5, 7, 3], offset=2, rounds=range(1, 5)) == first[2:]  # a resume after round 2
+    assert sampled([101, 202, 303, 404], seed=1) != first
+
+
+def test_resume_restores_only_the_personal_heads_this_run_keeps():
+    lora, ce, pe = "base_model.model.lora_A", "base_model.model.heads.CE.fc.weight", "base_model.model.heads.PE.fc.weight"
+    saved = {f"personal/east/{ce}": np.ones(2, np.float32), f"personal/east/{pe}": np.full(2, 3.0, np.float32)}
+    only_pe = build_strategy(RunConfig(min_train_nodes=2, personal_heads="PE"), None, 1)
+    only_pe.set_state(saved)
+    assert set(only_pe.personal["east"]) == {pe}
+    # personal heads switched off on resume: nothing personal comes back, no site gets old heads
+    off = build_strategy(RunConfig(min_train_nodes=2), None, 1)
+    off.set_state(saved)
+    assert off.personal == {} and off.site_state("east") == {}
+    grid = QueryGrid({1: "east", 2: "west"})
+    sent = list(off.configure_train(3, arrays(**{lora: [0.0, 0.0], ce: [0.0, 0.0], pe: [0.0, 0.0]}),
+                                    ConfigRecord(), grid))
+    assert grid.queried == []
+    assert all(np.all(m.content.array_records["arrays"][pe].numpy() == 0) for m in sent)
