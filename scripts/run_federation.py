@@ -135,6 +135,9 @@ def run_federation(overrides: dict, num_supernodes: int, flwr_home: Path, num_cp
     Returns {'run_id', 'status', 'status_details', 'run_dir', 'report', 'wall_s', 'ok'}."""
     cfg = RunConfig.from_flower(overrides, base_dir=ROOT)  # validate before starting anything
     run_dir = cfg.run_dir
+    if "{run-id}" in str(run_dir):  # the launcher reads the folder back after the run: it must know it
+        raise ValueError(f"out-dir {run_dir}: `{{run-id}}` is filled in by the ServerApp of a bare `flwr run`; "
+                         f"a launcher needs the folder's name (--out DIR, default runs/<timestamp>)")
     if not cfg.resume:  # before anything is written there
         check_fresh_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -258,6 +258,11 @@ def test_launchers_refuse_a_folder_that_holds_a_run(fed_run, tmp_path, capsys):
         deployment.run_deployment({"federation": str(fed_run["fed"]), "out-dir": str(run)}, 1, 2, tmp_path / "flwr")
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
     assert not (tmp_path / "flwr").exists()  # nothing was started
+    # the launchers read the run folder back: a {run-id} left to the ServerApp is refused
+    assert _load_script("run_federation").main(["--federation", str(fed_run["fed"]),
+                                                "--out", str(tmp_path / "runs" / "{run-id}")]) == 2
+    assert "`{run-id}` is filled in by the ServerApp of a bare `flwr run`" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_finetune_site_fraction_is_of_the_labels_the_run_capped(fed_run, tmp_path, capsys):
