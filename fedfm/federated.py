@@ -247,15 +247,16 @@ def setup_run(cfg: RunConfig) -> RunSetup:
     initial adapter state or the last complete round's checkpoint (``resume``)."""
     from fedfm.config import load_federation_sites
     from fedfm.model import get_adapter_state
-    from fedfm.runlog import RunLog, check_fresh_run_dir
+    from fedfm.runlog import RunLog, check_fresh_run_dir, read_jsonl
 
     if not cfg.resume:
         check_fresh_run_dir(cfg.run_dir)
     runlog = RunLog(cfg.run_dir)
     resumed = cfg.resume and (runlog.dir / "config.json").exists()
     sites = load_federation_sites(cfg.federation)
+    logged = {(r.get("site"), r.get("message")) for r in read_jsonl(runlog.dir / "events.jsonl", drop_torn_tail=True)}
     for e in sites:
-        if e.error and not resumed:  # logged once, by the run's first start
+        if e.error and (e.name, f"site excluded: {e.error}") not in logged:  # once per run, not per resume
             runlog.append_event(0, e.name, "error", f"site excluded: {e.error}")
     good = [e for e in sites if e.spec is not None]
     if not any(e.role == "train" for e in good):

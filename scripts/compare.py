@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from fedfm.config import RunConfig, load_federation_sites  # noqa: E402
 from fedfm.runlog import RunLog, read_json, read_jsonl, read_run_config, write_json  # noqa: E402
-from run_federation import _parse_value, run_federation  # noqa: E402
+from run_federation import _parse_value, default_min_train_nodes, run_federation  # noqa: E402
 
 
 def score_model(model, tds: dict) -> dict[str, dict[str, float]]:
@@ -182,7 +182,7 @@ def main(argv=None) -> int:
     try:
         if not args.skip_federated:
             n = sum(1 for e in load_federation_sites(overrides["federation"]) if e.role == "train")
-            overrides.setdefault("min-train-nodes", n)
+            overrides.setdefault("min-train-nodes", default_min_train_nodes(overrides, n))
             result = run_federation(overrides, n, ROOT / ".flwr")
             if not result["ok"]:
                 print(f"error: federated run {result['status']}: {result['status_details']}", file=sys.stderr)

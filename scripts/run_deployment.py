@@ -42,8 +42,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from fedfm.config import RunConfig, federation_site_paths  # noqa: E402
 from fedfm.runlog import check_fresh_run_dir  # noqa: E402
 from run_federation import (  # noqa: E402
-    add_run_args, flwr_env, free_port, run_outcome, run_overrides, run_status, start_superlink, stop_superlink,
-    write_run_config)
+    add_run_args, default_min_train_nodes, flwr_env, free_port, run_outcome, run_overrides, run_status,
+    start_superlink, stop_superlink, write_run_config)
 
 CONNECTION = "fedfm-deployment"  # the SuperLink connection name in $FLWR_HOME/config.toml
 
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         if not 1 <= num_nodes <= num_sites:
             raise ValueError(f"--num-supernodes {num_nodes}: the federation has {num_sites} training sites "
                              f"(one SuperNode per site, 1..{num_sites})")
-        overrides.setdefault("min-train-nodes", num_nodes)
+        overrides.setdefault("min-train-nodes", default_min_train_nodes(overrides, num_nodes))
         result = run_deployment(overrides, num_nodes, num_sites, Path(args.flwr_home))
     except ValueError as e:  # bad config: one line, no traceback
         print(f"error: {e}", file=sys.stderr)

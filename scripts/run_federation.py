@@ -198,6 +198,14 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
                    help="run-config override, e.g. --set num-server-rounds=5 (repeatable)")
 
 
+def default_min_train_nodes(overrides: dict, num_sites: int) -> int:
+    """Every training site each round; with fraction-train f < 1 the ⌊f·N⌋ (at least 1) that
+    Flower samples: min-train-nodes is also the floor of Flower's sample, so N would make
+    fraction-train a no-op."""
+    f = float(overrides.get("fraction-train", 1.0))
+    return num_sites if f >= 1 else max(1, int(num_sites * f))
+
+
 def run_overrides(args: argparse.Namespace) -> dict:
     """Run-config overrides from add_run_args' options (absolute federation and out-dir paths);
     ValueError on a --set without '='."""
@@ -224,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = run_overrides(args)
         train_sites = [pth for pth, role in federation_site_paths(overrides["federation"]) if role == "train"]
-        overrides.setdefault("min-train-nodes", len(train_sites))
+        overrides.setdefault("min-train-nodes", default_min_train_nodes(overrides, len(train_sites)))
         num_gpus = args.num_gpus if args.num_gpus is not None else _default_gpus(len(train_sites))
         result = run_federation(overrides, len(train_sites), Path(args.flwr_home), args.num_cpus, num_gpus)
     except ValueError as e:  # bad config: one line, no traceback

@@ -31,7 +31,8 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run_config = dict(context.run_config)  # out-dir "runs/{run-id}": each `flwr run` its own folder
-    run_config["out-dir"] = str(run_config.get("out-dir", "")).replace("{run-id}", str(context.run_id))
+    if "out-dir" in run_config:
+        run_config["out-dir"] = str(run_config["out-dir"]).replace("{run-id}", str(context.run_id))
     cfg = RunConfig.from_flower(run_config, base_dir=APP_DIR)
     try:
         if cfg.stage == "pretrain":

@@ -74,7 +74,6 @@ class CentralEvaluator:
             try:  # the test views are loaded now (a resume with cached baselines too): a site whose
                 # data cannot be made or read is excluded here, once, not mid-run
                 tds = self.test_tasks(entry)
-                out[entry.name] = cached.get(entry.name) or fit_site_baselines(self.cfg, entry, tds)
             except (ValueError, OSError) as e:
                 self.sites.remove(entry)
                 self._tds.pop(entry.name, None)
@@ -82,6 +81,8 @@ class CentralEvaluator:
                 print(f"fedfm: site {entry.name}: {msg}", file=sys.stderr, flush=True)
                 if self.runlog:
                     self.runlog.append_event(0, entry.name, "error", msg)
+                continue
+            out[entry.name] = cached.get(entry.name) or fit_site_baselines(self.cfg, entry, tds)
         if path:
             write_json(path, out)
         return out

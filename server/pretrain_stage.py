@@ -14,8 +14,7 @@ from server.strategy import build_strategy
 
 def run_pretrain(grid: Grid, cfg: RunConfig) -> str:
     """Run the rounds; returns the path of the saved backbone."""
-    if not cfg.resume:
-        check_fresh_run_dir(cfg.run_dir)
+    check_fresh_run_dir(cfg.run_dir)  # RunConfig refuses resume with stage=pretrain
     runlog = RunLog(cfg.run_dir)
     sites = load_federation_sites(cfg.federation)
     good = [e for e in sites if e.spec is not None]

@@ -98,6 +98,7 @@ class FedFMMixin:
         self.local: dict[str, dict[str, np.ndarray]] = {}     # site → its last local model (keep_local)
         self.query_timeout = query_timeout
         self.node_sites: dict[int, str] = {}
+        self._asked: set[int] = set()  # nodes sent a which-site QUERY (each is asked once)
         self._sent: dict[int, int] = {}
         self._reference: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
         self.last_round_sites: list[str] = []
@@ -141,7 +142,11 @@ class FedFMMixin:
             if why:
                 self._event(rnd, site, f"update rejected: {why}")
                 if arrays is not None:  # it was uploaded all the same: count its bytes
-                    row.update(bytes_up=payload_bytes(arrays), wire_bytes_up=wire_bytes(arrays))
+                    row["wire_bytes_up"] = wire_bytes(arrays)
+                    try:
+                        row["bytes_up"] = payload_bytes(arrays)
+                    except (TypeError, ValueError):  # not numpy arrays: the wire size is all there is
+                        row["bytes_up"] = row["wire_bytes_up"]
                 ledger.append({**row, "status": "rejected"})
                 continue
             up = payload_bytes(arrays)
@@ -221,9 +226,10 @@ class FedFMMixin:
     def _learn_sites(self, rnd: int, grid: Grid, nodes: list[int],
                      unanswered: str = "it trains from the global personal heads this round") -> None:
         """Ask nodes never heard from (a resumed run, a late joiner) which site they are."""
-        unknown = [n for n in nodes if n not in self.node_sites]
+        unknown = [n for n in nodes if n not in self.node_sites and n not in self._asked]
         if not unknown:
             return
+        self._asked.update(unknown)
         queries = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type=MessageType.QUERY)
                    for n in unknown]
         for msg in grid.send_and_receive(queries, timeout=self.query_timeout):

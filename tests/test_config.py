@@ -59,3 +59,8 @@ def test_eval_every_schedule():
     assert all(RunConfig(num_server_rounds=4).evaluates_round(r) for r in range(5))
     with pytest.raises(ValueError, match=r"`eval-every` = 0 is not allowed; expected an integer >= 1"):
         RunConfig(eval_every=0)
+
+
+def test_federated_pretraining_does_not_resume(tmp_path):
+    with pytest.raises(ValueError, match=r"^run config: `resume` = '.*' is not allowed; expected '' with stage=pretrain"):
+        RunConfig(federation="f.yaml", stage="pretrain", resume=str(tmp_path))

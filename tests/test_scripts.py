@@ -466,3 +466,11 @@ def test_train_central_small_budget_scores_every_site(tmp_path, cache_dir):
     train, baselines = central.load_train_views(load_federation(fed_path), str(cache_dir), 16)
     assert set(train) == {s.name for s in load_federation(fed_path).train_sites} and set(baselines) == sites
     assert all(td.num_samples == 16 for views in train.values() for td in views.values())
+
+
+def test_launchers_leave_room_for_fraction_train():
+    # min-train-nodes is also the floor of Flower's sample: N of N would make fraction-train a no-op
+    rf = _load_script("run_federation")
+    assert rf.default_min_train_nodes({}, 4) == 4
+    assert rf.default_min_train_nodes({"fraction-train": 0.5}, 4) == 2
+    assert rf.default_min_train_nodes({"fraction-train": 0.1}, 4) == 1

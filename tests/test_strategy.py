@@ -329,3 +329,20 @@ def test_resume_restores_only_the_personal_heads_this_run_keeps():
                                     ConfigRecord(), grid))
     assert grid.queried == []
     assert all(np.all(m.content.array_records["arrays"][pe].numpy() == 0) for m in sent)
+
+
+def test_a_node_that_never_says_which_site_it_is_is_asked_once():
+    class SilentGrid(FakeGrid):
+        def __init__(self, node_ids):
+            super().__init__(node_ids)
+            self.queried = []
+
+        def send_and_receive(self, messages, *, timeout=None):
+            self.queried += [m.metadata.dst_node_id for m in messages]
+            return []  # no node answers
+
+    strategy = build_strategy(RunConfig(min_train_nodes=1, fraction_train=0.5), None, 1)
+    grid = SilentGrid([4, 3, 2, 1])
+    for r in (1, 2, 3):
+        assert len(list(strategy.configure_train(r, arrays(a=[0.0]), ConfigRecord(), grid))) == 2
+    assert sorted(grid.queried) == [1, 2, 3, 4]  # each once, not once per round (each query waits for the timeout)
