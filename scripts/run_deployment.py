@@ -40,10 +40,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from fedfm.config import RunConfig, federation_site_paths  # noqa: E402
-from fedfm.runlog import check_fresh_run_dir  # noqa: E402
 from run_federation import (  # noqa: E402
-    add_run_args, default_min_train_nodes, flwr_env, free_port, run_outcome, run_overrides, run_status,
-    start_superlink, stop_superlink, write_run_config)
+    add_run_args, check_launch_dir, default_min_train_nodes, flwr_env, free_port, run_outcome, run_overrides,
+    run_status, start_superlink, stop_superlink, write_run_config)
 
 CONNECTION = "fedfm-deployment"  # the SuperLink connection name in $FLWR_HOME/config.toml
 
@@ -156,11 +155,7 @@ def run_deployment(overrides: dict, num_supernodes: int, num_partitions: int, fl
     'ok', 'pids', 'error'}."""
     cfg = RunConfig.from_flower(overrides, base_dir=ROOT)  # validate before starting anything
     run_dir = cfg.run_dir
-    if "{run-id}" in str(run_dir):  # the launcher reads the folder back after the run: it must know it
-        raise ValueError(f"out-dir {run_dir}: `{{run-id}}` is filled in by the ServerApp of a bare `flwr run`; "
-                         f"a launcher needs the folder's name (--out DIR, default runs/<timestamp>)")
-    if not cfg.resume:  # before anything is written there
-        check_fresh_run_dir(run_dir)
+    check_launch_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     flwr_home = flwr_home.resolve()
     flwr_home.mkdir(parents=True, exist_ok=True)

@@ -128,6 +128,17 @@ def run_status(env: dict[str, str], run_id: str, timeout_s: float = 30.0, superl
     return rec
 
 
+def check_launch_dir(cfg: RunConfig) -> None:
+    """ValueError, before anything is written, when a launcher cannot use ``cfg``'s run folder:
+    ``{run-id}`` left for the ServerApp (the launcher reads the folder back after the run, so it
+    must know its name), or a folder that already holds a run (unless resuming it)."""
+    if "{run-id}" in str(cfg.run_dir):
+        raise ValueError(f"out-dir {cfg.run_dir}: `{{run-id}}` is filled in by the ServerApp of a bare `flwr run`; "
+                         f"a launcher needs the folder's name (--out DIR, default runs/<timestamp>)")
+    if not cfg.resume:
+        check_fresh_run_dir(cfg.run_dir)
+
+
 def run_federation(overrides: dict, num_supernodes: int, flwr_home: Path, num_cpus: int = 1,
                    num_gpus: float = 0.0, log=sys.stdout, timeout_s: float = 3600) -> dict:
     """Start a SuperLink, `flwr run . --stream`, check the outcome, stop the SuperLink.
@@ -135,11 +146,7 @@ def run_federation(overrides: dict, num_supernodes: int, flwr_home: Path, num_cp
     Returns {'run_id', 'status', 'status_details', 'run_dir', 'report', 'wall_s', 'ok'}."""
     cfg = RunConfig.from_flower(overrides, base_dir=ROOT)  # validate before starting anything
     run_dir = cfg.run_dir
-    if "{run-id}" in str(run_dir):  # the launcher reads the folder back after the run: it must know it
-        raise ValueError(f"out-dir {run_dir}: `{{run-id}}` is filled in by the ServerApp of a bare `flwr run`; "
-                         f"a launcher needs the folder's name (--out DIR, default runs/<timestamp>)")
-    if not cfg.resume:  # before anything is written there
-        check_fresh_run_dir(run_dir)
+    check_launch_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     flwr_home.mkdir(parents=True, exist_ok=True)
     run_config_file = run_dir / "run_config.toml"

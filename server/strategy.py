@@ -40,8 +40,8 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedfm.config import RunConfig
 from fedfm.federated import personal_keys
-from fedfm.scenarios import derive_seed
 from fedfm.runlog import RunLog
+from fedfm.scenarios import derive_seed
 
 _SITE_IN_ERROR = re.compile(r"site=([A-Za-z0-9_.\-]+)")
 
