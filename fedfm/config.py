@@ -163,6 +163,51 @@ class RunConfig:
         return {_kebab(k): v for k, v in dataclasses.asdict(self).items()}
 
 
+# Run-config keys a resume may change: how long and where it runs, not what it trains. Any
+# other key changed on resume would make the rest of the run another experiment than its
+# first rounds (and than the uninterrupted run the resume is meant to equal), so it is refused.
+# ``backbone`` is checked on its own (the run keeps the recorded one); ``federation`` by the
+# sites it names (their spec hashes), not by its path.
+RESUME_MAY_CHANGE = ("num-server-rounds", "round-timeout", "min-train-nodes", "eval-every", "device",
+                     "cache-dir", "out-dir", "resume", "backbone", "federation", "pretrain-steps")
+
+
+def resume_mismatch(cfg: "RunConfig", recorded: Mapping[str, Any]) -> str | None:
+    """Why ``cfg`` cannot continue the run whose recorded run config is ``recorded`` (a
+    config.json's ``run_config``): the first key it changes, or None."""
+    mine = cfg.to_flower()
+    for key in mine:
+        if key in RESUME_MAY_CHANGE or key not in recorded:
+            continue
+        if mine[key] != recorded[key]:
+            return (f"`{key}` is {mine[key]!r} here but the run was started with {recorded[key]!r}; a resume keeps "
+                    f"the run's settings (only {', '.join(RESUME_MAY_CHANGE[:6])} may change): set "
+                    f"{key}={recorded[key]!r} or start a new run")
+    return None
+
+
+def with_recorded_settings(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Launcher helper: a resume's run config is the recorded run's, with ``overrides`` on top.
+
+    ``run_federation.py --set resume=runs/X`` would otherwise fill every key it is not given
+    from the defaults, and the server would refuse to resume a run started with, say,
+    ``strategy=fedavgm``. Without ``resume`` (or without a config.json there) ``overrides``
+    is returned as it is."""
+    resume = overrides.get("resume")
+    path = Path(str(resume)).expanduser() / "config.json" if resume else None
+    if not path or not path.is_file():
+        return dict(overrides)
+    import json
+
+    try:
+        recorded = json.loads(path.read_text())["run_config"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: cannot read the run's recorded settings ({e})") from None
+    known = {_kebab(f.name) for f in dataclasses.fields(RunConfig)}
+    keep = {k: v for k, v in recorded.items() if k in known and k not in ("out-dir", "resume", "backbone")}
+    return {**keep, **overrides}
+
+
 def _kebab(name: str) -> str:
     return name.replace("_", "-")
 

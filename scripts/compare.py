@@ -48,7 +48,7 @@ def score_model(model, tds: dict) -> dict[str, dict[str, float]]:
 
 def local_and_central(run_dir: Path) -> dict:
     """Train local-only and centralized models with the federated run's settings and backbone."""
-    from fedfm.federated import build_run_model, load_site_tasks, local_train, torch_state
+    from fedfm.federated import build_run_model, local_train, torch_state
     from fedfm.model import set_adapter_state
     from fedfm.scenarios import derive_seed
     from fedfm.train import finetune
@@ -61,8 +61,8 @@ def local_and_central(run_dir: Path) -> dict:
     sites = [e for e in load_federation_sites(cfg.federation) if e.role == "train" and e.spec]
     budget = cfg.local_steps * cfg.num_server_rounds
     out = {"local_only": {}, "centralized": {}, "steps": {"per_site": budget, "centralized": budget * len(sites)}}
-    train = {e.name: load_site_tasks(e.spec, "train", cfg.cache_dir, cfg.train_max_samples) for e in sites}
-    test = {e.name: load_site_tasks(e.spec, "test", cfg.cache_dir, cfg.eval_max_samples) for e in sites}
+    train = {e.name: _site_tasks(e, "train", cfg.cache_dir, cfg.train_max_samples) for e in sites}
+    test = {e.name: _site_tasks(e, "test", cfg.cache_dir, cfg.eval_max_samples) for e in sites}
     model = build_run_model(cfg, num_beams, backbone)
     for e in sites:
         res = local_train(cfg, e.spec, init, 0, num_beams=num_beams, backbone=backbone, steps=budget,
@@ -76,6 +76,19 @@ def local_and_central(run_dir: Path) -> dict:
     for e in sites:
         out["centralized"][e.name] = score_model(model, test[e.name])
     return out
+
+
+def _site_tasks(entry, split: str, cache_dir: str, max_samples: int) -> dict:
+    """A training site's task views, or ValueError naming the site: the arms train and score
+    every training site, so one whose data cannot be made (a full disk, a corrupt cache the
+    generator cannot replace) stops the comparison with one line instead of a traceback."""
+    from fedfm.federated import load_site_tasks
+
+    try:
+        return load_site_tasks(entry.spec, split, cache_dir, max_samples)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"site {entry.name} ({entry.path}): cannot load its {split} split ({e}); "
+                         f"local-only and centralized need every training site") from None
 
 
 def federated_steps(run_dir: Path) -> dict[str, int]:

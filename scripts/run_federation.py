@@ -34,9 +34,10 @@ from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_FEDERATION = "scenarios/federations/default.yaml"
 sys.path.insert(0, str(ROOT))
 
-from fedfm.config import RunConfig, federation_site_paths  # noqa: E402
+from fedfm.config import RunConfig, federation_site_paths, with_recorded_settings  # noqa: E402
 from fedfm.runlog import check_fresh_run_dir, read_json  # noqa: E402
 
 
@@ -199,7 +200,8 @@ def run_outcome(result: dict, cfg: RunConfig, t0: float) -> dict:
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
     """--federation, --out, --set: the run options every launcher shares."""
-    p.add_argument("--federation", default="scenarios/federations/default.yaml")
+    p.add_argument("--federation", default=None,
+                   help=f"federation YAML (default: {DEFAULT_FEDERATION}, or the resumed run's)")
     p.add_argument("--out", default=None, help="run folder (default: runs/<timestamp> in the current directory)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="run-config override, e.g. --set num-server-rounds=5 (repeatable)")
@@ -215,14 +217,20 @@ def default_min_train_nodes(overrides: dict, num_sites: int) -> int:
 
 def run_overrides(args: argparse.Namespace) -> dict:
     """Run-config overrides from add_run_args' options (absolute federation and out-dir paths);
-    ValueError on a --set without '='."""
+    ValueError on a --set without '='. With ``--set resume=RUN`` every key not given is the
+    resumed run's recorded one (its federation included), not the default."""
     overrides: dict = {}
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--set {item!r}: expected KEY=VALUE")
         overrides[key] = _parse_value(value)
-    overrides["federation"] = str(Path(args.federation).resolve())
+    if overrides.get("resume"):
+        overrides["resume"] = str(Path(str(overrides["resume"])).expanduser().resolve())
+    if args.federation:
+        overrides["federation"] = str(Path(args.federation).resolve())
+    overrides = with_recorded_settings(overrides)
+    overrides.setdefault("federation", str((ROOT / DEFAULT_FEDERATION).resolve()))
     overrides["out-dir"] = str(Path(args.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}").resolve())
     return overrides
 

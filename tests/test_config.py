@@ -64,3 +64,29 @@ def test_eval_every_schedule():
 def test_federated_pretraining_does_not_resume(tmp_path):
     with pytest.raises(ValueError, match=r"^run config: `resume` = '.*' is not allowed; expected '' with stage=pretrain"):
         RunConfig(federation="f.yaml", stage="pretrain", resume=str(tmp_path))
+
+
+def test_resume_mismatch_names_the_first_changed_training_key():
+    from fedfm.config import resume_mismatch
+
+    recorded = RunConfig(federation="/f.yaml", lr=1e-3).to_flower()
+    assert resume_mismatch(RunConfig(federation="/g.yaml", lr=1e-3, num_server_rounds=9, device="cpu",
+                                     eval_every=2, round_timeout=5.0), recorded) is None
+    why = resume_mismatch(RunConfig(federation="/f.yaml", lr=2e-3, seed=3), recorded)
+    assert why.startswith("`lr` is 0.002 here but the run was started with 0.001") and "set lr=0.001" in why
+
+
+def test_with_recorded_settings_fills_what_is_not_given(tmp_path):
+    import json
+
+    from fedfm.config import with_recorded_settings
+
+    rec = {**RunConfig(federation="/f.yaml", lr=5e-3, strategy="fedavgm").to_flower(), "a-removed-key": 1}
+    (tmp_path / "config.json").write_text(json.dumps({"run_config": rec}))
+    got = with_recorded_settings({"resume": str(tmp_path), "num-server-rounds": 7})
+    assert got["lr"] == 5e-3 and got["strategy"] == "fedavgm" and got["num-server-rounds"] == 7
+    assert "a-removed-key" not in got and "out-dir" not in got and got["resume"] == str(tmp_path)
+    assert with_recorded_settings({"lr": 1.0}) == {"lr": 1.0}
+    (tmp_path / "config.json").write_text("{")
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'config.json'}: cannot read the run's recorded settings"):
+        with_recorded_settings({"resume": str(tmp_path)})

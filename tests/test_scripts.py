@@ -247,6 +247,29 @@ def test_compare_refuses_an_unfinished_run_and_warns_about_lost_rounds(fed_run, 
         "alpha": ROUNDS * LOCAL_STEPS, "beta": (ROUNDS - 1) * LOCAL_STEPS}
 
 
+def test_compare_stops_with_one_line_when_a_site_s_data_cannot_be_loaded(fed_run, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    import fedfm.federated
+
+    script = _load_script("compare")
+    run = tmp_path / "run"
+    shutil.copytree(fed_run["run"], run)
+    real = fedfm.federated.load_site_tasks
+
+    def load_site_tasks(spec, split, *a, **kw):
+        if spec.name == "beta" and split == "test":
+            raise OSError("[Errno 28] No space left on device")
+        return real(spec, split, *a, **kw)
+
+    monkeypatch.setattr(fedfm.federated, "load_site_tasks", load_site_tasks)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert script.main([str(fed_run["fed"]), "--out", str(run), "--skip-federated"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: site beta (") and "cannot load its test split ([Errno 28]" in err
+    assert "\n" not in err and {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
 def test_launchers_refuse_a_folder_that_holds_a_run(fed_run, tmp_path, capsys):
     run = fed_run["run"]
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
@@ -263,6 +286,22 @@ def test_launchers_refuse_a_folder_that_holds_a_run(fed_run, tmp_path, capsys):
                                                 "--out", str(tmp_path / "runs" / "{run-id}")]) == 2
     assert "`{run-id}` is filled in by the ServerApp of a bare `flwr run`" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_launcher_resume_takes_the_run_s_recorded_settings(fed_run, tmp_path):
+    # `run_federation.py --set resume=RUN` must resume RUN as it was started (its federation,
+    # strategy, lr...), not with the defaults of every key it was not given
+    rf = _load_script("run_federation")
+    run, recorded = fed_run["run"], json.loads((fed_run["run"] / "config.json").read_text())["run_config"]
+    args = rf.argparse.Namespace(set=[f"resume={run}", "num-server-rounds=9"], federation=None, out=None)
+    got = rf.run_overrides(args)
+    assert got["federation"] == recorded["federation"] == str(fed_run["fed"])
+    assert got["num-server-rounds"] == 9 and got["resume"] == str(run)
+    assert {k: got[k] for k in ("lr", "seed", "local-steps", "strategy")} == \
+        {k: recorded[k] for k in ("lr", "seed", "local-steps", "strategy")}
+    assert recorded["seed"] != 0  # the default: the recorded value really came through
+    args = rf.argparse.Namespace(set=[], federation=None, out=None)  # no resume: the default federation
+    assert rf.run_overrides(args)["federation"] == str(ROOT / "scenarios" / "federations" / "default.yaml")
 
 
 def test_finetune_site_fraction_is_of_the_labels_the_run_capped(fed_run, tmp_path, capsys):

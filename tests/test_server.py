@@ -173,6 +173,27 @@ def test_resume_keeps_the_run_backbone_and_refuses_a_replaced_one(full_run, tmp_
     assert _files(run) == before
 
 
+@pytest.mark.parametrize("change, needle", [
+    ({"lr": 0.5}, "`lr` is 0.5 here but the run was started with"),
+    ({"strategy": "fedavgm"}, "`strategy` is 'fedavgm' here but the run was started with 'fedavg'"),
+    ({"personal-heads": "PE"}, "`personal-heads` is 'PE' here but the run was started with ''"),
+    ({"federation": "other"}, "differs from the run's sites (first difference: site 'alpha'"),
+])
+def test_resume_that_changes_what_the_run_trains_is_refused_and_the_run_kept(full_run, tmp_path, task_identity,
+                                                                            change, needle):
+    rc, full = full_run
+    run = _copy_run(full.dir, tmp_path / "run")
+    if change.get("federation") == "other":  # the same site names, one site's YAML edited
+        fed = write_federation(tmp_path / "fed2")
+        (fed.parent / "alpha.yaml").write_text((fed.parent / "alpha.yaml").read_text().replace("seed: ", "seed: 1"))
+        change = {"federation": str(fed)}
+    before = _files(run)
+    with pytest.raises(ValueError) as e:
+        run_server({**rc, "num-server-rounds": 3, **change, "resume": str(run)})
+    assert str(e.value).startswith(f"resume={run}: ") and needle in str(e.value)
+    assert _files(run) == before
+
+
 def test_a_site_whose_test_data_cannot_be_made_is_excluded_from_evaluation(tmp_path, cache_dir, backbone,
                                                                            task_identity, monkeypatch, capsys):
     import server.evaluator
