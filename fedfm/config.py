@@ -24,9 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
 
-from fedfm.scenarios import ConfigError, SiteSpec, load_site
+from fedfm.scenarios import ConfigError, SiteSpec, load_site, read_yaml
 
 LR_SCHEDULES = ("run", "round")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm")
@@ -246,10 +245,7 @@ def federation_site_paths(path: str | Path) -> list[tuple[str, str]]:
 
     Reads only the list of paths, so a broken *site* file does not fail here."""
     p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{p}: cannot read federation file ({e})") from None
+    data = read_yaml(p)  # one line naming the file: unreadable, not text, malformed, a key twice
     if not isinstance(data, dict) or not isinstance(data.get("train_sites"), list) or not data["train_sites"]:
         raise ConfigError(f"{p}: `train_sites` must be a non-empty list of site YAML paths")
     out = []

@@ -62,8 +62,8 @@ def _read_cached(path: Path) -> dict[str, np.ndarray] | None:
             raise ValueError("checksum mismatch (truncated or modified)")
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except (ValueError, KeyError, OSError, zipfile.BadZipFile, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: corrupt cache file ({e})") from None
+    except (ValueError, KeyError, TypeError, OSError, zipfile.BadZipFile, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: corrupt cache file ({type(e).__name__}: {e})") from None
     missing = set(ARRAY_NAMES + ("codebook",)) - set(arrays)
     if missing:
         raise ValueError(f"{path}: corrupt cache file (missing arrays {sorted(missing)})")
@@ -74,11 +74,15 @@ def _write_atomic(path: Path, arrays: dict[str, np.ndarray], spec: SiteSpec, spl
     """Write npz then its sidecar, each via a temp file + rename: never a half-written cache."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    with os.fdopen(fd, "wb") as f:  # a file object: np.savez would append ".npz" to a name
-        np.savez(f, **arrays)
-    meta = {"sha256": sha256_file(Path(tmp)), "split": split, "spec_hash": spec_hash(spec),
-            "seed": split_seed(spec, split), "spec": spec_to_dict(spec)}
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+            np.savez(f, **arrays)
+        meta = {"sha256": sha256_file(Path(tmp)), "split": split, "spec_hash": spec_hash(spec),
+                "seed": split_seed(spec, split), "spec": spec_to_dict(spec)}
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or Ctrl-C: leave no half-written temp file behind
+        Path(tmp).unlink(missing_ok=True)
+        raise
     tmp_meta = path.with_suffix(".json.tmp")
     tmp_meta.write_text(json.dumps(meta, indent=1))
     os.replace(tmp_meta, path.with_suffix(".json"))
@@ -99,7 +103,11 @@ def load_split(spec: SiteSpec, split: str, cache_dir: str | Path | None = None,
     if cached is not None:
         return cached
     arrays = generate_split(spec, split, n)
-    _write_atomic(path, arrays, spec, split)
+    try:
+        _write_atomic(path, arrays, spec, split)
+    except OSError as e:  # a cache dir that is a file, read-only or full: one line naming it
+        raise ValueError(f"{path.parent}: cannot write the site's data cache ({e.strerror or e}); "
+                         f"choose a writable cache folder (--cache-dir, cache-dir= or FEDFM_CACHE_DIR)") from None
     return arrays
 
 

@@ -76,6 +76,8 @@ def load_site_tasks(spec: SiteSpec, split: str, cache_dir: str = "", max_samples
     ``max_samples`` > 0 keeps the first samples only (central evaluation budget)."""
     from fedfm.tasks import build_tasks
 
+    if max_samples < 0:
+        raise ValueError(f"max_samples {max_samples} is not allowed; expected an integer >= 0 (0 = all)")
     arrays = load_split(spec, split, cache_dir or None)
     if max_samples:
         arrays = {k: (v[:max_samples] if k in _PER_SAMPLE else v) for k, v in arrays.items()}

@@ -383,7 +383,12 @@ def write_report(run_dir: str | Path) -> Path:
     A ``stage=pretrain`` run (config.json's ``stage``) gets the reconstruction report."""
     run = load_run(run_dir)
     pre = run["config"].get("stage") == "pretrain"
-    s = (summarize_pretrain if pre else summarize)(run)
+    try:
+        s = (summarize_pretrain if pre else summarize)(run)
+    except (KeyError, TypeError, AttributeError, IndexError) as e:  # a hand-edited or foreign file: one line
+        raise ValueError(f"{run['dir']}: a run file does not have the shape fedfm writes ({type(e).__name__}: "
+                         f"{e}); config.json, metrics.jsonl, ledger.jsonl and baselines.json are read; "
+                         f"nothing was written") from None
     s["plots"] = (_plots_pretrain if pre else _plots)(run, s, run["dir"] / "plots")
     write_json(run["dir"] / "report.json", s)
     path = run["dir"] / "report.md"

@@ -133,6 +133,18 @@ def check_fresh_run_dir(run_dir: str | Path) -> None:
                          f"with resume={d}, or delete the folder")
 
 
+def check_fresh_output(out_dir: str | Path, names: tuple[str, ...], flag: str = "--out") -> None:
+    """ValueError, before anything is written, when ``out_dir`` is not a folder that can take
+    new results: a file, or a folder already holding one of ``names`` (an earlier run's
+    results, which the new run would overwrite, or mix with its own should it fail)."""
+    d = Path(out_dir)
+    if d.exists() and not d.is_dir():
+        raise ValueError(f"{flag} {d}: is a file, not a folder")
+    held = [n for n in names if (d / n).exists()]
+    if held:
+        raise ValueError(f"{flag} {d}: already holds results ({held[0]}); choose another {flag} or delete them")
+
+
 class RunLog:
     """Appends to and checkpoints into one run folder (created if missing)."""
 
@@ -205,6 +217,11 @@ class RunLog:
             strategy = load_file(str(d / "strategy.safetensors"))
         except Exception as e:  # safetensors raises its own SafetensorError on a corrupt header
             raise ValueError(f"{d}: checkpoint cannot be read ({e})") from None
+        for name, arrays in (("adapter.safetensors", adapter), ("strategy.safetensors", strategy)):
+            bad = next((k for k, v in arrays.items() if v.dtype.kind == "f" and not np.isfinite(v).all()), None)
+            if bad is not None:  # the server never writes one (it rejects NaN updates): a damaged file
+                raise ValueError(f"{d / name}: `{bad}` holds NaN or inf values; the checkpoint is damaged "
+                                 f"(resume from an earlier round's copy of the run, or start a new run)")
         state = read_json(d / "state.json")
         if not isinstance(state, dict):
             raise ValueError(f"{d / 'state.json'}: not a JSON object")

@@ -133,7 +133,8 @@ _SECTIONS: dict[str, tuple[type, dict[str, tuple]]] = {
     "ue": (UESpec, {
         "speed_min_mps": _NONNEG_FLOAT, "speed_max_mps": _NONNEG_FLOAT,
         "distance_min_m": (float, lambda v: v >= 1.0, "a number >= 1 m"),
-        "distance_max_m": (float, lambda v: v >= 1.0, "a number >= 1 m")}),
+        "distance_max_m": (float, lambda v: 1.0 <= v <= 10_000.0,
+                           "a number in [1, 10000] m (TR 38.901 path loss is defined to 10 km)")}),
     "estimation": (EstimationSpec, {
         "pilot_spacing": _POS_INT, "snr_db_min": _SNR, "snr_db_max": _SNR}),
     "samples": (SamplesSpec, {"train": _POS_INT, "val": _POS_INT, "test": _POS_INT}),
@@ -155,7 +156,14 @@ def _coerce(path: str, key: str, value: Any, typ: type, check, allowed: str) -> 
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, typ) or isinstance(value, bool):
-        raise _fail(path, key, value, f"{allowed} ({typ.__name__})")
+        hint = ""
+        if typ in (int, float) and isinstance(value, str):
+            try:
+                float(value)
+                hint = "; YAML 1.1 reads an exponent without a sign as text: write 1.0e+3, not 1.0e3"
+            except ValueError:
+                pass
+        raise _fail(path, key, value, f"{allowed} ({typ.__name__}){hint}")
     if not check(value):
         raise _fail(path, key, value, allowed)
     return value
@@ -213,14 +221,35 @@ def _check_relations(s: SiteSpec, path: str) -> None:
         raise _fail(path, "ue.distance_max_m", s.ue.distance_max_m, "<= 150 m for an indoor hotspot (inh)")
 
 
-def _read_yaml(path: str | Path) -> Any:
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last
+    value silently, so `name: a` … `name: b` would run site b without a word."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key `{key}` appears twice (lines {first} and {key_node.start_mark.line + 1})",
+                    key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | Path) -> Any:
     p = Path(path)
     try:
         text = p.read_text()
     except OSError as e:
         raise ConfigError(f"{p}: cannot read file ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not a text file (byte {e.start} is not UTF-8); expected a YAML file") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 — a SafeLoader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -228,14 +257,14 @@ def _read_yaml(path: str | Path) -> Any:
 
 
 def load_site(path: str | Path) -> SiteSpec:
-    return site_from_dict(_read_yaml(path), str(path))
+    return site_from_dict(read_yaml(path), str(path))
 
 
 def load_federation(path: str | Path) -> Federation:
     """Load a federation YAML: ``name``, ``train_sites`` and ``heldout_sites`` (paths
     relative to the federation file)."""
     path = str(path)
-    data = _read_yaml(path)
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a federation file must be a mapping of keys")
     _check_keys(path, "", data, {"name": 0, "train_sites": 0, "heldout_sites": 0}, required=("name", "train_sites"))

@@ -28,7 +28,13 @@ POOLED_TASKS = ("BF", *POOLED_OUTPUTS)
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r} is not allowed; expected auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA device is visible here (use cpu or auto)")
+    return dev
 
 
 @contextlib.contextmanager
@@ -213,8 +219,12 @@ def finetune(model: nn.Module, tasks: dict, steps: int, batch_size: int = 32, lr
                 x, known, y, region, context = sampler.batch(batch_size, gen)
                 with autocast(device):
                     loss = task_loss(t, model(t, x, known, context), y, region)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise ValueError(f"finetune: the {t} loss is {value} at step {offset + step + 1} (training "
+                                     f"diverged at lr {lr:g}: lower the learning rate); no result is kept")
                 (weights.get(t, 1.0) * loss / len(samplers)).backward()
-                acc[t] += float(loss.detach())
+                acc[t] += value
             if start is not None:
                 prox = sum(((p - p0) ** 2).sum() for p, p0 in zip(params, start) if p.requires_grad)
                 (0.5 * proximal_mu * prox).backward()
@@ -294,8 +304,8 @@ def pretrain(model: nn.Module, sites, steps: int, batch_size: int = 32, lr: floa
     run-long warm-up + cosine schedule); default: the steps are the whole schedule. The
     history rows carry the learning rate of their last step (``lr``).
     """
-    if steps <= 0:
-        raise ValueError(f"pretrain: `steps` should be positive, got {steps}")
+    if steps <= 0 or batch_size <= 0:
+        raise ValueError(f"pretrain: `steps` and `batch_size` should be positive, got {steps}, {batch_size}")
     offset, total = schedule if schedule is not None else (0, steps)
     device = resolve_device(device)
     pre = model if isinstance(model, Pretrainer) else Pretrainer(base_model(model).cfg, base_model(model).backbone)
@@ -321,11 +331,15 @@ def pretrain(model: nn.Module, sites, steps: int, batch_size: int = 32, lr: floa
                 group["lr"] = lr_at(offset + step, total, lr)
             with autocast(device):
                 loss = masked_nmse(pre(x, visible), target, mask)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise ValueError(f"pretrain: the {kind}-mask loss is {value} at step {offset + step + 1} (training "
+                                 f"diverged at lr {lr:g}: lower the learning rate); no backbone is saved")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            running[kind].append(float(loss.detach()))
+            running[kind].append(value)
             if history is not None and ((step + 1) % log_every == 0 or step == steps - 1):
                 history.append({"step": step + 1, "lr": opt.param_groups[0]["lr"],
                                 **{f"nmse_{k}": float(np.mean(v[-log_every:])) for k, v in running.items() if v}})

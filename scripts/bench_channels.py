@@ -57,6 +57,8 @@ def main() -> int:
     ap.add_argument("federation", nargs="?", default="scenarios/federations/default.yaml")
     ap.add_argument("--samples", type=int, default=1024)
     args = ap.parse_args()
+    if args.samples <= 0:
+        ap.error(f"--samples {args.samples}: expected an integer > 0")
     try:
         fed = load_federation(args.federation)
     except ConfigError as e:

@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedfm.model import ModelConfig, build_model, parameter_summary  # noqa: E402
+from fedfm.model import PRESETS, ModelConfig, build_model, parameter_summary  # noqa: E402
 from fedfm.model.pretrain import Pretrainer, make_mask, masked_nmse  # noqa: E402
 from fedfm.train import autocast, resolve_device  # noqa: E402
 
@@ -110,13 +110,18 @@ def bench(preset: str, mode: str, batch: int, device: torch.device, reps: int, p
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--presets", nargs="+", default=["tiny", "small", "base"])
+    p.add_argument("--presets", nargs="+", default=["tiny", "small", "base"], choices=list(PRESETS))
     p.add_argument("--modes", nargs="+", default=["lora", "pretrain"], choices=["pretrain", "lora"])
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--device", default=None)
     a = p.parse_args(argv)
-    device = resolve_device(a.device)
+    if a.batch_size <= 0 or a.reps <= 0:
+        p.error(f"--batch-size {a.batch_size} and --reps {a.reps}: expected integers > 0")
+    try:
+        device = resolve_device(a.device)
+    except ValueError as e:
+        p.error(str(e))
     peak = matmul_peak_gflops(device)
     dtype = "bf16 autocast" if device.type == "cuda" else "fp32"
     print(f"device {device} ({dtype}), {torch.get_num_threads()} threads; dense matmul peak {peak:.1f} GFLOP/s; "

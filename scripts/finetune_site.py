@@ -33,14 +33,26 @@ def finetune_site(run_dir: str, site_path: str, fraction: float = 1.0, steps: in
 
     if not 0 < fraction <= 1:
         raise ValueError(f"--fraction {fraction} is not allowed; expected a number in (0, 1]")
+    if steps is not None and steps <= 0:
+        raise ValueError(f"--steps {steps} is not allowed; expected an integer > 0")
     conf = read_run_config(run_dir)  # before RunLog, which would create checkpoints/ in any folder
+    where = Path(run_dir) / "config.json"
+    try:
+        cfg = RunConfig.from_flower(conf["run_config"])
+        num_beams, backbone = conf["model"]["config"]["num_beams"], conf["backbone"]["path"]
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{where}: lacks {e} (a run of another fedfm version, or an edited file)") from None
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
     log = RunLog(run_dir)
-    cfg = RunConfig.from_flower(conf["run_config"])
     last = log.last_complete_round()
     if last is None:
         raise ValueError(f"{run_dir}: no complete round to start from")
     adapter, strategy_state, _ = log.load_checkpoint(last)
     spec = load_site(site_path)
+    if spec.mmwave.codebook_beams != num_beams:  # the BF head's width is the run's codebook
+        raise ValueError(f"{site_path}: mmwave.codebook_beams is {spec.mmwave.codebook_beams}, the run's model "
+                         f"has {num_beams} beams; fine-tune a site with the run's codebook")
     # a training site starts from what the evaluator scored it with: its own last local model
     # (`site-model=local`), else its own heads (`personal-heads`), over the global state
     for own in (f"local/{spec.name}/", f"personal/{spec.name}/"):
@@ -48,7 +60,6 @@ def finetune_site(run_dir: str, site_path: str, fraction: float = 1.0, steps: in
         if mine:
             adapter = {**adapter, **mine}
             break
-    num_beams = conf["model"]["config"]["num_beams"]
     # the fraction is of the labels a site has in this run: train-max-samples caps them as it
     # capped the federation's sites (a benchmark's "250 labels per site")
     available = min(spec.samples.train, cfg.train_max_samples) if cfg.train_max_samples else spec.samples.train
@@ -56,11 +67,11 @@ def finetune_site(run_dir: str, site_path: str, fraction: float = 1.0, steps: in
     train = load_site_tasks(spec, "train", cfg.cache_dir, max_samples=labelled)
     test = {spec.name: load_site_tasks(spec, "test", cfg.cache_dir, cfg.eval_max_samples)}
     baselines = {spec.name: {t: fit_baseline(t, td, spec) for t, td in train.items()}}
-    model = build_run_model(cfg, num_beams, conf["backbone"]["path"])
+    model = build_run_model(cfg, num_beams, backbone)
     set_adapter_state(model, torch_state(adapter))
     before = evaluate_sites(model, test, baselines)
     res = local_train(cfg, spec, numpy_state(get_adapter_state(model)), last + 1, num_beams=num_beams,
-                      backbone=conf["backbone"]["path"], tasks=train,
+                      backbone=backbone, tasks=train,
                       steps=steps if steps is not None else cfg.local_steps * max(cfg.num_server_rounds, 1))
     set_adapter_state(model, torch_state(res.state))
     after = evaluate_sites(model, test, baselines)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -22,13 +23,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedfm.data import load_split  # noqa: E402
 from fedfm.model import ModelConfig, build_model, parameter_summary, save_backbone  # noqa: E402
 from fedfm.model.pretrain import CLASSICAL_MASKS, MASK_PRIORS, MASK_TYPES  # noqa: E402
+from fedfm.runlog import check_fresh_output  # noqa: E402
 from fedfm.scenarios import load_federation  # noqa: E402
 from fedfm.train import pretrain, reconstruction_nmse, resolve_device  # noqa: E402
+
+
+# what a pretraining writes into --out (pretrain.json last: the run is complete once it exists)
+PRETRAIN_OUTPUTS = ("backbone.safetensors", "backbone.json", "pretrain.json")
 
 
 def run_pretraining(federation: str, out: str, preset: str = "tiny", steps: int = 2000, batch_size: int = 32,
                     lr: float = 1e-3, seed: int = 0, device: str | None = None, cache_dir: str | None = None,
                     log=print) -> dict:
+    out_dir = Path(out)
+    check_fresh_output(out_dir, PRETRAIN_OUTPUTS)
+    if steps <= 0 or batch_size <= 0 or not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"--steps {steps}, --batch-size {batch_size}, --lr {lr}: expected positive integers "
+                         f"and a finite learning rate > 0")
     fed = load_federation(federation)
     device = resolve_device(device)
     cfg = ModelConfig.from_preset(preset, num_beams=fed.num_beams, seed=seed)
@@ -39,7 +50,6 @@ def run_pretraining(federation: str, out: str, preset: str = "tiny", steps: int 
     pre = pretrain(model, sites, steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=device,
                    history=history, log_every=max(1, steps // 20))
     seconds = time.perf_counter() - t0
-    out_dir = Path(out)
     digest = save_backbone(out_dir / "backbone.safetensors", model,
                            meta={"federation": fed.name, "steps": steps, "seed": seed,
                                  "sites": [s.name for s in fed.train_sites]})

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 from collections.abc import Mapping
@@ -26,10 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedfm.evaluate import evaluate_sites, markdown_table, predict, summarise  # noqa: E402
 from fedfm.model import ModelConfig, build_model, parameter_summary  # noqa: E402
+from fedfm.runlog import check_fresh_output  # noqa: E402
 from fedfm.scenarios import load_federation  # noqa: E402
 from fedfm.train import finetune, resolve_device  # noqa: E402
 
 ABLATIONS = ("none", "frozen", "single-task")
+# what a run writes into --out: report.json and report.md at the end, pretrain/ first when it pretrains
+CENTRAL_OUTPUTS = ("report.json", "report.md", "pretrain")
 
 
 class SiteViews(Mapping):
@@ -74,9 +78,21 @@ def run_central(federation: str, out: str, preset: str = "tiny", steps: int = 30
                 max_train: int = 0, log=print) -> dict:
     if ablation not in ABLATIONS:
         raise ValueError(f"--ablation {ablation!r} is not allowed; expected one of {', '.join(ABLATIONS)}")
+    out_dir = Path(out)
+    check_fresh_output(out_dir, CENTRAL_OUTPUTS)
+    for flag, value, ok, allowed in (
+            ("--steps", steps, steps > 0, "an integer > 0"), ("--batch-size", batch_size, batch_size > 0, "an integer > 0"),
+            ("--pretrain-steps", pretrain_steps, pretrain_steps > 0, "an integer > 0"),
+            ("--stage1-steps", stage1_steps, 0 <= stage1_steps <= steps, "an integer in [0, --steps]"),
+            ("--lr", lr, math.isfinite(lr) and lr > 0, "a finite number > 0"),
+            ("--dwa-temperature", dwa_temperature, math.isfinite(dwa_temperature) and dwa_temperature > 0,
+             "a finite number > 0"),
+            ("--max-test", max_test, max_test >= 0, "an integer >= 0 (0 = all)"),
+            ("--max-train", max_train, max_train >= 0, "an integer >= 0 (0 = all)")):
+        if not ok:  # checked before anything is written or trained
+            raise ValueError(f"{flag} {value} is not allowed; expected {allowed}")
     fed = load_federation(federation)
     device = resolve_device(device)
-    out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     if backbone is None and not no_pretrain:
         from pretrain import run_pretraining  # scripts/pretrain.py, beside this file

@@ -61,3 +61,21 @@ def test_cli_generate_writes_contract_arrays(tmp_path):
     with np.load(out) as z:
         assert set(z.files) == set(ARRAY_NAMES) | {"codebook"}
         assert z["h_sub6"].shape == (6, 20, 32, 16) and z["codebook"].shape == (64, 256)
+
+
+def test_a_cache_that_cannot_be_used_is_one_line(tmp_path, capfd):
+    import json
+
+    import pytest
+
+    spec = tiny_site("sidecar", "uma")
+    good = load_split(spec, "val", tmp_path, samples=8)
+    path = site_cache_dir(spec, tmp_path) / "val-8.npz"
+    path.with_suffix(".json").write_text(json.dumps([]))  # valid JSON, not the sidecar's object
+    again = load_split(spec, "val", tmp_path, samples=8)  # reported and regenerated, not a TypeError
+    assert "corrupt cache file (TypeError" in capfd.readouterr().err
+    assert all(np.array_equal(good[k], again[k]) for k in good)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match=rf"^{blocker}/sidecar-\w+: cannot write the site's data cache"):
+        load_split(spec, "val", blocker, samples=8)

@@ -260,3 +260,34 @@ def test_task_ids_mirror_fedfm_tasks():
     if not hasattr(tasks, "TASKS"):
         pytest.skip("fedfm.tasks not written yet")
     assert tuple(tasks.TASKS) == TASKS and tuple(tasks.DENSE_TASKS) == DENSE_TASKS
+
+
+def test_backbone_files_a_user_gets_wrong_are_one_line(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from fedfm.files import sha256_file
+
+    path = tmp_path / "b.safetensors"
+    save_backbone(path, build_model(tiny_cfg()))
+    with pytest.raises(ValueError, match=rf"^{tmp_path}: backbone checkpoint not found \(a folder"):
+        build_model(tiny_cfg(), backbone=tmp_path)
+    # NaN weights with a matching hash (a diverged pretraining saved before the loss check)
+    state = load_file(str(path))
+    key = sorted(state)[0]
+    state[key][..., 0] = float("nan")
+    save_file(state, str(path))
+    meta = json.loads(path.with_suffix(".json").read_text())
+    meta["sha256"] = sha256_file(path)
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=rf"^{path}: backbone tensor `{key}` holds NaN or inf values"):
+        build_model(tiny_cfg(), backbone=path)
+    # a sidecar edited to another size than its weights
+    save_backbone(path, build_model(tiny_cfg()))
+    meta = json.loads(path.with_suffix(".json").read_text())
+    meta["config"]["d_model"] = 64
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"has shape .* the weights and their .json sidecar do not belong together"):
+        build_model(tiny_cfg(d_model=64), backbone=path)
+    path.with_suffix(".json").write_bytes(b"\x96\xff")
+    with pytest.raises(ValueError, match=rf"^{path.with_suffix('.json')}: unreadable backbone sidecar"):
+        load_backbone(path)

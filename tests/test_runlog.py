@@ -145,3 +145,12 @@ def test_report_of_an_interrupted_run_says_incomplete(tmp_path):
     log.append_metrics([{"round": r, "site": "a", "task": "CE", "source": "federated", "nmse": 0.5} for r in (3, 4, 5)])
     s = summarize(load_run(tmp_path))
     assert s["incomplete"] is False and "was asked for" not in _markdown(s)
+
+
+def test_a_checkpoint_holding_nan_is_refused_naming_file_and_key(tmp_path):
+    import pytest
+
+    log = RunLog(tmp_path)
+    log.save_checkpoint(1, {"lora.A": np.array([1.0, np.nan], np.float32)}, {}, {})
+    with pytest.raises(ValueError, match=r"adapter.safetensors: `lora.A` holds NaN or inf values; the checkpoint is damaged"):
+        log.load_checkpoint(1)

@@ -101,3 +101,31 @@ def test_hash_and_seeds():
     seeds = {split_seed(a, s) for s in ("train", "val", "test")}
     assert len(seeds) == 3
     assert derive_seed(1, "x") == derive_seed(1, "x") != derive_seed(2, "x")
+
+
+@pytest.mark.parametrize("text, fragment", [
+    (GOOD.replace("seed: 101", "seed: 101\nname: other"), "key `name` appears twice (lines"),
+    (GOOD.replace("distance_max_m: 300.0", "distance_max_m: .inf"), "`ue.distance_max_m`"),
+    (GOOD.replace("distance_max_m: 300.0", "distance_max_m: 1.0e9"), "write 1.0e+3, not 1.0e3"),
+])
+def test_yaml_a_user_gets_wrong_is_one_line_naming_the_file(tmp_path, text, fragment):
+    # PyYAML keeps the last of two equal keys silently; `.inf` passed validation and crashed the
+    # generator; 1.0e9 is text to YAML 1.1
+    assert text != GOOD
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_site(path)
+    assert str(err.value).startswith(str(path)) and fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_binary_file_is_not_a_traceback(tmp_path):
+    from fedfm.config import federation_site_paths
+
+    path = tmp_path / "site.yaml"
+    path.write_bytes(b"name: \x96\xff\x00 x\n")
+    for load in (load_site, load_federation, federation_site_paths):
+        with pytest.raises(ConfigError, match=rf"^{path}: not a text file \(byte \d+ is not UTF-8\)"):
+            load(path)
+    r = subprocess.run([sys.executable, "-m", "fedfm.scenarios", "validate", str(path)], capture_output=True,
+                       text=True, cwd=ROOT)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and f"{path}: not a text file" in r.stderr

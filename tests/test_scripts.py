@@ -12,7 +12,7 @@ import pytest
 
 from fedfm.metrics import HEADLINE
 from fedfm.runlog import RunLog, read_jsonl
-from fl_fixtures import InProcessGrid, make_backbone, run_config, server_context, write_federation
+from fl_fixtures import NUM_BEAMS, InProcessGrid, make_backbone, run_config, server_context, write_federation
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = {"CE", "CP", "PF", "BF", "DE", "PE", "LoS"}
@@ -513,3 +513,53 @@ def test_launchers_leave_room_for_fraction_train():
     assert rf.default_min_train_nodes({}, 4) == 4
     assert rf.default_min_train_nodes({"fraction-train": 0.5}, 4) == 2
     assert rf.default_min_train_nodes({"fraction-train": 0.1}, 4) == 1
+
+
+def test_output_scripts_refuse_a_folder_with_results_and_check_flags_before_writing(tmp_path, cache_dir):
+    central, pre = _load_script("train_central"), _load_script("pretrain")
+    fed_path = write_federation(tmp_path / "fed")
+    backbone = make_backbone(tmp_path / "bb.safetensors")[0]
+    out = tmp_path / "out"
+    kw = dict(steps=1, backbone=backbone, batch_size=4, cache_dir=str(cache_dir), max_test=8, max_train=16,
+              log=lambda *a: None)
+    central.run_central(str(fed_path), str(out), **kw)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(ValueError, match=rf"^--out {out}: already holds results \(report.json\)"):
+        central.run_central(str(fed_path), str(out), **{**kw, "batch_size": 2})
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    for flag, change in (("--max-test", {"max_test": -5}), ("--batch-size", {"batch_size": 0}),
+                         ("--lr", {"lr": float("nan")})):
+        with pytest.raises(ValueError, match=rf"^{flag} \S+ is not allowed"):
+            central.run_central(str(fed_path), str(tmp_path / "fresh"), **{**kw, **change})
+        assert not (tmp_path / "fresh").exists()  # refused before anything was written
+    (tmp_path / "pre").mkdir()
+    (tmp_path / "pre" / "pretrain.json").write_text("{}")
+    assert pre.main([str(fed_path), "--out", str(tmp_path / "pre"), "--steps", "1"]) == 2
+    assert sorted(p.name for p in (tmp_path / "pre").iterdir()) == ["pretrain.json"]
+    assert pre.main([str(fed_path), "--out", str(tmp_path / "pre0"), "--steps", "1", "--batch-size", "0"]) == 2
+    assert not (tmp_path / "pre0").exists()
+
+
+def test_report_and_finetune_site_on_files_of_the_wrong_shape_are_one_line(fed_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(fed_run["run"], run)
+    rows = read_jsonl(run / "metrics.jsonl")
+    (run / "metrics.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "round"}) + "\n"
+                                               for r in rows))  # valid JSON lines, no round
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert _load_script("report").main([str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {run}: a run file does not have the shape fedfm writes (KeyError") and "\n" not in err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    # a site whose codebook is not the run's: one line before any data is generated
+    site = tmp_path / "wide.yaml"
+    site.write_text((fed_run["fed"].parent / "gamma.yaml").read_text()
+                    .replace(f"codebook_beams: {NUM_BEAMS}, oversampling: 4",
+                             f"codebook_beams: {2 * NUM_BEAMS}, oversampling: 8"))
+    assert f"codebook_beams: {2 * NUM_BEAMS}" in site.read_text()
+    assert _load_script("finetune_site").main(["--run", str(run), "--site", str(site)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {site}: mmwave.codebook_beams is {2 * NUM_BEAMS}, the run's model has {NUM_BEAMS} "
+                   f"beams; fine-tune a site with the run's codebook")

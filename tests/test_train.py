@@ -250,3 +250,18 @@ def test_round_schedule_slices_one_run_long_schedule(rng):
     moved = [float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters()
              if n in before and "heads.CE." in n and "modules_to_save" in n]
     assert max(moved) == pytest.approx(lr_at(19, 20, 1e-3), rel=1e-3) and lr_at(19, 20, 1e-3) < 2e-4
+
+
+def test_a_diverging_training_stops_with_one_line_instead_of_nan(rng, cache_dir):
+    from fedfm.train import resolve_device
+
+    model = build_model(tiny_cfg())
+    with pytest.raises(ValueError, match=r"^finetune: the \w+ loss is (nan|inf) at step \d+ \(training diverged"):
+        finetune(model, fake_tasks(rng), steps=50, batch_size=4, lr=1e30)
+    spec, train, _ = tiny_real_site(cache_dir)
+    with pytest.raises(ValueError, match=r"^pretrain: the \w+-mask loss is (nan|inf) at step \d+"):
+        pretrain(build_model(real_cfg()), [(spec, train)], steps=50, batch_size=4, lr=1e30)
+    with pytest.raises(ValueError, match=r"^pretrain: `steps` and `batch_size` should be positive, got 2, 0"):
+        pretrain(build_model(real_cfg()), [(spec, train)], steps=2, batch_size=0)
+    with pytest.raises(ValueError, match=r"^device 'gpu0' is not allowed; expected auto, cpu, cuda"):
+        resolve_device("gpu0")

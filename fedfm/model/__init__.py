@@ -38,6 +38,12 @@ def build_model(cfg: ModelConfig, backbone: str | Path | None = None, expected_h
                     if cfg.backbone_dict()[k] != v}
             raise ValueError(f"{backbone}: backbone config differs from the model config "
                              f"(key: (checkpoint, model)) {diff}")
+        own = model.backbone.state_dict()
+        wrong = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+        if wrong:  # a sidecar edited to another preset than the weights: load_state_dict's RuntimeError otherwise
+            raise ValueError(f"{backbone}: checkpoint tensor `{wrong[0]}` has shape {tuple(state[wrong[0]].shape)}, "
+                             f"its config expects {tuple(own[wrong[0]].shape)} ({len(wrong)} such tensors); "
+                             f"the weights and their .json sidecar do not belong together")
         missing, unexpected = model.backbone.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"{backbone}: checkpoint keys do not match the backbone: "

@@ -59,16 +59,18 @@ def load_backbone(path: str | Path, expected_hash: str | None = None) -> tuple[d
     when given, ``expected_hash``; otherwise ValueError naming the file."""
     path = Path(path)
     meta_path = sidecar_path(path)
-    if not path.exists():
-        raise ValueError(f"{path}: backbone checkpoint not found")
-    if not meta_path.exists():
+    if not path.is_file():
+        raise ValueError(f"{path}: backbone checkpoint not found" + (" (a folder, not a .safetensors file)"
+                                                                      if path.is_dir() else ""))
+    if not meta_path.is_file():
         raise ValueError(f"{meta_path}: backbone sidecar (config + sha256) not found")
     try:
         meta = json.loads(meta_path.read_text())
         recorded = meta["sha256"]
         cfg = ModelConfig.from_dict(meta["config"], where=str(meta_path))
-    except (KeyError, TypeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{meta_path}: unreadable backbone sidecar ({e!r})") from None
+    except (KeyError, TypeError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        why = str(e) if str(e).startswith(str(meta_path)) else f"{type(e).__name__}: {e}"
+        raise ValueError(f"{meta_path}: unreadable backbone sidecar ({why})") from None
     digest = sha256_file(path)
     if digest != recorded:
         raise ValueError(f"{path}: backbone hash mismatch: file has sha256 {digest}, "
@@ -76,4 +78,9 @@ def load_backbone(path: str | Path, expected_hash: str | None = None) -> tuple[d
     if expected_hash is not None and digest != expected_hash:
         raise ValueError(f"{path}: backbone hash mismatch: file has sha256 {digest}, expected {expected_hash} "
                          f"(a different backbone than the federation's)")
-    return load_file(str(path)), cfg, digest
+    state = load_file(str(path))
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:  # a diverged pretraining saved before this check: it would score NaN everywhere
+        raise ValueError(f"{path}: backbone tensor `{bad}` holds NaN or inf values (a diverged training); "
+                         f"pretrain again with a lower learning rate")
+    return state, cfg, digest
