@@ -84,7 +84,9 @@ def summarise(rows: list[dict]) -> dict:
     """Average score (mean model/baseline error ratio over tasks) per site, per role and overall;
     per task the mean ratio over sites and how many sites the model beats the baseline on."""
     def mean(v):
-        v = [x for x in v if x is not None and not math.isnan(x)]  # inf stays: it is a loss
+        # None = not computed (no baseline); a NaN score is a model that failed: a loss (inf),
+        # never left out, which would average the site over its good tasks only
+        v = [math.inf if math.isnan(x) else x for x in v if x is not None]
         return float(np.mean(v)) if v else None
 
     sites = {}

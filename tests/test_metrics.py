@@ -109,3 +109,17 @@ def test_score_of_a_dense_task_uses_its_region():
     pred[:, 2:] = 0
     m = score("CP", pred, _dense_td(h, region))
     assert m["nmse"] == pytest.approx(1.0) and m["nmse_db"] == pytest.approx(0.0) and m["se"] == 0.0
+
+
+def test_summarise_counts_a_nan_score_as_a_loss_not_as_missing():
+    # a diverged model scores NaN on some tasks; leaving them out averaged the site over the rest
+    from fedfm.evaluate import summarise
+
+    rows = [{"site": "a", "role": "train", "task": "CE", "ratio": 0.5},
+            {"site": "a", "role": "train", "task": "BF", "ratio": float("nan")},
+            {"site": "b", "role": "train", "task": "CE", "ratio": 0.25},
+            {"site": "b", "role": "train", "task": "BF", "ratio": None}]  # no baseline: not computed
+    s = summarise(rows)
+    assert s["per_site"] == {"a": math.inf, "b": 0.25}
+    assert s["per_task"]["BF"] == {"ratio": math.inf, "wins": 0, "sites": 2}
+    assert s["per_task"]["CE"] == {"ratio": 0.375, "wins": 2, "sites": 2}
