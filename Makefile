@@ -10,10 +10,13 @@ STAMP := $(VENV)/.installed
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# torch==2.13.0 first: a local CPU wheel on these machines; an unpinned torch pulls a ~5 GB CUDA build.
+# torch==2.13.0 first. Where pip is configured with a local CPU wheel (these machines) that is
+# what it gets; from PyPI alone Linux torch is the multi-GB CUDA build (it runs on CPU too).
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu takes the CPU-only wheel from PyTorch's index.
+TORCH_INDEX ?=
 $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q "torch==2.13.0" || $(PIP) install -q "torch>=2.4"
+	$(PIP) install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "torch==2.13.0" || $(PIP) install -q "torch>=2.4"
 	$(PIP) install -q -e ".[dev]"
 	touch $(STAMP)
 
