@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-
 from fedfm.scenarios import ConfigError, SiteSpec, load_site, read_yaml
 
 LR_SCHEDULES = ("run", "round")

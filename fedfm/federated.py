@@ -306,7 +306,7 @@ def check_resume_settings(cfg: RunConfig, recorded: dict, sites: list, run_dir: 
     why = resume_mismatch(cfg, recorded.get("run_config", {}))
     if why is None:
         def sites_of(entries):
-            return [(e["name"], e["role"], e["spec_hash"]) for e in entries]
+            return [(e.get("name"), e.get("role"), e.get("spec_hash")) for e in entries]
 
         then = sites_of(recorded.get("federation", {}).get("sites", []))
         now = sites_of({"name": e.name, "role": e.role, "spec_hash": spec_hash(e.spec) if e.spec else None}

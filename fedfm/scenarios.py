@@ -226,17 +226,18 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     value silently, so `name: a` … `name: b` would run site b without a word."""
 
     def construct_mapping(self, node, deep=False):
-        seen = {}
+        seen: dict = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
             try:
-                first = seen.setdefault(key, key_node.start_mark.line + 1)
+                first = seen.get(key)
             except TypeError:  # an unhashable key: the base class reports it
                 continue
-            if first != key_node.start_mark.line + 1:
+            if first is not None:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key `{key}` appears twice (lines {first} and {key_node.start_mark.line + 1})",
-                    key_node.start_mark)
+                    None, None, f"key `{key}` appears twice (lines {first} and {line})", key_node.start_mark)
+            seen[key] = line
         return super().construct_mapping(node, deep=deep)
 
 
