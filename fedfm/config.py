@@ -19,6 +19,7 @@ broken YAML yields a clear error and the other sites' round completes").
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,8 +196,6 @@ def with_recorded_settings(overrides: Mapping[str, Any]) -> dict[str, Any]:
     path = Path(str(resume)).expanduser() / "config.json" if resume else None
     if not path or not path.is_file():
         return dict(overrides)
-    import json
-
     try:
         recorded = json.loads(path.read_text())["run_config"]
     except (OSError, ValueError, KeyError, TypeError) as e:

@@ -266,8 +266,9 @@ def setup_run(cfg: RunConfig) -> RunSetup:
     num_beams = good[0].spec.mmwave.codebook_beams
     backbone, source, recorded = cfg.backbone, "given", None
     if resumed:
-        check_resume_settings(cfg, runlog.read_config(), sites, runlog.dir)
-        recorded = runlog.read_config()["backbone"]
+        recorded_config = runlog.read_config()
+        check_resume_settings(cfg, recorded_config, sites, runlog.dir)
+        recorded = recorded_config["backbone"]
         if backbone and Path(backbone).resolve() != Path(recorded["path"]).resolve():
             raise ValueError(f"resume={runlog.dir}: backbone={backbone} differs from the run's "
                              f"{recorded['path']}; a run keeps its backbone (leave backbone unset to resume)")
