@@ -50,9 +50,6 @@ def run_pretraining(federation: str, out: str, preset: str = "tiny", steps: int 
     pre = pretrain(model, sites, steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=device,
                    history=history, log_every=max(1, steps // 20))
     seconds = time.perf_counter() - t0
-    digest = save_backbone(out_dir / "backbone.safetensors", model,
-                           meta={"federation": fed.name, "steps": steps, "seed": seed,
-                                 "sites": [s.name for s in fed.train_sites]})
     recon, reference = {}, {}
     for spec in fed.sites:
         test = load_split(spec, "test", cache_dir)
@@ -64,6 +61,10 @@ def run_pretraining(federation: str, out: str, preset: str = "tiny", steps: int 
         log(f"{spec.name:14s} {role:8s} " + "  ".join(
             f"{k} {recon[spec.name][k]:.4f}" + (f" ({MASK_PRIORS[k]} {reference[spec.name][k]:.4f})"
                                                 if k in reference[spec.name] else "") for k in MASK_TYPES))
+    # saved only once scored: a failure above leaves no backbone that looks like a finished pretraining
+    digest = save_backbone(out_dir / "backbone.safetensors", model,
+                           meta={"federation": fed.name, "steps": steps, "seed": seed,
+                                 "sites": [s.name for s in fed.train_sites]})
     report = {"federation": fed.name, "preset": preset, "config": cfg.to_dict(), "steps": steps,
               "batch_size": batch_size, "lr": lr, "seed": seed, "device": str(device), "train_seconds": seconds,
               "backbone": str((out_dir / "backbone.safetensors").resolve()), "sha256": digest,

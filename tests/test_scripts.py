@@ -540,6 +540,24 @@ def test_output_scripts_refuse_a_folder_with_results_and_check_flags_before_writ
     assert not (tmp_path / "pre0").exists()
 
 
+def test_pretrain_that_fails_while_scoring_leaves_no_backbone(tmp_path, cache_dir, monkeypatch):
+    pre = _load_script("pretrain")
+    fed_path = write_federation(tmp_path / "fed")
+
+    def broken(*a, **k):
+        raise ValueError("scoring failed")
+
+    monkeypatch.setattr(pre, "reconstruction_nmse", broken)
+    out = tmp_path / "pre"
+    with pytest.raises(ValueError, match="scoring failed"):
+        pre.run_pretraining(str(fed_path), str(out), steps=1, batch_size=2, cache_dir=str(cache_dir),
+                            log=lambda *a: None)
+    assert not out.exists() or not any(out.iterdir())  # nothing a later --backbone could take for finished
+    with pytest.raises(ValueError, match="scoring failed"):  # not "already holds results": --out stays free
+        pre.run_pretraining(str(fed_path), str(out), steps=1, batch_size=2, cache_dir=str(cache_dir),
+                            log=lambda *a: None)
+
+
 def test_report_and_finetune_site_on_files_of_the_wrong_shape_are_one_line(fed_run, tmp_path, capsys):
     import shutil
 
