@@ -110,15 +110,15 @@ def test_dense_heads_start_from_their_classical_prior():
     torch.testing.assert_close(pf, torch.view_as_real(torch.from_numpy(ar)))
 
 
-def test_bf_head_starts_at_the_bartlett_beam_and_pooled_heads_see_the_profile_features():
+def test_bf_head_starts_at_the_capon_beam_and_pooled_heads_see_the_profile_features():
     model = build_model(tiny_cfg())
     shape = SHAPES[0]
     x = grid(shape)
     logits = model("BF", x, torch.ones(shape, dtype=torch.bool))
     xc = torch.view_as_complex(x.contiguous()).numpy()
-    bartlett = angular_spectrum(xc, logits.shape[1], "bartlett")
-    assert torch.equal(logits.argmax(1), torch.from_numpy(bartlett.argmax(1)))
-    torch.testing.assert_close(logits, torch.from_numpy(np.log(np.maximum(bartlett, 1e-4))))
+    capon = angular_spectrum(xc, logits.shape[1], "capon")
+    assert torch.equal(logits.argmax(1), torch.from_numpy(capon.argmax(1)))
+    torch.testing.assert_close(logits, torch.from_numpy(np.log(np.maximum(capon, 1e-4))))
     # untrained DE/PE/LoS heads output the deployment prior the site context carries
     known = torch.ones(shape, dtype=torch.bool)
     context = torch.linspace(-1.0, 1.0, CONTEXT_SIZE)

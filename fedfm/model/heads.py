@@ -72,11 +72,11 @@ class PooledHead(nn.Module):
     """Mean over tokens → LN, joined by the classical features → MLP → [B, out] (BF logits,
     DE/PE value, LoS logits).
 
-    With ``spectra`` > 0 (BF) the logits also add w·log-spectra (w starts at Bartlett = 1, the
-    others 0) and a small circular 1-D CNN over the beam axis of the log-spectra — circular
-    because u = sin θ wraps at ±1 for a half-wavelength ULA. ``start_at_prior`` (called after
-    the generic init) zeroes the MLP's and the CNN's last layers and sets w, so an untrained
-    BF head is the Bartlett AoA beam; ``prior_features`` {output: feature index} sets those
+    With ``spectra`` > 0 (BF) the logits also add w·log-spectra (w starts at 1 on spectrum
+    ``spectrum_start``, the others 0) and a small circular 1-D CNN over the beam axis of the
+    log-spectra — circular because u = sin θ wraps at ±1 for a half-wavelength ULA.
+    ``start_at_prior`` (called after the generic init) zeroes the MLP's and the CNN's last
+    layers and sets w, so an untrained BF head is that spectrum's AoA beam (Capon in FedFM); ``prior_features`` {output: feature index} sets those
     weights of the linear path to 1, so an untrained DE/PE/LoS head outputs the deployment
     prior the site context carries (``fedfm.channels.deployment``).
 
@@ -92,8 +92,11 @@ class PooledHead(nn.Module):
 
     def __init__(self, d_model: int, hidden: int, out: int, num_features: int = 0, spectra: int = 0,
                  spectrum_channels: int = 8, kernel: int = 9, prior_features: dict[int, int] | None = None,
-                 los_gate: tuple[int, int, int] | None = None):
+                 los_gate: tuple[int, int, int] | None = None, spectrum_start: int = 0):
         super().__init__()
+        if spectra and not 0 <= spectrum_start < spectra:
+            raise ValueError(f"PooledHead: `spectrum_start` {spectrum_start} is not in [0, {spectra})")
+        self.spectrum_start = spectrum_start
         self.prior_features = dict(prior_features or {})
         self.los_gate = tuple(los_gate) if los_gate else None
         if (self.prior_features or self.los_gate) and not num_features:
@@ -107,7 +110,7 @@ class PooledHead(nn.Module):
         self.skip = nn.Linear(num_features, out) if num_features else None
         self.spectrum_weight = self.spectrum_conv = None
         if spectra:
-            self.spectrum_weight = nn.Parameter(torch.tensor([1.0] + [0.0] * (spectra - 1)))
+            self.spectrum_weight = nn.Parameter(F.one_hot(torch.tensor(spectrum_start), spectra).float())
             self.spectrum_conv = nn.Sequential(
                 nn.Conv1d(spectra, spectrum_channels, kernel, padding=kernel // 2, padding_mode="circular"),
                 nn.GELU(),
@@ -117,7 +120,7 @@ class PooledHead(nn.Module):
         with torch.no_grad():
             if self.spectrum_weight is not None:
                 self.spectrum_weight.zero_()
-                self.spectrum_weight[0] = 1.0
+                self.spectrum_weight[self.spectrum_start] = 1.0
             self.proj.weight.zero_()
             self.proj.bias.zero_()
             if self.skip is not None:

@@ -12,7 +12,7 @@ profile fingerprint of ``fedfm.tasks.sensing`` (delay and angle spreads, peak sh
 K-factor proxy) and the site context (``fedfm.tasks.site_context``: environment, carrier,
 bandwidth, antennas — what a per-site baseline knows by being fitted per site) for BF/DE/PE/LoS, and for BF the sub-6 Bartlett and Capon angular spectra
 at the codebook's beams, whose log the BF head starts from (an untrained BF head picks the
-Bartlett AoA beam). A mean-pooled token embedding carries none of these quadratic
+Capon AoA beam). A mean-pooled token embedding carries none of these quadratic
 statistics linearly, and a CPU-sized backbone does not learn them in a few hundred steps.
 These are parameter-free functions of the observed input; they run in numpy (no gradient
 flows into the input) and cost a host copy on GPU.
