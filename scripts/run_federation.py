@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from datetime import datetime
@@ -141,10 +143,12 @@ def check_launch_dir(cfg: RunConfig) -> None:
 
 
 def run_federation(overrides: dict, num_supernodes: int, flwr_home: Path, num_cpus: int = 1,
-                   num_gpus: float = 0.0, log=sys.stdout, timeout_s: float = 3600) -> dict:
+                   num_gpus: float = 0.0, log=sys.stdout, timeout_s: float | None = None) -> dict:
     """Start a SuperLink, `flwr run . --stream`, check the outcome, stop the SuperLink.
 
-    Returns {'run_id', 'status', 'status_details', 'run_dir', 'report', 'wall_s', 'ok'}."""
+    ``timeout_s`` (None or 0: no limit) stops the run, and the SuperLink with it, that many
+    seconds after the start; the result then has ``timed_out`` True and ``ok`` False.
+    Returns {'run_id', 'status', 'status_details', 'run_dir', 'report', 'wall_s', 'ok', 'timed_out'}."""
     cfg = RunConfig.from_flower(overrides, base_dir=ROOT)  # validate before starting anything
     run_dir = cfg.run_dir
     check_launch_dir(cfg)
@@ -165,17 +169,29 @@ def run_federation(overrides: dict, num_supernodes: int, flwr_home: Path, num_cp
         cmd = [str(Path(sys.executable).parent / "flwr"), "run", str(ROOT), "--stream",
                "--run-config", str(run_config_file), "--federation-config", fed]
         stream = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        with open(run_dir / "flwr_run.log", "a") as tee:
-            for line in stream.stdout:
-                log.write(line)
-                tee.write(line)
-                m = re.search(r"Successfully started run (\d+)", line)
-                if m:
-                    result["run_id"] = m.group(1)
-                if time.monotonic() - t0 > timeout_s:
-                    stream.kill()
-                    break
-        stream.wait()
+        timed_out = threading.Event()
+
+        def stop_at_timeout():  # a timer, not a check per output line: a silent run stops too
+            timed_out.set()
+            stream.kill()
+
+        timer = threading.Timer(max(0.0, timeout_s - (time.monotonic() - t0)), stop_at_timeout) if timeout_s else None
+        if timer is not None:
+            timer.daemon = True
+            timer.start()
+        try:
+            with open(run_dir / "flwr_run.log", "a") as tee:
+                for line in stream.stdout:
+                    log.write(line)
+                    tee.write(line)
+                    m = re.search(r"Successfully started run (\d+)", line)
+                    if m:
+                        result["run_id"] = m.group(1)
+            stream.wait()
+        finally:
+            if timer is not None:
+                timer.cancel()
+        result["timed_out"] = timed_out.is_set()
         if result["run_id"]:
             rec = run_status(env, result["run_id"])
             result.update(status=rec.get("status", "unknown"), status_details=rec.get("status-details", ""))
@@ -194,7 +210,7 @@ def run_outcome(result: dict, cfg: RunConfig, t0: float) -> dict:
         idle = ["unknown (report.json unreadable)"]
     made = report.exists() and (cfg.stage != "pretrain" or (cfg.run_dir / "backbone.safetensors").exists())
     result.update(report=str(report), wall_s=time.monotonic() - t0, rounds_without_update=idle,
-                  ok=result["status"] == "finished:completed" and made and not idle)
+                  ok=result["status"] == "finished:completed" and made and not idle and not result.get("timed_out"))
     return result
 
 
@@ -242,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-gpus", type=float, default=None, help="Ray GPU fraction per site (default: 0, or "
                    "1/num-sites when a GPU is visible)")
     p.add_argument("--flwr-home", default=str(ROOT / ".flwr"))
+    p.add_argument("--timeout", type=float, default=0, metavar="SECONDS",
+                   help="stop the run after this many seconds (default 0: no limit; `round-timeout` "
+                        "bounds a round's wait for sites)")
     args = p.parse_args(argv)
 
     try:
@@ -249,7 +268,10 @@ def main(argv: list[str] | None = None) -> int:
         train_sites = [pth for pth, role in federation_site_paths(overrides["federation"]) if role == "train"]
         overrides.setdefault("min-train-nodes", default_min_train_nodes(overrides, len(train_sites)))
         num_gpus = args.num_gpus if args.num_gpus is not None else _default_gpus(len(train_sites))
-        result = run_federation(overrides, len(train_sites), Path(args.flwr_home), args.num_cpus, num_gpus)
+        if not (math.isfinite(args.timeout) and args.timeout >= 0):
+            raise ValueError(f"--timeout {args.timeout} is not allowed; expected seconds >= 0 (0 = no limit)")
+        result = run_federation(overrides, len(train_sites), Path(args.flwr_home), args.num_cpus, num_gpus,
+                                timeout_s=args.timeout or None)
     except ValueError as e:  # bad config: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -262,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fedfm: no site update reached the average in round(s) "
                   f"{', '.join(map(str, result['rounds_without_update']))} (site errors: "
                   f"{result['run_dir']}/events.jsonl)", file=sys.stderr)
+        if result.get("timed_out"):
+            print(f"fedfm: stopped at --timeout {args.timeout:g} s (the run and its SuperLink were stopped)",
+                  file=sys.stderr)
         print(f"fedfm: run FAILED; logs: {result['run_dir']}/flwr_run.log", file=sys.stderr)
         return 1
     print(f"fedfm: report: {result['report']}")

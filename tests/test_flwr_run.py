@@ -60,3 +60,16 @@ def _run(rc: dict, tmp_path: Path, name: str) -> None:
     # nothing of ours keeps running: no process mentions this test's FLWR_HOME
     left = subprocess.run(["pgrep", "-f", str(tmp_path / "flwr-home")], capture_output=True, text=True)
     assert left.stdout.strip() == ""
+
+
+def test_run_federation_stops_a_run_at_its_timeout_and_leaves_nothing_running(tmp_path, cache_dir):
+    # a timer, not a check per log line: the server's silent first minutes (baselines, round 0) stop too
+    fed = write_federation(tmp_path / "fed")
+    rc = run_config(fed, tmp_path / "run", cache_dir, backbone="")
+    with open(tmp_path / "timeout.log", "w") as log:
+        result = run_federation(rc, num_supernodes=2, flwr_home=tmp_path / "flwr-home", num_cpus=1,
+                                log=log, timeout_s=1)  # spent starting the SuperLink: stops at once
+    assert result["timed_out"] and not result["ok"] and result["status"] != "finished:completed"
+    assert not (tmp_path / "run" / "report.md").exists()
+    left = subprocess.run(["pgrep", "-f", str(tmp_path / "flwr-home")], capture_output=True, text=True)
+    assert left.stdout.strip() == ""
