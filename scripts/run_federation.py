@@ -88,20 +88,25 @@ def start_superlink(flwr_home: Path, env: dict[str, str], port: int, timeout_s: 
     raise RuntimeError(f"flower-superlink did not become healthy on port {port} within {timeout_s:.0f} s")
 
 
-def stop_superlink(proc: subprocess.Popen) -> None:
-    """SIGTERM the SuperLink's process group (it and the SuperExec/simulation it spawned), then SIGKILL."""
-    if proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+def stop_superlink(proc: subprocess.Popen, term_wait: float = 15.0) -> None:
+    """SIGTERM the SuperLink's process group (it and the SuperExec/simulation it spawned, Ray
+    included), then SIGKILL what is left of the group. The group, not the leader, decides:
+    the SuperLink exits on SIGTERM at once, but the `flwr-simulation` it spawned does not, and
+    once orphaned it runs the rest of the federation with its Ray workers (seen 2026-11-24)."""
+    for sig, wait in ((signal.SIGTERM, term_wait), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+            break
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            proc.poll()  # reap the leader, so only live members keep the group
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+    proc.poll()
 
 
 def write_run_config(path: Path, values: dict) -> None:

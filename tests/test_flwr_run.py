@@ -73,3 +73,29 @@ def test_run_federation_stops_a_run_at_its_timeout_and_leaves_nothing_running(tm
     assert not (tmp_path / "run" / "report.md").exists()
     left = subprocess.run(["pgrep", "-f", str(tmp_path / "flwr-home")], capture_output=True, text=True)
     assert left.stdout.strip() == ""
+
+
+def test_stop_superlink_stops_the_group_members_that_outlive_the_leader():
+    # as flwr-simulation and its Ray workers do once the SuperLink exits on SIGTERM
+    import os
+    import signal
+
+    from run_federation import stop_superlink
+
+    proc = subprocess.Popen(["bash", "-c", "(trap '' TERM; sleep 300) & sleep 300"], start_new_session=True)
+    try:
+        import time
+
+        time.sleep(0.5)
+        stop_superlink(proc, term_wait=1.0)
+        gone = False
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            gone = True
+        assert gone, "a member of the SuperLink's process group survived"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
