@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -42,7 +41,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from fedfm.config import RunConfig, federation_site_paths  # noqa: E402
 from run_federation import (  # noqa: E402
     add_run_args, check_launch_dir, default_min_train_nodes, flwr_env, free_port, run_outcome, run_overrides,
-    run_status, start_superlink, stop_superlink, write_run_config)
+    run_status, start_superlink, stop_superlink, tee_run_output, write_run_config)
 
 CONNECTION = "fedfm-deployment"  # the SuperLink connection name in $FLWR_HOME/config.toml
 
@@ -192,13 +191,7 @@ def run_deployment(overrides: dict, num_supernodes: int, num_partitions: int, fl
                 return
 
         threading.Thread(target=watchdog, daemon=True).start()
-        with open(run_dir / "flwr_run.log", "a") as tee:
-            for line in stream.stdout:
-                log.write(line)
-                tee.write(line)
-                m = re.search(r"Successfully started run (\d+)", line)
-                if m:
-                    result["run_id"] = m.group(1)
+        result["run_id"] = tee_run_output(stream, log, run_dir / "flwr_run.log")
         stream.wait()
         done.set()
         if result["run_id"] and not result["error"]:

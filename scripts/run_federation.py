@@ -109,6 +109,20 @@ def stop_superlink(proc: subprocess.Popen, term_wait: float = 15.0) -> None:
     proc.poll()
 
 
+def tee_run_output(stream: subprocess.Popen, log, path: Path) -> str | None:
+    """Copy `flwr run --stream`'s output to ``log`` and append it to ``path`` until it ends;
+    returns the run id Flower printed (None if it printed none)."""
+    run_id = None
+    with open(path, "a") as tee:
+        for line in stream.stdout:
+            log.write(line)
+            tee.write(line)
+            m = re.search(r"Successfully started run (\d+)", line)
+            if m:
+                run_id = m.group(1)
+    return run_id
+
+
 def write_run_config(path: Path, values: dict) -> None:
     """A flat TOML file for `flwr run --run-config FILE.toml` (avoids shell quoting of paths)."""
     lines = []
@@ -185,13 +199,7 @@ def run_federation(overrides: dict, num_supernodes: int, flwr_home: Path, num_cp
             timer.daemon = True
             timer.start()
         try:
-            with open(run_dir / "flwr_run.log", "a") as tee:
-                for line in stream.stdout:
-                    log.write(line)
-                    tee.write(line)
-                    m = re.search(r"Successfully started run (\d+)", line)
-                    if m:
-                        result["run_id"] = m.group(1)
+            result["run_id"] = tee_run_output(stream, log, run_dir / "flwr_run.log")
             stream.wait()
         finally:
             if timer is not None:
