@@ -93,8 +93,6 @@ class RunConfig:
         _check("server-momentum", self.server_momentum,
                math.isfinite(self.server_momentum) and 0 <= self.server_momentum < 1, "a number in [0, 1)")
         _check("fraction-train", self.fraction_train, 0 < self.fraction_train <= 1, "a number in (0, 1]")
-        _check("resume", self.resume, not (self.resume and self.stage == "pretrain"),
-               "'' with stage=pretrain (federated pretraining does not resume: start it in a new out-dir)")
         from fedfm.tasks import TASKS
 
         _check("personal-heads", self.personal_heads, set(self._named_heads()) <= set(TASKS),

@@ -334,18 +334,24 @@ def check_state_fits(state: dict[str, np.ndarray], model_state: dict[str, np.nda
                          f"by another model config or fedfm version: start a new run instead of resuming")
 
 
-def write_run_config(cfg: RunConfig, s: RunSetup, backbone_source: str) -> None:
+def federation_record(cfg: RunConfig, sites: list) -> dict:
+    """config.json's ``federation``: each site's name, role, YAML path, spec hash and split
+    seeds (what :func:`check_resume_settings` compares a resume against)."""
     from fedfm.scenarios import SPLITS, split_seed
 
+    return {"path": cfg.federation, "sites": [
+        {"name": e.name, "role": e.role, "path": e.path, "error": e.error,
+         "spec_hash": spec_hash(e.spec) if e.spec else None,
+         "split_seeds": {sp: split_seed(e.spec, sp) for sp in SPLITS} if e.spec else None}
+        for e in sites]}
+
+
+def write_run_config(cfg: RunConfig, s: RunSetup, backbone_source: str) -> None:
     previous = s.runlog.read_config() if (s.runlog.dir / "config.json").exists() else {}
     adapter = state_bytes(s.initial_state)
     s.runlog.write_config({
         "run_config": cfg.to_flower(),
-        "federation": {"path": cfg.federation, "sites": [
-            {"name": e.name, "role": e.role, "path": e.path, "error": e.error,
-             "spec_hash": spec_hash(e.spec) if e.spec else None,
-             "split_seeds": {sp: split_seed(e.spec, sp) for sp in SPLITS} if e.spec else None}
-            for e in s.sites]},
+        "federation": federation_record(cfg, s.sites),
         "seeds": {"root": cfg.seed, "round_seed": "derive_seed(root, site, 'round', round)"},
         "backbone": {"path": s.backbone, "sha256": s.backbone_sha256, "source": backbone_source},
         "model": {"preset": cfg.preset, "config": model_config(cfg, s.num_beams).to_dict(),

@@ -10,6 +10,7 @@ dropped) with ``save_backbone`` so that ``stage=finetune`` can start from it. No
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,69 @@ from fedfm.federated import (LocalResult, model_config, numpy_state, resolve_dev
 from fedfm.scenarios import SiteSpec
 
 MASK_TASKS = {"random": "MASK-random", "time": "MASK-time", "frequency": "MASK-frequency"}
+
+
+@dataclass
+class PretrainSetup:
+    """What the server needs before round 1 of a stage=pretrain run, or before the resumed round."""
+
+    runlog: "RunLog"
+    sites: list                      # [SiteEntry]; broken ones carry .error
+    num_beams: int
+    state: dict[str, np.ndarray]     # the Pretrainer's full state: fresh, or the last complete round's
+    strategy_state: dict[str, np.ndarray]
+    round_offset: int                # rounds already complete (resume)
+    random_state: list | None        # python `random` state to restore (Flower's own draws)
+
+
+def setup_pretrain_run(cfg: RunConfig) -> PretrainSetup:
+    """Open the run folder and load the federation; with ``resume``, check that the run
+    there is a stage=pretrain run with the same settings and sites, and continue from its
+    last complete round (whose checkpoint holds the full state and the strategy's, e.g.
+    FedAvgM's momentum), dropping whatever an interrupted round had logged."""
+    from fedfm.config import load_federation_sites
+    from fedfm.federated import check_resume_settings, check_state_fits, federation_record, state_bytes
+    from fedfm.runlog import RunLog, check_fresh_run_dir
+
+    if not cfg.resume:
+        check_fresh_run_dir(cfg.run_dir)
+    runlog = RunLog(cfg.run_dir)
+    sites = load_federation_sites(cfg.federation)
+    good = [e for e in sites if e.spec is not None]
+    if not any(e.role == "train" for e in good):
+        raise ValueError(f"{cfg.federation}: no usable training site")
+    num_beams = good[0].spec.mmwave.codebook_beams
+    state, strategy_state, offset, rstate, previous = initial_state(cfg, num_beams), {}, 0, None, {}
+    if cfg.resume and (runlog.dir / "config.json").exists():
+        previous = runlog.read_config()
+        if previous.get("stage") != "pretrain":
+            raise ValueError(f"resume={runlog.dir}: the run there is not a stage=pretrain run; resume it with "
+                             f"stage={previous.get('run_config', {}).get('stage', 'finetune')}")
+        if "federation" not in previous:
+            raise ValueError(f"resume={runlog.dir}: the run was written by a fedfm without pretraining "
+                             f"checkpoints; it cannot be resumed: start a new run")
+        check_resume_settings(cfg, previous, sites, runlog.dir)
+        last = runlog.last_complete_round()
+        if last is None:
+            raise ValueError(f"resume={runlog.dir}: no complete round to continue from "
+                             f"({runlog.dir / 'checkpoints'} is empty); start a new run")
+        fresh = state
+        state, strategy_state, saved = runlog.load_checkpoint(last)
+        check_state_fits(state, fresh, runlog.checkpoint_dir(last))
+        offset, rstate = last, saved.get("python_random")
+        runlog.truncate_after(last)
+    runlog.write_config({"run_config": cfg.to_flower(), "stage": "pretrain",
+                         "sites": [{"name": e.name, "role": e.role, "error": e.error} for e in sites],
+                         "federation": federation_record(cfg, sites), "full_state_bytes": state_bytes(state),
+                         "resumed_at_rounds": previous.get("resumed_at_rounds", []) + ([offset] if previous else [])})
+    return PretrainSetup(runlog, sites, num_beams, state, strategy_state, offset, rstate)
+
+
+def save_pretrain_checkpoint(runlog, round_: int, state: dict[str, np.ndarray],
+                             strategy_state: dict[str, np.ndarray], extra: dict) -> None:
+    """Checkpoint round ``round_`` (the full state: backbone and decoder) and keep only it."""
+    runlog.save_checkpoint(round_, state, strategy_state, extra)
+    runlog.drop_checkpoints_before(round_)
 
 
 def new_pretrainer(cfg: RunConfig, num_beams: int, state: dict[str, np.ndarray] | None = None):

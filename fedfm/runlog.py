@@ -197,6 +197,13 @@ class RunLog:
         os.replace(tmp, final)
         return final
 
+    def drop_checkpoints_before(self, round_: int) -> None:
+        """Delete the checkpoints of rounds before ``round_`` (a run that keeps only its last
+        one: stage=pretrain's full state is the whole backbone, megabytes a round)."""
+        for r in self.complete_rounds():
+            if r < round_:
+                shutil.rmtree(self.checkpoint_dir(r), ignore_errors=True)
+
     def complete_rounds(self) -> list[int]:
         rounds = []
         for d in (self.dir / CHECKPOINTS).glob("round-[0-9][0-9][0-9]"):

@@ -61,11 +61,6 @@ def test_eval_every_schedule():
         RunConfig(eval_every=0)
 
 
-def test_federated_pretraining_does_not_resume(tmp_path):
-    with pytest.raises(ValueError, match=r"^run config: `resume` = '.*' is not allowed; expected '' with stage=pretrain"):
-        RunConfig(federation="f.yaml", stage="pretrain", resume=str(tmp_path))
-
-
 def test_resume_mismatch_names_the_first_changed_training_key():
     from fedfm.config import resume_mismatch
 

@@ -1,6 +1,8 @@
 """stage=pretrain in process (real ServerApp and ClientApp handlers, no Ray): full-state
 FedAvg of masked reconstruction lowers the reconstruction error and leaves a backbone that
 verifies and that a finetune-stage model can load."""
+import json
+
 import numpy as np
 import pytest
 
@@ -117,3 +119,62 @@ def test_round_trains_its_slice_of_the_run_schedule(pretrain_run):
     assert all(torch.equal(torch.from_numpy(got[k]), v) for k, v in want.items())
     restarted = local_pretrain(dataclasses.replace(cfg, lr_schedule="round"), spec, state, 3, num_beams=32).state
     assert not all(np.array_equal(restarted[k], got[k]) for k in got)
+
+
+class _LostServer(InProcessGrid):
+    """The server process dies in round ``die_at`` while the sites train (a killed run)."""
+
+    def __init__(self, run_config, num_nodes, die_at):
+        super().__init__(run_config, num_nodes)
+        self.die_at, self.train_rounds = die_at, 0
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.app import MessageType
+
+        if messages and messages[0].metadata.message_type == MessageType.TRAIN:
+            self.train_rounds += 1
+            if self.train_rounds == self.die_at:
+                raise KeyboardInterrupt("server killed")
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def test_resume_after_a_killed_round_equals_the_uninterrupted_run(pretrain_run, tmp_path):
+    """Killed in round 3 of 3, resumed: the same backbone bit for bit and the same metrics
+    as the uninterrupted run; only the last round's checkpoint is kept."""
+    from safetensors.numpy import load_file
+
+    rc_full, full = pretrain_run
+    rc = {**rc_full, "out-dir": str(tmp_path / "run")}
+    with pytest.raises(KeyboardInterrupt):
+        server_main(_LostServer(rc, 2, die_at=3), server_context(rc))
+    log = RunLog(tmp_path / "run")
+    assert log.complete_rounds() == [2] and not (log.dir / "backbone.safetensors").exists()
+    log.append_ledger([{"round": 3, "site": "alpha", "status": "ok", "bytes_down": 0, "bytes_up": 0}])  # torn round
+    with pytest.raises(ValueError, match="already holds a run"):  # no resume: the folder is refused
+        server_main(InProcessGrid(rc, 2), server_context(rc))
+    server_main(InProcessGrid({**rc, "resume": str(log.dir)}, 2), server_context({**rc, "resume": str(log.dir)}))
+    a, b = load_file(str(full.dir / "backbone.safetensors")), load_file(str(log.dir / "backbone.safetensors"))
+    assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    def rows(d, name):  # all but the wall-clock seconds
+        return sorted(json.dumps({k: v for k, v in r.items() if k != "local_time_s"}, sort_keys=True)
+                      for r in read_jsonl(d / name))
+
+    assert rows(log.dir, "metrics.jsonl") == rows(full.dir, "metrics.jsonl")
+    assert rows(log.dir, "ledger.jsonl") == rows(full.dir, "ledger.jsonl")
+    assert log.complete_rounds() == [3] and log.read_config()["resumed_at_rounds"] == [2]
+    assert full.complete_rounds() == [3]
+
+
+def test_resume_that_changes_the_run_is_refused_and_the_run_kept(pretrain_run, tmp_path):
+    import shutil
+
+    rc_full, full = pretrain_run
+    run = shutil.copytree(full.dir, tmp_path / "run")
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    for change, message in (({"lr": 0.01}, r"`lr` is 0.01 here but the run was started with 0.003"),
+                            ({"stage": "finetune"}, r"`stage` is 'finetune' here but the run was started with "
+                                                     r"'pretrain'")):
+        rc = {**rc_full, **change, "resume": str(run)}
+        with pytest.raises(ValueError, match=rf"^resume={run}: {message}"):
+            server_main(InProcessGrid(rc, 2), server_context(rc))
+        assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
