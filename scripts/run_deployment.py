@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from fedfm.config import RunConfig, federation_site_paths  # noqa: E402
 from run_federation import (  # noqa: E402
     add_run_args, check_launch_dir, default_min_train_nodes, flwr_env, free_port, run_outcome, run_overrides,
-    run_status, start_superlink, stop_superlink, tee_run_output, write_run_config)
+    run_status, start_superlink, stop_superlink, tee_run_output, timeout_seconds, write_run_config)
 
 CONNECTION = "fedfm-deployment"  # the SuperLink connection name in $FLWR_HOME/config.toml
 
@@ -148,9 +148,10 @@ def _zombie(pid: int) -> bool:
 
 
 def run_deployment(overrides: dict, num_supernodes: int, num_partitions: int, flwr_home: Path, log=sys.stdout,
-                   timeout_s: float = 3600) -> dict:
+                   timeout_s: float | None = None) -> dict:
     """Start a deployment SuperLink + SuperNodes, `flwr run --stream`, check the outcome, stop
-    everything. Returns {'run_id', 'status', 'status_details', 'run_dir', 'report', 'wall_s',
+    everything; ``timeout_s`` (None or 0: no limit) stops it that many seconds after the start.
+    Returns {'run_id', 'status', 'status_details', 'run_dir', 'report', 'wall_s',
     'ok', 'pids', 'error'}."""
     cfg = RunConfig.from_flower(overrides, base_dir=ROOT)  # validate before starting anything
     run_dir = cfg.run_dir
@@ -183,8 +184,8 @@ def run_deployment(overrides: dict, num_supernodes: int, num_partitions: int, fl
                 dead = [p for p in procs if p.poll() is not None]
                 if dead:
                     result["error"] = f"{dead[0].args[0]} (pid {dead[0].pid}) exited with {dead[0].returncode}"
-                elif time.monotonic() - t0 > timeout_s:
-                    result["error"] = f"timed out after {timeout_s:.0f} s"
+                elif timeout_s and time.monotonic() - t0 > timeout_s:
+                    result["error"] = f"stopped at --timeout {timeout_s:g} s (the run and every process were stopped)"
                 else:
                     continue
                 stream.kill()
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--num-supernodes {num_nodes}: the federation has {num_sites} training sites "
                              f"(one SuperNode per site, 1..{num_sites})")
         overrides.setdefault("min-train-nodes", default_min_train_nodes(overrides, num_nodes))
-        result = run_deployment(overrides, num_nodes, num_sites, Path(args.flwr_home))
+        result = run_deployment(overrides, num_nodes, num_sites, Path(args.flwr_home), timeout_s=timeout_seconds(args))
     except ValueError as e:  # bad config: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

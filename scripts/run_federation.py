@@ -234,6 +234,16 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="run folder (default: runs/<timestamp> in the current directory)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="run-config override, e.g. --set num-server-rounds=5 (repeatable)")
+    p.add_argument("--timeout", type=float, default=0, metavar="SECONDS",
+                   help="stop the run after this many seconds (default 0: no limit; `round-timeout` "
+                        "bounds a round's wait for sites)")
+
+
+def timeout_seconds(args: argparse.Namespace) -> float | None:
+    """--timeout as a limit in seconds (None: no limit); ValueError when negative or not finite."""
+    if not (math.isfinite(args.timeout) and args.timeout >= 0):
+        raise ValueError(f"--timeout {args.timeout} is not allowed; expected seconds >= 0 (0 = no limit)")
+    return args.timeout or None
 
 
 def default_min_train_nodes(overrides: dict, num_sites: int) -> int:
@@ -271,9 +281,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-gpus", type=float, default=None, help="Ray GPU fraction per site (default: 0, or "
                    "1/num-sites when a GPU is visible)")
     p.add_argument("--flwr-home", default=str(ROOT / ".flwr"))
-    p.add_argument("--timeout", type=float, default=0, metavar="SECONDS",
-                   help="stop the run after this many seconds (default 0: no limit; `round-timeout` "
-                        "bounds a round's wait for sites)")
     args = p.parse_args(argv)
 
     try:
@@ -281,10 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         train_sites = [pth for pth, role in federation_site_paths(overrides["federation"]) if role == "train"]
         overrides.setdefault("min-train-nodes", default_min_train_nodes(overrides, len(train_sites)))
         num_gpus = args.num_gpus if args.num_gpus is not None else _default_gpus(len(train_sites))
-        if not (math.isfinite(args.timeout) and args.timeout >= 0):
-            raise ValueError(f"--timeout {args.timeout} is not allowed; expected seconds >= 0 (0 = no limit)")
         result = run_federation(overrides, len(train_sites), Path(args.flwr_home), args.num_cpus, num_gpus,
-                                timeout_s=args.timeout or None)
+                                timeout_s=timeout_seconds(args))
     except ValueError as e:  # bad config: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

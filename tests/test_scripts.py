@@ -288,6 +288,20 @@ def test_launchers_refuse_a_folder_that_holds_a_run(fed_run, tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+def test_both_launchers_take_timeout_and_refuse_a_negative_one_before_starting(tmp_path, capsys):
+    import signal
+
+    for name in ("run_federation", "run_deployment"):
+        saved = signal.getsignal(signal.SIGTERM)  # run_deployment's main installs its own handler
+        try:
+            assert _load_script(name).main(["--out", str(tmp_path / name), "--timeout", "-5"]) == 2
+        finally:
+            signal.signal(signal.SIGTERM, saved)
+        assert capsys.readouterr().err.strip() == \
+            "error: --timeout -5.0 is not allowed; expected seconds >= 0 (0 = no limit)", name
+        assert not (tmp_path / name).exists()  # nothing was written or started
+
+
 def test_launcher_resume_takes_the_run_s_recorded_settings(fed_run, tmp_path):
     # `run_federation.py --set resume=RUN` must resume RUN as it was started (its federation,
     # strategy, lr...), not with the defaults of every key it was not given
