@@ -7,6 +7,7 @@ import torch
 
 from fedfm.estimators import angular_spectrum, ar_extrapolate
 from fedfm.tasks import CONTEXT_SIZE, context_index
+from fedfm.tasks.sensing import peak_power_ratio
 from fedfm.model.prior import scaled_profile_features
 
 from fedfm.model import (DENSE_TASKS, TASKS, ModelConfig, base_model, build_model, get_adapter_state,
@@ -119,16 +120,18 @@ def test_bf_head_starts_at_the_capon_beam_and_pooled_heads_see_the_profile_featu
     capon = angular_spectrum(xc, logits.shape[1], "capon")
     assert torch.equal(logits.argmax(1), torch.from_numpy(capon.argmax(1)))
     torch.testing.assert_close(logits, torch.from_numpy(np.log(np.maximum(capon, 1e-4))))
-    # untrained DE/PE/LoS heads output the deployment prior the site context carries
+    # untrained DE outputs the deployment prior the site context carries; LoS and PE's gate
+    # start at the K-factor rule σ(8·ln(peak share) + 16 + 0.6·prior log-odds), by hand
     known = torch.ones(shape, dtype=torch.bool)
     context = torch.linspace(-1.0, 1.0, CONTEXT_SIZE)
     torch.testing.assert_close(model("DE", x, known, context), context[context_index("DE")].expand(2))
-    # PE: the cell's NLoS and LoS path-loss priors mixed by its LoS probability, by hand
-    p, los, nlos = (torch.sigmoid(context[context_index("LoS")]), context[context_index("PE-LoS")],
-                    context[context_index("PE-NLoS")])
-    torch.testing.assert_close(model("PE", x, known, context), (nlos + p * (los - nlos)).expand(2))
+    r = torch.from_numpy(np.log(peak_power_ratio(xc))).float()
+    p = torch.sigmoid(8.0 * r + 16.0 + 0.6 * context[context_index("LoS")])
+    assert p.min() < 0.9 and p.std() > 0  # the two samples read their own profiles, not one constant
+    los, nlos = context[context_index("PE-LoS")], context[context_index("PE-NLoS")]
+    torch.testing.assert_close(model("PE", x, known, context), nlos + p * (los - nlos))
     p_los = torch.softmax(model("LoS", x, known, context), 1)[:, 1]
-    torch.testing.assert_close(p_los, torch.sigmoid(context[context_index("LoS")]).expand(2))
+    torch.testing.assert_close(p_los, p)
     torch.testing.assert_close(model("DE", x, known, None), model("DE", x, known, torch.zeros(CONTEXT_SIZE)))
     # once its MLP has moved off zero, DE reads the profile features and the environment
     with torch.no_grad():

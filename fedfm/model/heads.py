@@ -6,6 +6,8 @@ calls only.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -68,6 +70,19 @@ class DenseHead(nn.Module):
         return y
 
 
+@dataclass(frozen=True)
+class LinearStart:
+    """Where one output of a linear layer starts: Σ weights[f]·features[f] + bias."""
+
+    weights: tuple[tuple[int, float], ...]   # (feature index, weight)
+    bias: float = 0.0
+
+    def set(self, layer: nn.Linear, output: int) -> None:
+        for f, w in self.weights:
+            layer.weight[output, f] = w
+        layer.bias[output] = self.bias
+
+
 class PooledHead(nn.Module):
     """Mean over tokens → LN, joined by the classical features → MLP → [B, out] (BF logits,
     DE/PE value, LoS logits).
@@ -76,23 +91,23 @@ class PooledHead(nn.Module):
     ``spectrum_start``, the others 0) and a small circular 1-D CNN over the beam axis of the
     log-spectra — circular because u = sin θ wraps at ±1 for a half-wavelength ULA.
     ``start_at_prior`` (called after the generic init) zeroes the MLP's and the CNN's last
-    layers and sets w, so an untrained BF head is that spectrum's AoA beam (Capon in FedFM); ``prior_features`` {output: feature index} sets those
-    weights of the linear path to 1, so an untrained DE/PE/LoS head outputs the deployment
-    prior the site context carries (``fedfm.channels.deployment``).
+    layers and sets w, so an untrained BF head is that spectrum's AoA beam (Capon in FedFM);
+    ``prior_features`` {output: LinearStart} sets the linear path of those outputs, so an
+    untrained DE head outputs the deployment prior the site context carries
+    (``fedfm.channels.deployment``) and an untrained LoS head a K-factor rule.
 
-    ``los_gate`` (PE) = feature indices (LoS log-odds, LoS value, NLoS value): the output adds
-    nlos + σ(g)·(los − nlos), g a linear map of the features that starts at the cell's LoS
-    log-odds. Path loss is bimodal in the LoS state, and the gap between the modes is the
-    environment's (the deployment prior has it); whether *this* sample is LoS is one shared
-    K-factor reading (the fitted LoS thresholds sit within ±0.2 of each other on every default
-    site). With the gate, FedAvg learns one shared reading instead of each environment's
-    mode split from the one site that has it (measured without it: federated PE 17 dB MAE on
-    RMa against 9 dB trained alone).
+    ``los_gate`` (PE) = (LinearStart of the gate g, LoS value index, NLoS value index): the
+    output adds nlos + σ(g)·(los − nlos), g a linear map of the features. Path loss is bimodal
+    in the LoS state, and the gap between the modes is the environment's (the deployment prior
+    has it); whether *this* sample is LoS is one shared K-factor reading (the fitted LoS
+    thresholds sit within ±0.2 of each other on every default site). With the gate, FedAvg
+    learns one shared reading instead of each environment's mode split from the one site that
+    has it (measured without it: federated PE 17 dB MAE on RMa against 9 dB trained alone).
     """
 
     def __init__(self, d_model: int, hidden: int, out: int, num_features: int = 0, spectra: int = 0,
-                 spectrum_channels: int = 8, kernel: int = 9, prior_features: dict[int, int] | None = None,
-                 los_gate: tuple[int, int, int] | None = None, spectrum_start: int = 0):
+                 spectrum_channels: int = 8, kernel: int = 9, prior_features: dict[int, "LinearStart"] | None = None,
+                 los_gate: tuple["LinearStart", int, int] | None = None, spectrum_start: int = 0):
         super().__init__()
         if spectra and not 0 <= spectrum_start < spectra:
             raise ValueError(f"PooledHead: `spectrum_start` {spectrum_start} is not in [0, {spectra})")
@@ -126,12 +141,12 @@ class PooledHead(nn.Module):
             if self.skip is not None:
                 self.skip.weight.zero_()
                 self.skip.bias.zero_()
-                for o, f in self.prior_features.items():
-                    self.skip.weight[o, f] = 1.0
+                for o, start in self.prior_features.items():
+                    start.set(self.skip, o)
             if self.gate is not None:
                 self.gate.weight.zero_()
                 self.gate.bias.zero_()
-                self.gate.weight[0, self.los_gate[0]] = 1.0
+                self.los_gate[0].set(self.gate, 0)
             if self.spectrum_conv is not None:
                 self.spectrum_conv[2].weight.zero_()
                 self.spectrum_conv[2].bias.zero_()

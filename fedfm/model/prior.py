@@ -39,6 +39,7 @@ NUM_PROFILE_FEATURES = 5    # fedfm.tasks.sensing.profile_features
 # statistics of a run's data, so every site and the server scale alike.
 PROFILE_CENTER = (-1.65, -1.75, -0.7, -1.9, -2.3)
 PROFILE_SCALE = (0.15, 0.25, 0.5, 0.35, 0.6)
+PEAK_SHARE_FEATURE = 4      # index of log(delay-angle peak share), the K-factor proxy
 SPECTRUM_METHODS = ("bartlett", "capon")
 SPECTRUM_FLOOR = 1e-4       # log-spectra clipped at -40 dB below the peak
 
