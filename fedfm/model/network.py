@@ -22,7 +22,7 @@ from fedfm.tasks import context_index
 # Where an untrained sample's LoS log-odds start: a·ln(peak share) + b + c·(the cell's prior
 # LoS log-odds), the peak share being the K-factor proxy the LoS baseline thresholds. (a, b, c)
 # is a logistic regression on the pooled train splits of default.yaml's four training sites
-# (2 048 samples, 2026-11-24: 8.06, 16.1, 0.63; rounded). On their test splits it is as
+# (2 048 samples, 2026-11-24: 8.06, 16.1, 0.63; rounded). On their test splits the rounded rule is as
 # accurate as each site's own fitted threshold on UMa, UMi and InH (98.8 / 99.6 / 94.1 % vs
 # 98.0 / 99.6 / 94.1 %) and below it on RMa (85.5 vs 89.8 %); the cell's prior alone gives
 # 86 / 82 / 55 / 68 %, which is where the LoS head and PE's gate used to start.
