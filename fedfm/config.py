@@ -49,6 +49,7 @@ class RunConfig:
     lora_r: int = 4                 # LoRA rank on the frozen backbone (model preset default)
     lora_alpha: int = 8
     dwa_temperature: float = 2.0    # Dynamic Weight Averaging of task losses (LLM4WM)
+    head_prior_mu: float = 0.0      # L2-SP pull of the BF/DE/PE/LoS heads towards their classical start
     strategy: str = "fedavg"
     fedprox_mu: float = 0.01        # proximal weight, only used by fedprox
     fedadam_eta: float = 1e-2       # server learning rate, only used by fedadam
@@ -88,8 +89,9 @@ class RunConfig:
         for key in ("lr", "dwa_temperature", "fedadam_eta", "server_lr", "round_timeout"):
             value = getattr(self, key)
             _check(_kebab(key), value, math.isfinite(value) and value > 0, "a finite number > 0")
-        _check("fedprox-mu", self.fedprox_mu, math.isfinite(self.fedprox_mu) and self.fedprox_mu >= 0,
-               "a finite number >= 0")
+        for key in ("fedprox_mu", "head_prior_mu"):
+            value = getattr(self, key)
+            _check(_kebab(key), value, math.isfinite(value) and value >= 0, "a finite number >= 0")
         _check("server-momentum", self.server_momentum,
                math.isfinite(self.server_momentum) and 0 <= self.server_momentum < 1, "a number in [0, 1)")
         _check("fraction-train", self.fraction_train, 0 < self.fraction_train <= 1, "a number in (0, 1]")

@@ -134,13 +134,15 @@ _LAST: dict = {}
 
 
 def _site_model_and_tasks(cfg: RunConfig, spec: SiteSpec, num_beams: int, backbone: str, device: str):
+    from fedfm.train import head_prior
+
     key = (spec_hash(spec), cfg.preset, cfg.lora_r, cfg.lora_alpha, num_beams, backbone, cfg.cache_dir, device,
            cfg.train_max_samples)
     if _LAST.get("key") != key:
         _LAST.clear()
         tasks = load_site_tasks(spec, "train", cfg.cache_dir, cfg.train_max_samples)
         model = build_run_model(cfg, num_beams, backbone, device)
-        _LAST.update(key=key, tasks=tasks, model=model)
+        _LAST.update(key=key, tasks=tasks, model=model, prior=head_prior(model))
     return _LAST["model"], _LAST["tasks"]
 
 
@@ -171,6 +173,8 @@ def local_train(cfg: RunConfig, spec: SiteSpec, state: dict[str, np.ndarray], ro
                   lr=cfg.lr, dwa_temperature=cfg.dwa_temperature, seed=seed, device=device)
     if cfg.lr_schedule == "run" and steps is None:
         kwargs["schedule"] = round_schedule(round_, cfg.local_steps, cfg.num_server_rounds)
+    if cfg.head_prior_mu > 0:  # anchored at the heads as built, not as received: every round pulls
+        kwargs.update(prior_mu=cfg.head_prior_mu, prior=_LAST["prior"])  # towards the same classical start
     if proximal_mu > 0:
         if "proximal_mu" not in inspect.signature(finetune).parameters:
             raise ValueError("strategy fedprox needs fedfm.train.finetune(proximal_mu=...)")

@@ -174,7 +174,8 @@ def finetune(model: nn.Module, tasks: dict, steps: int, batch_size: int = 32, lr
              dwa_temperature: float = 2.0, seed: int = 0, device=None, dwa_window: int = 10,
              stage1_steps: int = 0, train_lora: bool = True, proximal_mu: float = 0.0,
              weight_decay: float = 0.0, history: list | None = None,
-             head_lr_scale: float = 10.0, schedule: tuple[int, int] | None = None) -> dict[str, float]:
+             head_lr_scale: float = 10.0, schedule: tuple[int, int] | None = None,
+             prior_mu: float = 0.0, prior: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
     """Multi-task fine-tuning of the trainable state (LoRA + adapters + heads) with DWA.
 
     tasks: {task: TaskData or [TaskData, ...] (pooled sites)}. Every step draws one batch per
@@ -182,6 +183,12 @@ def finetune(model: nn.Module, tasks: dict, steps: int, batch_size: int = 32, lr
     ``stage1_steps``: LLM4WM §IV-E two-stage schedule (LoRA frozen for the first steps).
     ``train_lora=False``: the frozen-backbone ablation. ``proximal_mu``: FedProx term
     μ/2·‖θ − θ_start‖². ``history`` (if given) receives one dict per window.
+    ``prior_mu``: L2-SP (Li et al. 2018) on the pooled heads (BF, DE, PE, LoS):
+    μ/2·‖θ − θ_prior‖² over their parameters, θ_prior = ``prior`` ({name: tensor}, e.g.
+    :func:`head_prior` of the model as the factory built it) or their values at the call's start.
+    Those heads start at the classical readings (Capon beam, deployment prior, K-factor rule),
+    and with few labels their MLPs fit the training samples and end below where they started
+    (measured in RESULTS.md); the penalty is a Gaussian prior centred on the classical reading.
     ``schedule`` = (offset, total): these steps are steps offset … offset+steps−1 of one
     ``total``-step warm-up + cosine schedule (a federated round's slice of the run's schedule,
     ``fedfm.federated.round_schedule``); default: the steps are the whole schedule.
@@ -203,6 +210,14 @@ def finetune(model: nn.Module, tasks: dict, steps: int, batch_size: int = 32, lr
     groups = [{"params": [p for (_, p), f in zip(named, pooled) if not f], "scale": 1.0},
               {"params": [p for (_, p), f in zip(named, pooled) if f], "scale": head_lr_scale}]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay)
+    anchor = []
+    if prior_mu > 0:
+        prior = prior if prior is not None else {n: p.detach().clone() for (n, p), f in zip(named, pooled) if f}
+        missing = [n for (n, _), f in zip(named, pooled) if f and n not in prior]
+        if missing:
+            raise ValueError(f"finetune: `prior` has no value for {missing[0]} ({len(missing)} pooled-head "
+                             f"parameters missing); pass head_prior(model) of this model")
+        anchor = [(p, prior[n].to(p.device, p.dtype)) for (n, p), f in zip(named, pooled) if f]
     windows: list[dict[str, float]] = []
     acc = {t: 0.0 for t in samplers}
     n_acc = 0
@@ -228,6 +243,8 @@ def finetune(model: nn.Module, tasks: dict, steps: int, batch_size: int = 32, lr
             if start is not None:
                 prox = sum(((p - p0) ** 2).sum() for p, p0 in zip(params, start) if p.requires_grad)
                 (0.5 * proximal_mu * prox).backward()
+            if anchor:
+                (0.5 * prior_mu * sum(((p - a) ** 2).sum() for p, a in anchor)).backward()
             torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], 1.0)
             opt.step()
             n_acc += 1
@@ -240,6 +257,13 @@ def finetune(model: nn.Module, tasks: dict, steps: int, batch_size: int = 32, lr
         for p, flag in zip(lora, lora_flags):
             p.requires_grad_(flag)
     return windows[-1]
+
+
+def head_prior(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the pooled heads' trainable parameters by name: ``finetune(prior=...)``'s
+    anchor, taken from a model as the factory builds it (heads at their classical start)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters()
+            if p.requires_grad and any(f"heads.{t}." in n for t in POOLED_TASKS)}
 
 
 @torch.no_grad()

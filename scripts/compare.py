@@ -72,7 +72,8 @@ def local_and_central(run_dir: Path) -> dict:
     set_adapter_state(model, torch_state(init))
     pooled = {task: [train[e.name][task] for e in sites] for task in train[sites[0].name]}
     finetune(model, pooled, steps=budget * len(sites), batch_size=cfg.batch_size, lr=cfg.lr,
-             dwa_temperature=cfg.dwa_temperature, seed=derive_seed(cfg.seed, "centralized"))
+             dwa_temperature=cfg.dwa_temperature, seed=derive_seed(cfg.seed, "centralized"),
+             prior_mu=cfg.head_prior_mu)  # anchored at the call's start: the initial heads, as built
     for e in sites:
         out["centralized"][e.name] = score_model(model, test[e.name])
     return out
@@ -114,7 +115,7 @@ def federated_steps(run_dir: Path) -> dict[str, int]:
 # run-config keys the local-only and centralized trainings and their scoring read (besides the
 # federation, backbone, model config and initial adapters, checked separately); the per-site
 # budget is num-server-rounds × local-steps, so 5 × 40 and 10 × 20 share a reference
-REFERENCE_KEYS = ("preset", "batch-size", "lr", "lora-r", "lora-alpha", "dwa-temperature",
+REFERENCE_KEYS = ("preset", "batch-size", "lr", "lora-r", "lora-alpha", "dwa-temperature", "head-prior-mu",
                   "train-max-samples", "eval-max-samples", "seed", "device")
 
 
@@ -130,7 +131,8 @@ def reference_mismatch(run_dir: Path, ref_dir: Path) -> str | None:
                    ra["num-server-rounds"] * ra["local-steps"], rb["num-server-rounds"] * rb["local-steps"])]
     except (KeyError, TypeError) as e:
         return f"a config.json lacks {e} (a run of another fedfm version?)"
-    checks += [(k, ra.get(k), rb.get(k)) for k in REFERENCE_KEYS]
+    default = RunConfig().to_flower()  # a key a run predates had its default then
+    checks += [(k, ra.get(k, default[k]), rb.get(k, default[k])) for k in REFERENCE_KEYS]
     for what, mine, theirs in checks:
         if mine != theirs:
             return f"{what} is {theirs} there, {mine} here"

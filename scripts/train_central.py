@@ -75,7 +75,7 @@ def run_central(federation: str, out: str, preset: str = "tiny", steps: int = 30
                 no_pretrain: bool = False, pretrain_steps: int = 1000, ablation: str = "none",
                 stage1_steps: int = 0, batch_size: int = 32, lr: float = 1e-3, dwa_temperature: float = 2.0,
                 seed: int = 0, device: str | None = None, cache_dir: str | None = None, max_test: int = 0,
-                max_train: int = 0, log=print) -> dict:
+                max_train: int = 0, head_prior_mu: float = 0.0, log=print) -> dict:
     if ablation not in ABLATIONS:
         raise ValueError(f"--ablation {ablation!r} is not allowed; expected one of {', '.join(ABLATIONS)}")
     out_dir = Path(out)
@@ -88,7 +88,9 @@ def run_central(federation: str, out: str, preset: str = "tiny", steps: int = 30
             ("--dwa-temperature", dwa_temperature, math.isfinite(dwa_temperature) and dwa_temperature > 0,
              "a finite number > 0"),
             ("--max-test", max_test, max_test >= 0, "an integer >= 0 (0 = all)"),
-            ("--max-train", max_train, max_train >= 0, "an integer >= 0 (0 = all)")):
+            ("--max-train", max_train, max_train >= 0, "an integer >= 0 (0 = all)"),
+            ("--head-prior-mu", head_prior_mu, math.isfinite(head_prior_mu) and head_prior_mu >= 0,
+             "a finite number >= 0")):
         if not ok:  # checked before anything is written or trained
             raise ValueError(f"{flag} {value} is not allowed; expected {allowed}")
     fed = load_federation(federation)
@@ -106,7 +108,8 @@ def run_central(federation: str, out: str, preset: str = "tiny", steps: int = 30
     pooled = {t: [train[s.name][t] for s in fed.train_sites] for t in train[fed.train_sites[0].name]}
     cfg = ModelConfig.from_preset(preset, num_beams=fed.num_beams, seed=seed)
     kw = dict(steps=steps, batch_size=batch_size, lr=lr, dwa_temperature=dwa_temperature, seed=seed,
-              device=device, stage1_steps=stage1_steps, train_lora=ablation != "frozen")
+              device=device, stage1_steps=stage1_steps, train_lora=ablation != "frozen",
+              prior_mu=head_prior_mu)  # anchored at the heads as built: finetune's call-start default
     t0 = time.perf_counter()
     history: list = []
     if ablation == "single-task":  # LLM4WM(s): one model per task, same step budget each
@@ -126,7 +129,8 @@ def run_central(federation: str, out: str, preset: str = "tiny", steps: int = 30
     summary = summarise(rows)
     report = {"federation": fed.name, "preset": preset, "ablation": ablation, "backbone": backbone,
               "pretrained": backbone is not None, "steps": steps, "stage1_steps": stage1_steps,
-              "batch_size": batch_size, "lr": lr, "dwa_temperature": dwa_temperature, "seed": seed,
+              "batch_size": batch_size, "lr": lr, "dwa_temperature": dwa_temperature,
+              "head_prior_mu": head_prior_mu, "seed": seed,
               "max_train": max_train, "max_test": max_test,
               "device": str(device), "finetune_seconds": seconds, "config": cfg.to_dict(),
               "params": parameter_summary(build_model(cfg)), "final_losses": losses, "history": history,
@@ -174,6 +178,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--dwa-temperature", type=float, default=2.0)
+    p.add_argument("--head-prior-mu", type=float, default=0.0,
+                   help="L2-SP weight pulling the BF/DE/PE/LoS heads towards their classical start (0 = off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu | cuda (default: CUDA when available)")
     p.add_argument("--cache-dir", default=None)
@@ -184,7 +190,7 @@ def main(argv=None) -> int:
     try:
         r = run_central(a.federation, a.out, a.preset, a.steps, a.backbone, a.no_pretrain, a.pretrain_steps,
                         a.ablation, a.stage1_steps, a.batch_size, a.lr, a.dwa_temperature, a.seed, a.device,
-                        a.cache_dir, a.max_test, a.max_train)
+                        a.cache_dir, a.max_test, a.max_train, a.head_prior_mu)
     except ValueError as e:
         print(f"train_central: {e}", file=sys.stderr)
         return 2

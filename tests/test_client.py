@@ -90,3 +90,21 @@ def test_train_max_samples_caps_what_a_site_trains_on(setup, task_identity):
     reply = train(_message(state, backbone, digest), _context(rc))
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     assert reply.content["metrics"]["num-examples"] == 24
+
+
+def test_head_prior_anchors_at_the_heads_as_built_not_as_received(setup, task_identity):
+    # head-prior-mu: a site pulls its BF/DE/PE/LoS heads towards the classical start the factory
+    # builds, whatever the round hands it. Received 0.5 above that start, with a weight that
+    # dwarfs the data gradient, every element of those heads comes back closer to it.
+    root, backbone, digest, state, cache = setup
+    pooled = [k for k in state if any(f"heads.{t}." in k for t in ("BF", "DE", "PE", "LoS"))]
+    assert pooled
+    shifted = {k: v + np.float32(0.5) if k in pooled else v for k, v in state.items()}
+    rc = run_config(write_federation(root / "prior"), root / "run", cache, backbone,
+                    **{"local-steps": 1, "head-prior-mu": 1e6})
+    reply = train(_message(shifted, backbone, digest), _context(rc))
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    out = {k: a.numpy() for k, a in reply.content["arrays"].items()}
+    for k in pooled:
+        gap = out[k] - state[k]
+        assert (gap < 0.5).all() and (gap > 0).all(), k

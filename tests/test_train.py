@@ -265,3 +265,43 @@ def test_a_diverging_training_stops_with_one_line_instead_of_nan(rng, cache_dir)
         pretrain(build_model(real_cfg()), [(spec, train)], steps=2, batch_size=0)
     with pytest.raises(ValueError, match=r"^device 'gpu0' is not allowed; expected auto, cpu, cuda"):
         resolve_device("gpu0")
+
+
+def test_head_prior_pulls_pooled_heads_back_to_their_anchor(rng):
+    # L2-SP on the pooled heads: with every pooled-head parameter 0.5 above its anchor and a
+    # penalty weight that dwarfs the data gradient, Adam's first step (lr_at(0)·sign(g), by
+    # hand) moves each of them by head_lr_scale·lr_at(0) *down*, towards the anchor.
+    from fedfm.train import head_prior, lr_at
+
+    model = build_model(tiny_cfg())
+    prior = head_prior(model)
+    assert prior and all(any(f"heads.{t}." in n for t in ("BF", "LoS")) for n in prior)
+    assert not any("heads.CE." in n or "lora_" in n for n in prior)   # dense heads and LoRA are free
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in prior:
+                p.add_(0.5)
+    finetune(model, fake_tasks(rng), steps=1, batch_size=BSZ, lr=1e-3, seed=0, head_lr_scale=7.0,
+             prior_mu=1e6, prior=prior)
+    step = 7.0 * lr_at(0, 1, 1e-3)
+    for n, p in model.named_parameters():
+        if n in prior:
+            np.testing.assert_allclose((p.detach() - prior[n]).numpy(), 0.5 - step, rtol=1e-3, err_msg=n)
+
+
+def test_head_prior_defaults_to_the_call_start_and_checks_its_keys(rng):
+    # anchored at the call's start, the penalty's gradient is exactly zero on step 1: the same
+    # step as without it; a prior that lacks a pooled-head parameter is refused by name
+    from fedfm.train import head_prior
+
+    tasks = fake_tasks(rng)
+    a, b = build_model(tiny_cfg()), build_model(tiny_cfg())
+    finetune(a, tasks, steps=1, batch_size=BSZ, lr=1e-3, seed=0, prior_mu=1e6)
+    finetune(b, tasks, steps=1, batch_size=BSZ, lr=1e-3, seed=0)
+    for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(pa, pb), n
+    prior = head_prior(a)
+    dropped = sorted(prior)[0]
+    del prior[dropped]
+    with pytest.raises(ValueError, match=f"no value for {dropped}"):
+        finetune(a, tasks, steps=1, batch_size=BSZ, lr=1e-3, seed=0, prior_mu=1.0, prior=prior)
