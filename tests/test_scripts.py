@@ -351,6 +351,7 @@ def test_compare_reference_reuses_only_a_matching_run(fed_run, tmp_path, capsys)
     conf = json.loads((other / "config.json").read_text())
     conf["run_config"].update({"strategy": "fedavgm", "server-lr": 2.0,   # differ, may
                                "num-server-rounds": ROUNDS * LOCAL_STEPS, "local-steps": 1})  # same budget
+    del conf["run_config"]["head-prior-mu"]  # a run that predates a key had its default (0) then
     (other / "config.json").write_text(json.dumps(conf))
     for r in range(ROUNDS + 1, ROUNDS * LOCAL_STEPS + 1):  # and it has those rounds, every site in each
         shutil.copytree(RunLog(other).checkpoint_dir(ROUNDS), RunLog(other).checkpoint_dir(r))
@@ -400,6 +401,7 @@ def test_compare_reference_reuses_only_a_matching_run(fed_run, tmp_path, capsys)
     refused(set_key("lr", 0.5), ["lr is", "0.5 here"])
     refused(set_key("local-steps", LOCAL_STEPS + 1), ["per-site steps"])
     refused(set_key("eval-max-samples", 3), ["eval-max-samples"])
+    refused(set_key("head-prior-mu", 1.0), ["head-prior-mu"])
     refused(other_backbone, ["backbone sha256"])
     refused(other_init, ["initial (round-0) adapter state"])
 
