@@ -206,13 +206,13 @@ def finetune(model: nn.Module, tasks: dict, steps: int, batch_size: int = 32, lr
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     start = [p.detach().clone() for p in params] if proximal_mu > 0 else None
-    pooled = [any(f"heads.{t}." in n for t in POOLED_TASKS) for n, _ in named]
+    pooled = [_pooled_head(n) for n, _ in named]
     groups = [{"params": [p for (_, p), f in zip(named, pooled) if not f], "scale": 1.0},
               {"params": [p for (_, p), f in zip(named, pooled) if f], "scale": head_lr_scale}]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay)
     anchor = []
     if prior_mu > 0:
-        prior = prior if prior is not None else {n: p.detach().clone() for (n, p), f in zip(named, pooled) if f}
+        prior = prior if prior is not None else head_prior(model)
         missing = [n for (n, _), f in zip(named, pooled) if f and n not in prior]
         if missing:
             raise ValueError(f"finetune: `prior` has no value for {missing[0]} ({len(missing)} pooled-head "
@@ -259,11 +259,14 @@ def finetune(model: nn.Module, tasks: dict, steps: int, batch_size: int = 32, lr
     return windows[-1]
 
 
+def _pooled_head(name: str) -> bool:
+    return any(f"heads.{t}." in name for t in POOLED_TASKS)
+
+
 def head_prior(model: nn.Module) -> dict[str, torch.Tensor]:
     """Copies of the pooled heads' trainable parameters by name: ``finetune(prior=...)``'s
     anchor, taken from a model as the factory builds it (heads at their classical start)."""
-    return {n: p.detach().clone() for n, p in model.named_parameters()
-            if p.requires_grad and any(f"heads.{t}." in n for t in POOLED_TASKS)}
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and _pooled_head(n)}
 
 
 @torch.no_grad()
