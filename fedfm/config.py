@@ -56,6 +56,7 @@ class RunConfig:
     server_lr: float = 1.0          # fedavgm: global += server_lr · (momentum of the averaged update)
     server_momentum: float = 0.0    # fedavgm: server momentum (Hsu et al. 2019); 0 and lr 1 = FedAvg
     personal_heads: str = ""        # tasks whose output heads each training site keeps (FedPer): "", "all", "PE,LoS"
+    personal_adapters: str = ""     # tasks whose input adapters each training site keeps (FedRep-like): as above
     site_model: str = "global"      # what a training site is scored with: the aggregate, or its own last local model
     fraction_train: float = 1.0     # fraction of connected sites sampled per round
     min_train_nodes: int = 2        # Flower waits until this many sites are connected
@@ -97,15 +98,9 @@ class RunConfig:
         _check("fraction-train", self.fraction_train, 0 < self.fraction_train <= 1, "a number in (0, 1]")
         from fedfm.tasks import TASKS
 
-        _check("personal-heads", self.personal_heads, set(self._named_heads()) <= set(TASKS),
-               f"'' (none), 'all' or a comma-separated list of {', '.join(TASKS)}")
-
-    def _named_heads(self) -> list[str]:
-        from fedfm.tasks import TASKS
-
-        if self.personal_heads.strip() == "all":
-            return list(TASKS)
-        return [t.strip() for t in self.personal_heads.split(",") if t.strip()]
+        for key in ("personal_heads", "personal_adapters"):
+            _check(_kebab(key), getattr(self, key), set(_named_tasks(getattr(self, key))) <= set(TASKS),
+                   f"'' (none), 'all' or a comma-separated list of {', '.join(TASKS)}")
 
     def evaluates_round(self, round_: int) -> bool:
         """Whether the central evaluator scores round ``round_`` (``eval-every``): round 0, every
@@ -118,7 +113,15 @@ class RunConfig:
         """Tasks whose heads stay personal to each training site (``personal-heads``)."""
         from fedfm.tasks import TASKS
 
-        named = self._named_heads()
+        named = _named_tasks(self.personal_heads)
+        return tuple(t for t in TASKS if t in named)
+
+    @property
+    def personal_adapter_tasks(self) -> tuple[str, ...]:
+        """Tasks whose input adapters stay personal to each training site (``personal-adapters``)."""
+        from fedfm.tasks import TASKS
+
+        named = _named_tasks(self.personal_adapters)
         return tuple(t for t in TASKS if t in named)
 
     @classmethod
@@ -169,6 +172,15 @@ class RunConfig:
 # sites it names (their spec hashes), not by its path.
 RESUME_MAY_CHANGE = ("num-server-rounds", "round-timeout", "min-train-nodes", "eval-every", "device",
                      "cache-dir", "out-dir", "resume", "backbone", "federation", "pretrain-steps")
+
+
+def _named_tasks(value: str) -> list[str]:
+    """The tasks a ``personal-*`` value names: '' → none, 'all' → every task, else its list."""
+    from fedfm.tasks import TASKS
+
+    if value.strip() == "all":
+        return list(TASKS)
+    return [t.strip() for t in value.split(",") if t.strip()]
 
 
 def resume_mismatch(cfg: "RunConfig", recorded: Mapping[str, Any]) -> str | None:

@@ -56,13 +56,15 @@ def torch_state(state: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.asarray(v, dtype=np.float32).copy()) for k, v in state.items()}
 
 
-def personal_keys(keys, tasks: tuple[str, ...]) -> list[str]:
-    """The adapter-state keys of the output heads of ``tasks`` (``...heads.PE.fc.weight``):
-    with ``personal-heads`` each training site keeps its own copy of these (FedPer, Arivazhagan
-    et al. 2019): it trains them from its own last version, the server stores one per site and
-    scores each training site with its own, and their FedAvg only starts sites not seen yet and
-    scores the held-out sites. LoRA, input adapters and the other heads stay shared."""
-    marks = tuple(f".heads.{t}." for t in tasks)
+def personal_keys(keys, tasks: tuple[str, ...], adapters: tuple[str, ...] = ()) -> list[str]:
+    """The adapter-state keys of the output heads of ``tasks`` (``...heads.PE.fc.weight``) and
+    of the input adapters of ``adapters`` (``...adapters.CE.fc.weight``): with
+    ``personal-heads`` / ``personal-adapters`` each training site keeps its own copy of these
+    (FedPer, Arivazhagan et al. 2019, for heads; keeping the input side local too leaves only
+    the LoRA shared): it trains them from its own last version, the server stores one per site
+    and scores each training site with its own, and their FedAvg only starts sites not seen yet
+    and scores the held-out sites. Everything not named stays shared."""
+    marks = tuple(f".heads.{t}." for t in tasks) + tuple(f".adapters.{t}." for t in adapters)
     return [k for k in keys if any(m in f".{k}" for m in marks)]
 
 

@@ -89,6 +89,7 @@ def summarize(run: dict) -> dict:
             "incomplete": planned is not None and (final is None or final < int(planned)),
             "strategy": run["config"]["run_config"].get("strategy"),
             "personal_heads": run["config"]["run_config"].get("personal-heads", ""),
+            "personal_adapters": run["config"]["run_config"].get("personal-adapters", ""),
             "site_model": run["config"]["run_config"].get("site-model", "global"),
             "backbone": run["config"].get("backbone"), "sites": sites, "per_round": per_round,
             "avg_score": per_round[-1] if per_round else {},
@@ -170,6 +171,10 @@ def _markdown(s: dict) -> str:
     if s.get("personal_heads"):
         lines += [f"Personal heads (`personal-heads = {s['personal_heads']}`): each training site keeps and is "
                   f"scored with its own head of those tasks; held-out sites use their average.", ""]
+    if s.get("personal_adapters"):
+        lines += [f"Personal input adapters (`personal-adapters = {s['personal_adapters']}`): each training site "
+                  f"keeps and is scored with its own input adapter of those tasks; held-out sites use their "
+                  f"average.", ""]
     if s.get("site_model") == "local":
         lines += ["Local models (`site-model = local`): each training site is scored with its own model after its "
                   "last local training from the aggregate (FedAvg + local fine-tuning); held-out sites with the "

@@ -106,7 +106,7 @@ class CentralEvaluator:
             own = self.personal_for(entry.name) if entry.role == "train" else {}
             set_adapter_state(self.model, torch_state({**state, **own}))
             local = bool(own) and self.cfg.site_model == "local"
-            own_heads = set() if local else {t for t in self.test_tasks(entry) if personal_keys(own, (t,))}
+            own_heads = set() if local else {t for t in self.test_tasks(entry) if personal_keys(own, (t,), (t,))}
             site_metrics = {}
             for task, td in self.test_tasks(entry).items():
                 site_metrics[task] = score(task, predict(self.model, td, device=self.device), td)
@@ -132,7 +132,8 @@ def get_evaluate_fn(cfg: RunConfig, sites: list[SiteEntry], model, runlog: RunLo
     """``evaluate_fn`` for ``strategy.start``; ``on_round_end`` (checkpointing) runs after
     the round's metrics are written, so a checkpoint marks a fully logged round;
     ``personal_for(site)`` gives what a training site loads over the global state: its own
-    heads (``personal-heads``) or its last local model (``site-model=local``)."""
+    heads and adapters (``personal-heads``, ``personal-adapters``) or its last local model
+    (``site-model=local``)."""
     evaluator = CentralEvaluator(cfg, sites, model, runlog, personal_for)
 
     def evaluate_fn(round_: int, arrays: ArrayRecord) -> MetricRecord:

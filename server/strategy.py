@@ -16,14 +16,15 @@ What the mixin adds to a stock ``flwr.serverapp.strategy`` class, and why:
   run's seed and the sites' names, not Flower's random node ids, so a resumed run or a rerun
   trains the same sites each round;
 - **round offset** for resume: Flower's ``start()`` counts rounds from 1, the run does not;
-- **personal heads** (``personal-heads``, FedPer): each training site's own copy of the
-  named task heads is kept from its reply and sent back to that site only (a QUERY message
-  asks nodes the server has not heard from which site they are); the example-weighted
-  average of the copies is the global head, whatever the strategy's server step;
+- **personal heads and adapters** (``personal-heads``, FedPer; ``personal-adapters``): each
+  training site's own copy of the named task heads (and input adapters) is kept from its
+  reply and sent back to that site only (a QUERY message asks nodes the server has not heard
+  from which site they are); the example-weighted average of the copies is the global copy,
+  whatever the strategy's server step;
 - **local models** (``site-model=local``, FedAvg + local fine-tuning, Wang et al. 2019): each
   training site's last usable reply, its model after its local steps from the aggregate, is
   kept (never sent back) for the central evaluator to score that site with;
-- **strategy state** (FedAdam's moments, FedAvgM's momentum, personal heads, local models)
+- **strategy state** (FedAdam's moments, FedAvgM's momentum, personal copies, local models)
   as arrays, for checkpoints.
 """
 from __future__ import annotations
@@ -87,12 +88,13 @@ class FedFMMixin:
 
     def setup_fedfm(self, runlog: RunLog | None, full_model_bytes: int, round_offset: int = 0,
                     personal_tasks: tuple[str, ...] = (), query_timeout: float = 600.0,
-                    keep_local: bool = False, seed: int = 0) -> None:
+                    keep_local: bool = False, seed: int = 0, personal_adapters: tuple[str, ...] = ()) -> None:
         self.runlog = runlog
         self.full_model_bytes = int(full_model_bytes)
         self.round_offset = round_offset
         self.personal_tasks = tuple(personal_tasks)
-        self.personal: dict[str, dict[str, np.ndarray]] = {}  # site → its own heads of personal_tasks
+        self.personal_adapters = tuple(personal_adapters)
+        self.personal: dict[str, dict[str, np.ndarray]] = {}  # site → its own heads (and adapters) kept personal
         self.keep_local = keep_local
         self.seed = seed
         self.local: dict[str, dict[str, np.ndarray]] = {}     # site → its last local model (keep_local)
@@ -108,7 +110,7 @@ class FedFMMixin:
         rnd = server_round + self.round_offset
         messages = list(super().configure_train(rnd, arrays, config, grid))
         messages = self._seeded_sample(rnd, grid, messages)
-        if self.personal_tasks and self.personal:
+        if self.personal:
             self._learn_sites(rnd, grid, [m.metadata.dst_node_id for m in messages])
             messages = [self._with_personal(m) for m in messages]
         down = payload_bytes(arrays)
@@ -154,9 +156,8 @@ class FedFMMixin:
                            "num_examples": int(metrics["num-examples"]),
                            "local_time_s": float(metrics.get("local-time-s", 0.0))})
             train_rows.extend(_train_rows(rnd, site, metrics))
-            if self.personal_tasks:
-                self.personal[site] = {k: arrays[k].numpy().copy() for k in personal_keys(arrays.keys(),
-                                                                                          self.personal_tasks)}
+            if self.has_personal:
+                self.personal[site] = {k: arrays[k].numpy().copy() for k in self._personal_keys(arrays.keys())}
             if self.keep_local:
                 self.local[site] = {k: a.numpy().copy() for k, a in arrays.items()}
             usable.append((site, _clean_reply(arrays, metrics)))
@@ -178,7 +179,7 @@ class FedFMMixin:
         arrays, metrics = super().aggregate_train(rnd, _common_metric_keys([m for _, m in usable]))
         if arrays is not None:
             arrays = self._as_sent(arrays)
-            if self.personal_tasks:
+            if self.has_personal:
                 arrays = self._average_personal(arrays, [m for _, m in usable])
             if isinstance(getattr(self, "current_arrays", None), ArrayRecord):  # FedAvgM steps from it next round
                 self.current_arrays = arrays
@@ -200,13 +201,20 @@ class FedFMMixin:
         personal head that difference is not an update anyone trained (each site started from its
         own copy), so a server learning rate or momentum would extrapolate across the sites'
         heads (measured with server-lr 2: held-out PE 11.7 dB against 6.8 dB for the kNN)."""
-        keys = personal_keys(arrays.keys(), self.personal_tasks)
+        keys = self._personal_keys(arrays.keys())
         if not keys:
             return arrays
         heads = [RecordDict({"arrays": ArrayRecord({k: next(iter(m.content.array_records.values()))[k] for k in keys}),
                              "metrics": next(iter(m.content.metric_records.values()))}) for m in replies]
         averaged = aggregate_arrayrecords(heads, self.weighted_by_key)  # Flower's own FedAvg average
         return ArrayRecord({k: averaged[k] if k in averaged else a for k, a in arrays.items()})
+
+    @property
+    def has_personal(self) -> bool:
+        return bool(self.personal_tasks or self.personal_adapters)
+
+    def _personal_keys(self, keys) -> list[str]:
+        return personal_keys(keys, self.personal_tasks, self.personal_adapters)
 
     def _seeded_sample(self, rnd: int, grid: Grid, messages: list[Message]) -> list[Message]:
         """With fraction-train < 1, which sites train round ``rnd`` is drawn from the run's seed
@@ -292,7 +300,7 @@ class FedFMMixin:
             _, site, name = key.split("/", 2)
             # a resume may switch site-model off, or change which heads are personal: only what
             # this run's settings keep comes back
-            keep = self.keep_local if kind == "local" else bool(personal_keys([name], self.personal_tasks))
+            keep = self.keep_local if kind == "local" else bool(self._personal_keys([name]))
             if keep:
                 getattr(self, kind).setdefault(site, {})[name] = np.asarray(v)
 
@@ -355,5 +363,6 @@ def build_strategy(cfg: RunConfig, runlog: RunLog | None, full_model_bytes: int,
     else:  # RunConfig validates this; kept for direct callers
         raise ValueError(f"strategy {cfg.strategy!r} is not one of fedavg, fedprox, fedadam, fedavgm")
     strategy.setup_fedfm(runlog, full_model_bytes, round_offset, personal_tasks=cfg.personal_tasks,
-                         query_timeout=cfg.round_timeout, keep_local=cfg.site_model == "local", seed=cfg.seed)
+                         query_timeout=cfg.round_timeout, keep_local=cfg.site_model == "local", seed=cfg.seed,
+                         personal_adapters=cfg.personal_adapter_tasks)
     return strategy

@@ -228,7 +228,7 @@ def test_personal_heads_resume_and_score_each_site_with_its_own(tmp_path, cache_
     from fl_fixtures import NUM_BEAMS
 
     fed = write_federation(tmp_path / "fed")
-    personal = {"personal-heads": "PE,LoS"}
+    personal = {"personal-heads": "PE,LoS", "personal-adapters": "CE"}
     full = run_server(run_config(fed, tmp_path / "full", cache_dir, backbone[0], **personal))
     rc = run_config(fed, tmp_path / "cut", cache_dir, backbone[0], **personal, **{"num-server-rounds": 1})
     run_server(rc)
@@ -240,14 +240,15 @@ def test_personal_heads_resume_and_score_each_site_with_its_own(tmp_path, cache_
         np.testing.assert_array_equal(a[k], b[k])
     for k in sa:
         np.testing.assert_array_equal(sa[k], sb[k])
-    # one copy of the PE and LoS heads per training site, and they differ between sites
+    # one copy of the PE and LoS heads and of the CE input adapter per training site, and they differ
     own = {s: {k.split("/", 2)[2]: v for k, v in sa.items() if k.startswith(f"personal/{s}/")} for s in ("alpha", "beta")}
-    assert set(own["alpha"]) == set(own["beta"]) == set(personal_keys(a, ("PE", "LoS"))) != set()
+    assert set(own["alpha"]) == set(own["beta"]) == set(personal_keys(a, ("PE", "LoS"), ("CE",)))
+    assert any(".adapters.CE." in k for k in own["alpha"]) and any(".heads.PE." in k for k in own["alpha"])
     assert any(not np.array_equal(own["alpha"][k], own["beta"][k]) for k in own["alpha"])
     # the evaluator scored alpha's PE with alpha's own head, gamma (held out) with the global one
     rows = {(r["site"], r["task"]): r for r in read_jsonl(full.dir / "metrics.jsonl")
             if r["source"] == "federated" and r["round"] == 2}
-    assert rows[("alpha", "PE")]["head"] == "own" and "head" not in rows[("alpha", "CE")]
+    assert rows[("alpha", "PE")]["head"] == rows[("alpha", "CE")]["head"] == "own" and "head" not in rows[("alpha", "CP")]
     assert "head" not in rows[("gamma", "PE")]
     cfg = RunConfig.from_flower({**rc, "num-server-rounds": 2})
     model = build_run_model(cfg, NUM_BEAMS, backbone[0]).eval()
@@ -258,7 +259,8 @@ def test_personal_heads_resume_and_score_each_site_with_its_own(tmp_path, cache_
         mae[name] = score("PE", predict(model, td), td)["mae_db"]
     assert rows[("alpha", "PE")]["mae_db"] == pytest.approx(mae["own"], rel=1e-6)
     assert mae["own"] != pytest.approx(mae["global"], rel=1e-6)
-    assert "Personal heads (`personal-heads = PE,LoS`)" in (full.dir / "report.md").read_text()
+    report = (full.dir / "report.md").read_text()
+    assert "Personal heads (`personal-heads = PE,LoS`)" in report and "(`personal-adapters = CE`)" in report
 
 
 def test_site_model_local_scores_each_training_site_with_its_last_local_model(tmp_path, cache_dir, backbone,

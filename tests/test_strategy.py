@@ -282,12 +282,50 @@ def test_local_models_are_kept_for_scoring_never_sent_back_and_survive_a_resume(
         RunConfig(site_model="own")
 
 
+def test_personal_adapters_stay_with_their_site_and_only_the_rest_takes_the_server_step():
+    # Prepare: FedAvgM server-lr 2; the CE input adapter and the PE head are personal, the LoRA and
+    # the CP input adapter shared
+    cfg = RunConfig(min_train_nodes=2, personal_heads="PE", personal_adapters="CE", strategy="fedavgm",
+                    server_lr=2.0)
+    lora, a_ce, a_cp, pe = ("base_model.model.lora_A", "base_model.model.adapters.CE.fc.weight",
+                            "base_model.model.adapters.CP.fc.weight", "base_model.model.heads.PE.fc.weight")
+    strat = build_strategy(cfg, None, 1)
+    grid = QueryGrid({1: "east", 2: "west"})
+    glob = arrays(**{k: np.zeros(2) for k in (lora, a_ce, a_cp, pe)})
+    sent = {m.metadata.dst_node_id: m for m in strat.configure_train(1, glob, ConfigRecord(), grid)}
+    east = {lora: [1.0, 1.0], a_ce: [5.0, 5.0], a_cp: [2.0, 2.0], pe: [10.0, 10.0]}
+    west = {lora: [3.0, 3.0], a_ce: [-1.0, 7.0], a_cp: [4.0, 4.0], pe: [30.0, 50.0]}
+    # Execute: aggregate round 1 (weights 1 and 3), configure round 2
+    agg, _ = strat.aggregate_train(1, [reply(sent[1], "east", 1, **east), reply(sent[2], "west", 3, **west)])
+    nxt = {m.metadata.dst_node_id: m for m in strat.configure_train(2, agg, ConfigRecord(), grid)}
+    # Assert: shared keys take the server step from 0: 2·(1·1 + 3·3)/4 = 5, 2·(2 + 3·4)/4 = 7;
+    # the personal adapter's global copy is the plain weighted average (for held-out sites)
+    np.testing.assert_allclose(agg[lora].numpy(), [5.0, 5.0])
+    np.testing.assert_allclose(agg[a_cp].numpy(), [7.0, 7.0])
+    np.testing.assert_allclose(agg[a_ce].numpy(), [0.5, 6.5])          # (5 − 3)/4, (5 + 21)/4
+    # each site gets back its own CE adapter and PE head, and the shared rest
+    for node, mine in ((1, east), (2, west)):
+        got = nxt[node].content["arrays"]
+        np.testing.assert_array_equal(got[a_ce].numpy(), mine[a_ce])
+        np.testing.assert_array_equal(got[pe].numpy(), mine[pe])
+        np.testing.assert_allclose(got[a_cp].numpy(), [7.0, 7.0])
+    assert set(strat.personal["west"]) == {a_ce, pe} and set(strat.site_state("west")) == {a_ce, pe}
+    # a resume that keeps the heads but no longer the adapters restores only the heads
+    heads_only = build_strategy(RunConfig(min_train_nodes=2, personal_heads="PE"), None, 1)
+    heads_only.set_state(strat.get_state())
+    assert set(heads_only.personal["west"]) == {pe}
+
+
 def test_personal_heads_config_is_checked():
     assert RunConfig(personal_heads="PE, LoS").personal_tasks == ("PE", "LoS")
     assert RunConfig(personal_heads="all").personal_tasks == ("CE", "CP", "PF", "BF", "DE", "PE", "LoS")
     assert RunConfig().personal_tasks == ()
+    assert RunConfig(personal_adapters="all").personal_adapter_tasks == RunConfig(personal_heads="all").personal_tasks
+    assert RunConfig(personal_adapters="CP,CE").personal_adapter_tasks == ("CE", "CP")
     with pytest.raises(ValueError, match=r"`personal-heads` = 'PE,los'.*comma-separated list of CE"):
         RunConfig(personal_heads="PE,los")
+    with pytest.raises(ValueError, match=r"`personal-adapters` = 'heads'.*comma-separated list of CE"):
+        RunConfig(personal_adapters="heads")
 
 
 def test_site_sampling_follows_the_seed_and_site_names_not_node_ids():
