@@ -65,7 +65,8 @@ def train(msg: Message, context: Context) -> Message:
             res = local_pretrain(cfg, entry.spec, state, int(conf["server-round"]), num_beams=int(conf["num-beams"]))
         else:
             res = local_train(cfg, entry.spec, state, int(conf["server-round"]), num_beams=int(conf["num-beams"]),
-                              backbone=backbone, proximal_mu=float(conf.get("proximal-mu", 0.0)))
+                              backbone=backbone, proximal_mu=float(conf.get("proximal-mu", 0.0)),
+                              run_key=str(conf.get("run-key", "")))
         bad = [k for k, v in res.state.items() if not np.all(np.isfinite(v))]
         if bad:
             raise FloatingPointError(f"local training diverged: NaN/inf in {bad[:3]}")

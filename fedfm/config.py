@@ -31,6 +31,7 @@ LR_SCHEDULES = ("run", "round")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm")
 STAGES = ("finetune", "pretrain")
 SITE_MODELS = ("global", "local")
+LOCAL_OPTIMIZERS = ("reset", "keep")
 PRESETS = ("tiny", "small", "base", "large")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -58,6 +59,7 @@ class RunConfig:
     personal_heads: str = ""        # tasks whose output heads each training site keeps (FedPer): "", "all", "PE,LoS"
     personal_adapters: str = ""     # tasks whose input adapters each training site keeps (FedRep-like): as above
     site_model: str = "global"      # what a training site is scored with: the aggregate, or its own last local model
+    local_optimizer: str = "reset"  # reset: fresh AdamW every round; keep: a site continues its own Adam moments
     fraction_train: float = 1.0     # fraction of connected sites sampled per round
     min_train_nodes: int = 2        # Flower waits until this many sites are connected
     round_timeout: float = 1800.0   # seconds the server waits for a round's replies
@@ -76,6 +78,8 @@ class RunConfig:
         _check("lr-schedule", self.lr_schedule, self.lr_schedule in LR_SCHEDULES, f"one of {', '.join(LR_SCHEDULES)}")
         _check("stage", self.stage, self.stage in STAGES, f"one of {', '.join(STAGES)}")
         _check("site-model", self.site_model, self.site_model in SITE_MODELS, f"one of {', '.join(SITE_MODELS)}")
+        _check("local-optimizer", self.local_optimizer, self.local_optimizer in LOCAL_OPTIMIZERS,
+               f"one of {', '.join(LOCAL_OPTIMIZERS)}")
         _check("preset", self.preset, self.preset in PRESETS, f"one of {', '.join(PRESETS)}")
         _check("device", self.device, self.device in DEVICES, f"one of {', '.join(DEVICES)}")
         _check("federation", self.federation, bool(self.federation), "a path to a federation YAML")

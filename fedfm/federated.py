@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from fedfm.config import RunConfig
-from fedfm.data import load_split
+from fedfm.data import default_cache_dir, load_split
 from fedfm.scenarios import SiteSpec, derive_seed, spec_hash
 
 # Per-sample arrays of a split (first axis = sample); `codebook` is per site.
@@ -158,10 +159,57 @@ def round_schedule(round_: int, local_steps: int, num_rounds: int) -> tuple[int,
     return min(max(round_ - 1, 0) * local_steps, total - local_steps), total
 
 
+OPTIMIZER_FILES_KEPT = 2  # a site's last two: a resume needs the one of its last complete round
+
+
+def optimizer_folder(cfg: RunConfig, run_key: str, site: str) -> Path:
+    """Where a site keeps its Adam moments between rounds (``local-optimizer=keep``): beside its
+    data, on its own disk, under the run's key (the server's ``run-key``, kept across resumes)."""
+    root = Path(cfg.cache_dir).expanduser().resolve() if cfg.cache_dir else default_cache_dir()
+    return root / "optimizer" / run_key / site
+
+
+def load_site_optimizer(folder: Path, round_: int) -> tuple[dict[str, torch.Tensor], str]:
+    """(state, note): the site's Adam state saved after its latest round before ``round_`` (a
+    resumed run restarts from its last complete round, so a file of a round the server did not
+    complete is passed over), or ({}, why not) when there is none or it cannot be read."""
+    from safetensors.torch import load_file
+
+    rounds = sorted(int(f.stem.split("-")[1]) for f in folder.glob("round-*.safetensors")
+                    if f.stem.split("-")[1].isdigit()) if folder.is_dir() else []
+    earlier = [r for r in rounds if r < round_]
+    if not earlier:
+        return {}, "no optimizer state from an earlier round: AdamW starts fresh"
+    path = folder / f"round-{earlier[-1]:03d}.safetensors"
+    try:
+        return load_file(str(path)), ""
+    except Exception as e:  # noqa: BLE001 — a torn or foreign file: start fresh, say which
+        return {}, f"{path}: unreadable optimizer state ({type(e).__name__}: {e}); AdamW starts fresh"
+
+
+def save_site_optimizer(folder: Path, round_: int, state: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"round-{round_:03d}.safetensors"
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    tmp.replace(path)  # a killed site leaves its previous file whole
+    old = sorted(folder.glob("round-*.safetensors"))[:-OPTIMIZER_FILES_KEPT]
+    for f in old:
+        f.unlink(missing_ok=True)
+
+
 def local_train(cfg: RunConfig, spec: SiteSpec, state: dict[str, np.ndarray], round_: int, *,
                 num_beams: int, backbone: str, proximal_mu: float = 0.0, steps: int | None = None,
-                tasks: dict | None = None) -> LocalResult:
-    """One site's local multi-task fine-tuning (DWA) from the received adapter state."""
+                tasks: dict | None = None, run_key: str = "") -> LocalResult:
+    """One site's local multi-task fine-tuning (DWA) from the received adapter state.
+
+    With ``local-optimizer=keep`` and the server's ``run_key`` a site continues its own AdamW
+    moments from its last round instead of starting them afresh: measured on one site trained
+    in 5 chunks of 40 steps, restarting Adam every chunk cost 2–4 % of CE and CP's NMSE against
+    one 200-step run, and carrying the moments recovered all of it (RESULTS.md). The moments
+    stay on the site's disk (:func:`optimizer_folder`), never travel."""
     from fedfm.model import get_adapter_state, set_adapter_state
     from fedfm.train import finetune
 
@@ -177,11 +225,27 @@ def local_train(cfg: RunConfig, spec: SiteSpec, state: dict[str, np.ndarray], ro
         kwargs["schedule"] = round_schedule(round_, cfg.local_steps, cfg.num_server_rounds)
     if cfg.head_prior_mu > 0:  # anchored at the heads as built, not as received: every round pulls
         kwargs.update(prior_mu=cfg.head_prior_mu, prior=_LAST["prior"])  # towards the same classical start
+    keep = cfg.local_optimizer == "keep" and bool(run_key) and steps is None
+    if keep:
+        folder = optimizer_folder(cfg, run_key, spec.name)
+        kwargs["optimizer_state"], note = load_site_optimizer(folder, round_)
+        if note and round_ > 1:
+            print(f"fedfm: site {spec.name}: round {round_}: {note}", flush=True)
     if proximal_mu > 0:
         if "proximal_mu" not in inspect.signature(finetune).parameters:
             raise ValueError("strategy fedprox needs fedfm.train.finetune(proximal_mu=...)")
         kwargs["proximal_mu"] = proximal_mu
-    losses = finetune(model, tasks, **kwargs)
+    try:
+        losses = finetune(model, tasks, **kwargs)
+    except ValueError as e:
+        if not (keep and kwargs["optimizer_state"] and str(e).startswith("the optimizer state")):
+            raise
+        print(f"fedfm: site {spec.name}: round {round_}: {e}; AdamW starts fresh", flush=True)
+        set_adapter_state(model, torch_state(state))  # nothing was stepped: the load failed first
+        kwargs["optimizer_state"] = {}
+        losses = finetune(model, tasks, **kwargs)
+    if keep:
+        save_site_optimizer(folder, round_, kwargs["optimizer_state"])
     new_state = numpy_state(get_adapter_state(model))
     num_examples = int(next(iter(tasks.values())).targets.shape[0])
     return LocalResult(new_state, num_examples, {k: float(v) for k, v in losses.items()},
@@ -247,6 +311,7 @@ class RunSetup:
     round_offset: int                # rounds already complete (resume)
     random_state: list | None        # python `random` state to restore (Flower's own draws)
     full_model_bytes: int
+    run_key: str = ""                # this run's id for site-side state (kept across resumes)
 
 
 def setup_run(cfg: RunConfig) -> RunSetup:
@@ -298,8 +363,11 @@ def setup_run(cfg: RunConfig) -> RunSetup:
         check_state_fits(initial, fresh, runlog.checkpoint_dir(last))
         offset, rstate = last, state.get("python_random")
         runlog.truncate_after(last)
+    # a new run gets a fresh key even in a folder a deleted run once used: a site must never
+    # continue another run's optimizer state
+    run_key = (runlog.read_config().get("run_key", "") if resumed else "") or uuid.uuid4().hex
     setup = RunSetup(runlog, sites, num_beams, backbone, digest, model, initial, strategy_state, offset, rstate,
-                     full_model_bytes(model))
+                     full_model_bytes(model), run_key)
     write_run_config(cfg, setup, source)
     return setup
 
@@ -365,6 +433,7 @@ def write_run_config(cfg: RunConfig, s: RunSetup, backbone_source: str) -> None:
                   "adapter_fraction": adapter / s.full_model_bytes},
         "versions": package_versions(),
         "resumed_at_rounds": previous.get("resumed_at_rounds", []) + ([s.round_offset] if cfg.resume else []),
+        "run_key": s.run_key,
     })
 
 

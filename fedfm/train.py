@@ -175,7 +175,8 @@ def finetune(model: nn.Module, tasks: dict, steps: int, batch_size: int = 32, lr
              stage1_steps: int = 0, train_lora: bool = True, proximal_mu: float = 0.0,
              weight_decay: float = 0.0, history: list | None = None,
              head_lr_scale: float = 10.0, schedule: tuple[int, int] | None = None,
-             prior_mu: float = 0.0, prior: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+             prior_mu: float = 0.0, prior: dict[str, torch.Tensor] | None = None,
+             optimizer_state: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
     """Multi-task fine-tuning of the trainable state (LoRA + adapters + heads) with DWA.
 
     tasks: {task: TaskData or [TaskData, ...] (pooled sites)}. Every step draws one batch per
@@ -192,6 +193,9 @@ def finetune(model: nn.Module, tasks: dict, steps: int, batch_size: int = 32, lr
     ``schedule`` = (offset, total): these steps are steps offset … offset+steps−1 of one
     ``total``-step warm-up + cosine schedule (a federated round's slice of the run's schedule,
     ``fedfm.federated.round_schedule``); default: the steps are the whole schedule.
+    ``optimizer_state`` (in and out): AdamW's step count and moments by parameter name
+    (:func:`adam_state`); when it holds some they are loaded before the first step (so two
+    calls continue one Adam run), and it receives the state after the last step.
     Returns each task's mean loss over the last window.
     """
     if steps <= 0 or batch_size <= 0:
@@ -210,6 +214,8 @@ def finetune(model: nn.Module, tasks: dict, steps: int, batch_size: int = 32, lr
     groups = [{"params": [p for (_, p), f in zip(named, pooled) if not f], "scale": 1.0},
               {"params": [p for (_, p), f in zip(named, pooled) if f], "scale": head_lr_scale}]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay)
+    if optimizer_state:
+        load_adam_state(opt, named, optimizer_state)
     anchor = []
     if prior_mu > 0:
         prior = prior if prior is not None else head_prior(model)
@@ -256,7 +262,46 @@ def finetune(model: nn.Module, tasks: dict, steps: int, batch_size: int = 32, lr
     finally:
         for p, flag in zip(lora, lora_flags):
             p.requires_grad_(flag)
+    if optimizer_state is not None:
+        optimizer_state.clear()
+        optimizer_state.update(adam_state(opt, named))
     return windows[-1]
+
+
+_ADAM_KEYS = ("step", "exp_avg", "exp_avg_sq")
+
+
+def adam_state(opt: torch.optim.Optimizer, named: list) -> dict[str, torch.Tensor]:
+    """AdamW's per-parameter state as ``{"<parameter name>/<step|exp_avg|exp_avg_sq>": tensor}``
+    (CPU float32; the step as a 1-element tensor): keyed by name, not by the optimizer's
+    parameter order, so a site's state survives a rebuilt model and reads as a safetensors file."""
+    out = {}
+    for name, p in named:
+        st = opt.state.get(p)
+        if st:
+            out.update({f"{name}/{k}": st[k].detach().reshape(-1 if k == "step" else st[k].shape).float().cpu()
+                        for k in _ADAM_KEYS})
+    return out
+
+
+def load_adam_state(opt: torch.optim.Optimizer, named: list, state: dict[str, torch.Tensor]) -> None:
+    """Load :func:`adam_state` into ``opt`` (a parameter it has no entry for, one that had no
+    gradient yet, starts fresh); ValueError when it is another model's (a parameter name this
+    model lacks, or another shape): a stale state must not steer this one's steps."""
+    params = dict(named)
+    theirs = sorted({k.rsplit("/", 1)[0] for k in state})
+    extra = [n for n in theirs if n not in params]
+    if extra:
+        raise ValueError(f"the optimizer state is for other parameters ({len(extra)} not in this model, "
+                         f"e.g. {extra[0]})")
+    for name in theirs:
+        p = params[name]
+        if any(f"{name}/{k}" not in state for k in _ADAM_KEYS) or state[f"{name}/exp_avg"].shape != p.shape:
+            raise ValueError(f"the optimizer state's `{name}` is incomplete or not of the parameter's shape "
+                             f"{list(p.shape)}")
+        opt.state[p] = {"step": state[f"{name}/step"].reshape(()).clone().float(),
+                        "exp_avg": state[f"{name}/exp_avg"].to(p.device, p.dtype).clone(),
+                        "exp_avg_sq": state[f"{name}/exp_avg_sq"].to(p.device, p.dtype).clone()}
 
 
 def _pooled_head(name: str) -> bool:

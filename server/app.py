@@ -65,7 +65,7 @@ def main(grid: Grid, context: Context) -> None:
         return evaluate(round_ + offset, arrays)
 
     site_config = ConfigRecord({"backbone-path": run.backbone, "backbone-sha256": run.backbone_sha256,
-                                "num-beams": run.num_beams})
+                                "num-beams": run.num_beams, "run-key": run.run_key})
     remaining = cfg.num_server_rounds - offset
     if remaining > 0:
         strategy.start(

@@ -108,3 +108,41 @@ def test_head_prior_anchors_at_the_heads_as_built_not_as_received(setup, task_id
     for k in pooled:
         gap = out[k] - state[k]
         assert (gap < 0.5).all() and (gap > 0).all(), k
+
+
+def test_local_optimizer_keep_continues_the_sites_adam_moments(setup, task_identity, capsys):
+    # local-optimizer=keep: a site keeps its AdamW moments on its own disk under the server's
+    # run key, continues them the next round (step counts add up), keeps its last two files,
+    # and starts afresh, with one line, from a file it cannot read.
+    from safetensors.torch import load_file
+
+    root, backbone, digest, state, cache = setup
+    rc = run_config(write_federation(root / "keep"), root / "run", cache, backbone,
+                    **{"local-steps": 2, "local-optimizer": "keep"})
+    folder = cache / "optimizer" / "k1" / "alpha"
+
+    def round_(r, sent):
+        msg = _message(sent, backbone, digest, r)
+        msg.content["config"]["run-key"] = "k1"
+        reply = train(msg, _context(rc))
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+        return {k: a.numpy() for k, a in reply.content["arrays"].items()}
+
+    def steps(r):
+        return {float(v) for k, v in load_file(str(folder / f"round-{r:03d}.safetensors")).items() if k.endswith("/step")}
+
+    sent = state
+    for r in (1, 2, 3):
+        sent = round_(r, sent)
+    assert steps(2) == {4.0} and steps(3) == {6.0}
+    assert sorted(f.name for f in folder.iterdir()) == ["round-002.safetensors", "round-003.safetensors"]
+    (folder / "round-003.safetensors").write_bytes(b"not a safetensors file")
+    round_(4, sent)
+    assert "round-003.safetensors: unreadable optimizer state" in capsys.readouterr().out
+    assert steps(4) == {2.0}
+    # the default (reset) writes nothing
+    plain = run_config(write_federation(root / "reset"), root / "run", cache, backbone, **{"local-steps": 2})
+    msg = _message(state, backbone, digest, 1)
+    msg.content["config"]["run-key"] = "k2"
+    assert not train(msg, _context(plain)).has_error()
+    assert not (cache / "optimizer" / "k2").exists()

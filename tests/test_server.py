@@ -228,11 +228,17 @@ def test_personal_heads_resume_and_score_each_site_with_its_own(tmp_path, cache_
     from fl_fixtures import NUM_BEAMS
 
     fed = write_federation(tmp_path / "fed")
-    personal = {"personal-heads": "PE,LoS", "personal-adapters": "CE"}
+    personal = {"personal-heads": "PE,LoS", "personal-adapters": "CE", "local-optimizer": "keep"}
     full = run_server(run_config(fed, tmp_path / "full", cache_dir, backbone[0], **personal))
     rc = run_config(fed, tmp_path / "cut", cache_dir, backbone[0], **personal, **{"num-server-rounds": 1})
     run_server(rc)
+    key = RunLog(tmp_path / "cut").read_config()["run_key"]
     resumed = run_server({**rc, "num-server-rounds": 2, "resume": str(tmp_path / "cut")})  # new nodes: a query
+    # the resumed run keeps its key, so each site continues its own Adam moments of round 1
+    # (local-optimizer=keep): the bit-identical end below covers them too
+    resumed_key = resumed.read_config()["run_key"]
+    assert resumed_key == key != full.read_config()["run_key"]
+    assert (cache_dir / "optimizer" / key / "alpha" / "round-002.safetensors").is_file()
     a, sa, _ = full.load_checkpoint(2)
     b, sb, _ = resumed.load_checkpoint(2)
     assert set(a) == set(b) and set(sa) == set(sb)

@@ -326,6 +326,8 @@ def test_personal_heads_config_is_checked():
         RunConfig(personal_heads="PE,los")
     with pytest.raises(ValueError, match=r"`personal-adapters` = 'heads'.*comma-separated list of CE"):
         RunConfig(personal_adapters="heads")
+    with pytest.raises(ValueError, match=r"`local-optimizer` = 'adam'.*one of reset, keep"):
+        RunConfig(local_optimizer="adam")
 
 
 def test_site_sampling_follows_the_seed_and_site_names_not_node_ids():

@@ -305,3 +305,27 @@ def test_head_prior_defaults_to_the_call_start_and_checks_its_keys(rng):
     del prior[dropped]
     with pytest.raises(ValueError, match=f"no value for {dropped}"):
         finetune(a, tasks, steps=1, batch_size=BSZ, lr=1e-3, seed=0, prior_mu=1.0, prior=prior)
+
+
+def test_carried_adam_state_makes_two_calls_one_run(rng):
+    # `optimizer_state` in and out: 6 + 6 steps with AdamW's moments carried (and the schedule
+    # sliced) are bit-identical to one 12-step call. One sample a task, so every batch is the
+    # same whatever the seed, and DWA stays uniform in both (fewer than two full windows).
+    # Restarting Adam instead (no state carried) ends elsewhere; another model's state is refused.
+    tasks = fake_tasks(rng, samples=1)
+    whole, split, reset = (build_model(tiny_cfg()) for _ in range(3))
+    finetune(whole, tasks, steps=12, batch_size=BSZ, lr=1e-3, seed=0)
+    carried: dict = {}
+    for model, state in ((split, carried), (reset, None)):
+        for off in (0, 6):
+            finetune(model, tasks, steps=6, batch_size=BSZ, lr=1e-3, seed=off, schedule=(off, 12),
+                     optimizer_state=state)
+    steps = {k: float(v) for k, v in carried.items() if k.endswith("/step")}
+    assert steps and set(steps.values()) == {12.0}
+    assert {k.rsplit("/", 1)[0] for k in carried} == {n for n, p in split.named_parameters() if p.requires_grad}
+    for (n, a), (_, b), (_, c) in zip(whole.named_parameters(), split.named_parameters(), reset.named_parameters()):
+        assert torch.equal(a, b), n
+    assert any(not torch.equal(a, c) for (_, a), (_, c) in zip(whole.named_parameters(), reset.named_parameters()))
+    other = {f"base_model.model.heads.XX.fc.weight/{k}": torch.zeros(1) for k in ("step", "exp_avg", "exp_avg_sq")}
+    with pytest.raises(ValueError, match=r"the optimizer state is for other parameters .*heads\.XX"):
+        finetune(split, tasks, steps=1, batch_size=BSZ, optimizer_state={**carried, **other})
