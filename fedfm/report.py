@@ -90,6 +90,7 @@ def summarize(run: dict) -> dict:
             "strategy": run["config"]["run_config"].get("strategy"),
             "personal_heads": run["config"]["run_config"].get("personal-heads", ""),
             "personal_adapters": run["config"]["run_config"].get("personal-adapters", ""),
+            "local_optimizer": run["config"]["run_config"].get("local-optimizer", "reset"),
             "site_model": run["config"]["run_config"].get("site-model", "global"),
             "backbone": run["config"].get("backbone"), "sites": sites, "per_round": per_round,
             "avg_score": per_round[-1] if per_round else {},
@@ -175,6 +176,9 @@ def _markdown(s: dict) -> str:
         lines += [f"Personal input adapters (`personal-adapters = {s['personal_adapters']}`): each training site "
                   f"keeps and is scored with its own input adapter of those tasks; held-out sites use their "
                   f"average.", ""]
+    if s.get("local_optimizer") == "keep":
+        lines += ["Site optimizers kept (`local-optimizer = keep`): each site continued its own AdamW moments "
+                  "from round to round.", ""]
     if s.get("site_model") == "local":
         lines += ["Local models (`site-model = local`): each training site is scored with its own model after its "
                   "last local training from the aggregate (FedAvg + local fine-tuning); held-out sites with the "

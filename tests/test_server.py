@@ -267,6 +267,7 @@ def test_personal_heads_resume_and_score_each_site_with_its_own(tmp_path, cache_
     assert mae["own"] != pytest.approx(mae["global"], rel=1e-6)
     report = (full.dir / "report.md").read_text()
     assert "Personal heads (`personal-heads = PE,LoS`)" in report and "(`personal-adapters = CE`)" in report
+    assert "(`local-optimizer = keep`)" in report
 
 
 def test_site_model_local_scores_each_training_site_with_its_last_local_model(tmp_path, cache_dir, backbone,
