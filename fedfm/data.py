@@ -33,9 +33,13 @@ def default_cache_dir() -> Path:
     return Path(base) / "fedfm"
 
 
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """The cache folder a site uses: ``cache_dir`` if given, else :func:`default_cache_dir`."""
+    return Path(cache_dir).expanduser().resolve() if cache_dir else default_cache_dir()
+
+
 def site_cache_dir(spec: SiteSpec, cache_dir: str | Path | None = None) -> Path:
-    root = Path(cache_dir).expanduser().resolve() if cache_dir else default_cache_dir()
-    return root / f"{spec.name}-{spec_hash(spec)}"
+    return cache_root(cache_dir) / f"{spec.name}-{spec_hash(spec)}"
 
 
 def generate_split(spec: SiteSpec, split: str, samples: int | None = None) -> dict[str, np.ndarray]:

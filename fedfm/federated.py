@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from fedfm.config import RunConfig
-from fedfm.data import default_cache_dir, load_split
+from fedfm.data import cache_root, load_split
 from fedfm.scenarios import SiteSpec, derive_seed, spec_hash
 
 # Per-sample arrays of a split (first axis = sample); `codebook` is per site.
@@ -165,8 +165,7 @@ OPTIMIZER_FILES_KEPT = 2  # a site's last two: a resume needs the one of its las
 def optimizer_folder(cfg: RunConfig, run_key: str, site: str) -> Path:
     """Where a site keeps its Adam moments between rounds (``local-optimizer=keep``): beside its
     data, on its own disk, under the run's key (the server's ``run-key``, kept across resumes)."""
-    root = Path(cfg.cache_dir).expanduser().resolve() if cfg.cache_dir else default_cache_dir()
-    return root / "optimizer" / run_key / site
+    return cache_root(cfg.cache_dir) / "optimizer" / run_key / site
 
 
 def load_site_optimizer(folder: Path, round_: int) -> tuple[dict[str, torch.Tensor], str]:
@@ -216,7 +215,7 @@ def local_train(cfg: RunConfig, spec: SiteSpec, state: dict[str, np.ndarray], ro
     one 200-step run, and carrying the moments recovered all of it (RESULTS.md). The moments
     stay on the site's disk (:func:`optimizer_folder`), never travel."""
     from fedfm.model import get_adapter_state, set_adapter_state
-    from fedfm.train import finetune
+    from fedfm.train import OptimizerStateMismatch, finetune
 
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
@@ -242,11 +241,8 @@ def local_train(cfg: RunConfig, spec: SiteSpec, state: dict[str, np.ndarray], ro
         kwargs["proximal_mu"] = proximal_mu
     try:
         losses = finetune(model, tasks, **kwargs)
-    except ValueError as e:
-        if not (keep and kwargs["optimizer_state"] and str(e).startswith("the optimizer state")):
-            raise
+    except OptimizerStateMismatch as e:  # raised before the first step: the model is as received
         print(f"fedfm: site {spec.name}: round {round_}: {e}; AdamW starts fresh", flush=True)
-        set_adapter_state(model, torch_state(state))  # nothing was stepped: the load failed first
         kwargs["optimizer_state"] = {}
         losses = finetune(model, tasks, **kwargs)
     if keep:

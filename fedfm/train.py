@@ -271,6 +271,10 @@ def finetune(model: nn.Module, tasks: dict, steps: int, batch_size: int = 32, lr
 _ADAM_KEYS = ("step", "exp_avg", "exp_avg_sq")
 
 
+class OptimizerStateMismatch(ValueError):
+    """An optimizer state saved for another model (:func:`load_adam_state`)."""
+
+
 def adam_state(opt: torch.optim.Optimizer, named: list) -> dict[str, torch.Tensor]:
     """AdamW's per-parameter state as ``{"<parameter name>/<step|exp_avg|exp_avg_sq>": tensor}``
     (CPU float32; the step as a 1-element tensor): keyed by name, not by the optimizer's
@@ -279,26 +283,25 @@ def adam_state(opt: torch.optim.Optimizer, named: list) -> dict[str, torch.Tenso
     for name, p in named:
         st = opt.state.get(p)
         if st:
-            out.update({f"{name}/{k}": st[k].detach().reshape(-1 if k == "step" else st[k].shape).float().cpu()
-                        for k in _ADAM_KEYS})
+            out.update({f"{name}/{k}": torch.atleast_1d(st[k].detach()).float().cpu() for k in _ADAM_KEYS})
     return out
 
 
 def load_adam_state(opt: torch.optim.Optimizer, named: list, state: dict[str, torch.Tensor]) -> None:
     """Load :func:`adam_state` into ``opt`` (a parameter it has no entry for, one that had no
-    gradient yet, starts fresh); ValueError when it is another model's (a parameter name this
+    gradient yet, starts fresh); OptimizerStateMismatch when it is another model's (a parameter name this
     model lacks, or another shape): a stale state must not steer this one's steps."""
     params = dict(named)
     theirs = sorted({k.rsplit("/", 1)[0] for k in state})
     extra = [n for n in theirs if n not in params]
     if extra:
-        raise ValueError(f"the optimizer state is for other parameters ({len(extra)} not in this model, "
-                         f"e.g. {extra[0]})")
+        raise OptimizerStateMismatch(f"the optimizer state is for other parameters ({len(extra)} not in this "
+                                     f"model, e.g. {extra[0]})")
     for name in theirs:
         p = params[name]
         if any(f"{name}/{k}" not in state for k in _ADAM_KEYS) or state[f"{name}/exp_avg"].shape != p.shape:
-            raise ValueError(f"the optimizer state's `{name}` is incomplete or not of the parameter's shape "
-                             f"{list(p.shape)}")
+            raise OptimizerStateMismatch(f"the optimizer state's `{name}` is incomplete or not of the "
+                                         f"parameter's shape {list(p.shape)}")
         opt.state[p] = {"step": state[f"{name}/step"].reshape(()).clone().float(),
                         "exp_avg": state[f"{name}/exp_avg"].to(p.device, p.dtype).clone(),
                         "exp_avg_sq": state[f"{name}/exp_avg_sq"].to(p.device, p.dtype).clone()}
