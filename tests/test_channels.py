@@ -148,3 +148,23 @@ def test_deployment_prior_matches_generated_labels(uma_auto):
     assert prior.pathloss_los_db < prior.pathloss_db < prior.pathloss_nlos_db
     forced = deployment_prior(tiny_site("forced", "uma", los_mode="nlos"))
     assert forced.los_probability == 0.01 and forced.pathloss_db == forced.pathloss_nlos_db
+
+
+def test_sionna_computes_on_the_host_where_it_would_pick_a_gpu(monkeypatch):
+    """Sionna defaults to cuda:0 wherever a GPU is visible (seen on an H100: generation then
+    failed at .numpy()). A site's data are named by its spec hash alone, so generation and the
+    deployment prior must run on the host there too, and give the host's arrays."""
+    from sionna.phy import config
+
+    from fedfm.channels import deployment
+
+    spec = tiny_site("host", "umi")
+    expected = generate_split(spec, "val", samples=8)
+    monkeypatch.setattr(config, "_device", "cuda:0")  # what Sionna's own default is on a GPU machine
+    got = generate_split(spec, "val", samples=8)
+    for k in expected:
+        assert np.array_equal(expected[k], got[k]), k
+    monkeypatch.setattr(config, "_device", "cuda:0")
+    monkeypatch.setattr(deployment, "_CACHE", {})
+    assert deployment.deployment_prior(spec).los_probability > 0
+    assert config.device == "cpu"

@@ -36,6 +36,11 @@ def _ula(num_antennas: int, carrier_hz: float) -> PanelArray:
 
 
 def _model(spec: SiteSpec, carrier_ghz: float, num_antennas: int):
+    # Sionna computes on the host: it defaults to cuda:0 where a GPU is visible, but a site's
+    # data are named by its spec hash alone and torch's CUDA random streams differ from the
+    # CPU's, so the same YAML would give other channels on a GPU machine (and every array is
+    # read back with .numpy()). Every Sionna model fedfm builds comes from here.
+    sionna_config.device = "cpu"
     fc = carrier_ghz * 1e9
     kwargs = dict(carrier_frequency=fc, ut_array=_ula(1, fc), bs_array=_ula(num_antennas, fc),
                   direction="uplink")
