@@ -33,8 +33,9 @@ from fedfm.train import autocast, resolve_device  # noqa: E402
 GRID = (16, 64, 8)
 
 
-def matmul_peak_gflops(device: torch.device, n: int = 2048, reps: int = 10) -> float:
+def matmul_peak_gflops(device: torch.device, n: int | None = None, reps: int = 10) -> float:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    n = n or (8192 if device.type == "cuda" else 2048)  # a GPU needs a large product to reach its peak
     a = torch.randn(n, n, device=device, dtype=dtype, generator=None)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):
@@ -52,45 +53,51 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def step_fn(mode: str, cfg: ModelConfig, batch: int, device: torch.device):
-    """A closure running one optimiser step, and the model it trains."""
+def step_fn(mode: str, cfg: ModelConfig, batch: int, device: torch.device, compile_: bool = False):
+    """Closures running one optimiser step, eager and as timed (``compile_``: through torch.compile;
+    FLOPs are counted on the eager one, which runs the same arithmetic), and the model they train."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, *GRID, 2, generator=gen).to(device)
     if mode == "pretrain":
         model = Pretrainer(cfg).to(device)
         mask = make_mask("random", batch, GRID, cfg.patch, gen).to(device)
 
-        def loss_fn():
-            return masked_nmse(model(x * ~mask[..., None], ~mask), x, mask)
+        def loss_fn(fwd):
+            return masked_nmse(fwd(x * ~mask[..., None], ~mask), x, mask)
     else:
         model = build_model(cfg).to(device)
         known = torch.zeros(GRID, dtype=torch.bool, device=device)
         known[:, ::4] = True
         region = torch.ones(GRID, dtype=torch.bool, device=device)
 
-        def loss_fn():
-            return masked_nmse(model("CE", x * known[..., None], known), x, region)
+        def loss_fn(fwd):
+            return masked_nmse(fwd("CE", x * known[..., None], known), x, region)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    timed_fwd = torch.compile(model) if compile_ else model
 
-    def step():
-        with autocast(device):
-            loss = loss_fn()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return step, model
+    def make_step(fwd):
+        def step():
+            with autocast(device):
+                loss = loss_fn(fwd)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return step
+    return make_step(model), make_step(timed_fwd), model
 
 
-def bench(preset: str, mode: str, batch: int, device: torch.device, reps: int, peak: float) -> dict:
+def bench(preset: str, mode: str, batch: int, device: torch.device, reps: int, peak: float,
+          compile_: bool = False) -> dict:
     cfg = ModelConfig.from_preset(preset)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    step, model = step_fn(mode, cfg, batch, device)
+    eager, step, model = step_fn(mode, cfg, batch, device, compile_)
     with FlopCounterMode(display=False) as fc:
-        step()
+        eager()
     flops = fc.get_total_flops()
-    step()
+    for _ in range(3 if compile_ else 1):  # warm-up; the first compiled call compiles
+        step()
     sync(device)
     t = time.perf_counter()
     for _ in range(reps):
@@ -115,6 +122,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--device", default=None)
+    p.add_argument("--compile", action="store_true", help="time the step through torch.compile")
     a = p.parse_args(argv)
     if a.batch_size <= 0 or a.reps <= 0:
         p.error(f"--batch-size {a.batch_size} and --reps {a.reps}: expected integers > 0")
@@ -124,13 +132,14 @@ def main(argv=None) -> int:
         p.error(str(e))
     peak = matmul_peak_gflops(device)
     dtype = "bf16 autocast" if device.type == "cuda" else "fp32"
-    print(f"device {device} ({dtype}), {torch.get_num_threads()} threads; dense matmul peak {peak:.1f} GFLOP/s; "
-          f"grid {GRID}, batch {a.batch_size}")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"device {device} ({name}, {dtype}{', torch.compile' if a.compile else ''}); "
+          f"dense matmul peak {peak:.1f} GFLOP/s; grid {GRID}, batch {a.batch_size}, torch {torch.__version__}")
     print("| preset | step | params | trainable % | samples/s | GFLOP/step | GFLOP/s | of peak | peak mem MB |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for preset in a.presets:
         for mode in a.modes:
-            r = bench(preset, mode, a.batch_size, device, a.reps, peak)
+            r = bench(preset, mode, a.batch_size, device, a.reps, peak, a.compile)
             print(f"| {preset} | {mode} | {r['params']:,} | {r['trainable_pct']:.2f} | {r['samples_per_s']:.1f} | "
                   f"{r['gflop_per_step']:.1f} | {r['gflops']:.1f} | {r['peak_ratio']:.2f} | {r['peak_mem_mb']:.0f} |",
                   flush=True)

@@ -71,6 +71,26 @@ def load_train_views(fed, cache_dir=None, max_train: int = 0) -> tuple[dict, dic
     return train, baselines
 
 
+class ProgressHistory(list):
+    """finetune's ``history`` (one entry per DWA window) that also logs a line about every
+    tenth of the run, with the time since fine-tuning started and the window's losses: a long
+    run (the benchmark on a GPU) shows where it stands."""
+
+    def __init__(self, steps: int, log):
+        super().__init__()
+        self.steps, self.log, self.t0 = steps, log, time.perf_counter()
+        self.every = max(1, steps // 10)
+        self.next = self.every
+
+    def append(self, entry: dict) -> None:
+        super().append(entry)
+        step = entry["step"]
+        if step >= self.next or step == self.steps:
+            self.next = step + self.every
+            losses = " ".join(f"{t} {v:.3g}" for t, v in entry["losses"].items())
+            self.log(f"fine-tuning step {step}/{self.steps} ({time.perf_counter() - self.t0:.0f} s): {losses}")
+
+
 def run_central(federation: str, out: str, preset: str = "tiny", steps: int = 300, backbone: str | None = None,
                 no_pretrain: bool = False, pretrain_steps: int = 1000, ablation: str = "none",
                 stage1_steps: int = 0, batch_size: int = 32, lr: float = 1e-3, dwa_temperature: float = 2.0,
@@ -102,7 +122,10 @@ def run_central(federation: str, out: str, preset: str = "tiny", steps: int = 30
         log(f"pretraining a {preset} backbone for {pretrain_steps} steps ...")
         backbone = run_pretraining(federation, str(out_dir / "pretrain"), preset, pretrain_steps, batch_size,
                                    lr, seed, str(device), cache_dir, log=log)["backbone"]
+    t_load = time.perf_counter()
+    log("loading the train splits and fitting every site's baselines ...")
     train, baselines = load_train_views(fed, cache_dir, max_train)
+    log(f"loaded and fitted in {time.perf_counter() - t_load:.0f} s")
     test = SiteViews(fed.sites, "test", cache_dir, max_test)
     roles = {s.name: "train" for s in fed.train_sites} | {s.name: "heldout" for s in fed.heldout_sites}
     pooled = {t: [train[s.name][t] for s in fed.train_sites] for t in train[fed.train_sites[0].name]}
@@ -111,7 +134,7 @@ def run_central(federation: str, out: str, preset: str = "tiny", steps: int = 30
               device=device, stage1_steps=stage1_steps, train_lora=ablation != "frozen",
               prior_mu=head_prior_mu)  # anchored at the heads as built: finetune's call-start default
     t0 = time.perf_counter()
-    history: list = []
+    history: list = ProgressHistory(steps, log)
     if ablation == "single-task":  # LLM4WM(s): one model per task, same step budget each
         predictions, losses = {}, {}
         models = {}
@@ -124,6 +147,7 @@ def run_central(federation: str, out: str, preset: str = "tiny", steps: int = 30
     else:
         model = build_model(cfg, backbone)
         losses = finetune(model, pooled, history=history, **kw)
+        log(f"scoring every task on every site's test split ({time.perf_counter() - t0:.0f} s so far) ...")
         rows = evaluate_sites(model, test, baselines, roles, device=device)
     seconds = time.perf_counter() - t0
     summary = summarise(rows)

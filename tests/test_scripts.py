@@ -509,8 +509,14 @@ def test_train_central_small_budget_scores_every_site(tmp_path, cache_dir):
     central = _load_script("train_central")
     fed_path = write_federation(tmp_path / "fed")
     backbone = make_backbone(tmp_path / "bb.safetensors")[0]
+    lines: list[str] = []
     r = central.run_central(str(fed_path), str(tmp_path / "out"), steps=1, backbone=backbone, batch_size=4,
-                            cache_dir=str(cache_dir), max_test=8, max_train=16, log=lambda *a: None)
+                            cache_dir=str(cache_dir), max_test=8, max_train=16, log=lines.append)
+    # where a long run stands: each phase, and fine-tuning's progress with every task's loss
+    step_line = next(line for line in lines if line.startswith("fine-tuning step 1/1 ("))
+    assert all(f" {t} " in step_line + " " for t in ("CE", "CP", "PF", "BF", "DE", "PE", "LoS"))
+    assert [line.split(" ")[0] for line in lines] == ["loading", "loaded", "fine-tuning", "scoring"]
+    assert [h["step"] for h in r["history"]] == [1]
     sites = {row["site"] for row in r["rows"]}
     assert len(r["rows"]) == 7 * len(sites) and {row["role"] for row in r["rows"]} == {"train", "heldout"}
     assert all(row["ratio"] is not None and math.isfinite(row["ratio"]) for row in r["rows"])
