@@ -115,6 +115,28 @@ def load_split(spec: SiteSpec, split: str, cache_dir: str | Path | None = None,
     return arrays
 
 
+def _fill_split(spec: SiteSpec, split: str, cache_dir) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one core per worker: N workers on N cores
+    load_split(spec, split, cache_dir)
+
+
+def fill_caches(specs, cache_dir: str | Path | None = None, jobs: int = 1) -> None:
+    """Generate every split of every site not cached yet, ``jobs`` worker processes at a time,
+    one (site, split) each, largest first. Generation is host work on one core per process,
+    and each split has its own seed, so the arrays are those of :func:`load_split` one after
+    another. Raises the first worker's ValueError (e.g. an unwritable cache folder)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    work = sorted(((spec, split) for spec in specs for split in SPLITS), key=lambda w: -getattr(w[0].samples, w[1]))
+    # spawn, not fork: a forked child would inherit torch's thread pools and Sionna's state mid-use
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for f in [pool.submit(_fill_split, spec, split, cache_dir) for spec, split in work]:
+            f.result()
+
+
 @dataclass
 class SiteData:
     """A site's spec and its splits: ``splits[split][array_name]`` (see ARRAY_NAMES)."""

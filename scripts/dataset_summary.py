@@ -1,6 +1,13 @@
 """Generate (or load from each site's cache) a federation's data and print one table.
 
     python scripts/dataset_summary.py scenarios/federations/default.yaml [--cache-dir DIR]
+    python scripts/dataset_summary.py scenarios/federations/benchmark.yaml --jobs 16   # one process per site and split
+
+``--jobs N`` fills the caches first with N worker processes, one (site, split) each, one
+thread each: generation is host work that one process does on one core, so a many-core
+machine fills a federation N times faster (the benchmark's 6 × 13 000 samples: 176 s with 16
+on an H100 host, 645 s one after another here). The arrays are the same bit for bit (each
+split has its own seed); each worker holds one split, ~1.4 GB for a benchmark train split.
 """
 from __future__ import annotations
 
@@ -11,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedfm.data import load_site_data, summarize  # noqa: E402
+from fedfm.data import fill_caches, load_site_data, summarize  # noqa: E402
 from fedfm.scenarios import ConfigError, load_federation  # noqa: E402
 
 COLUMNS = [("site", "{:14s}"), ("role", "{:8s}"), ("env", "{:4s}"), ("los_mode", "{:5s}"), ("fc_ghz", "{:5.1f}"),
@@ -39,14 +46,21 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("federation", nargs="?", default="scenarios/federations/default.yaml")
     ap.add_argument("--cache-dir", default=None, help="default: $FEDFM_CACHE_DIR or ~/.cache/fedfm")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="worker processes generating (site, split) pairs at once (default 1: one after another)")
     args = ap.parse_args(argv)
-    try:
-        fed = load_federation(args.federation)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    if args.jobs < 1:
+        print(f"error: --jobs {args.jobs} is not allowed; expected an integer >= 1", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    rows = summary_table(fed, args.cache_dir)
+    try:
+        fed = load_federation(args.federation)
+        if args.jobs > 1:
+            fill_caches(fed.sites, args.cache_dir, args.jobs)
+        rows = summary_table(fed, args.cache_dir)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"Federation {fed.name!r}: {len(fed.train_sites)} training sites, {len(fed.heldout_sites)} held out "
           f"(data ready in {time.perf_counter() - t0:.0f} s; means over each site's train split)")
     print(format_table(rows))

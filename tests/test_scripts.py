@@ -603,3 +603,23 @@ def test_report_and_finetune_site_on_files_of_the_wrong_shape_are_one_line(fed_r
     err = capsys.readouterr().err.strip()
     assert err == (f"error: {site}: mmwave.codebook_beams is {2 * NUM_BEAMS}, the run's model has {NUM_BEAMS} "
                    f"beams; fine-tune a site with the run's codebook")
+
+
+def test_dataset_summary_fills_caches_in_parallel_with_the_same_arrays(tmp_path, capsys):
+    summary = _load_script("dataset_summary")
+    fed = write_federation(tmp_path / "fed")
+    assert summary.main([str(fed), "--cache-dir", str(tmp_path / "par"), "--jobs", "2"]) == 0
+    assert summary.main([str(fed), "--cache-dir", str(tmp_path / "seq")]) == 0
+    par, seq = (sorted(p.relative_to(tmp_path / d) for p in (tmp_path / d).rglob("*.npz")) for d in ("par", "seq"))
+    assert par == seq and len(par) == 3 * 3  # every split of every site, under the same names
+    for rel in par:
+        with np.load(tmp_path / "par" / rel) as a, np.load(tmp_path / "seq" / rel) as b:
+            assert sorted(a.files) == sorted(b.files)
+            assert all(np.array_equal(a[k], b[k]) for k in a.files), rel
+    out = capsys.readouterr().out
+    assert out.count("| alpha ") == 2 and out.count("2 training sites, 1 held out") == 2
+    assert summary.main([str(fed), "--jobs", "0"]) == 2
+    (tmp_path / "file").write_text("not a folder")  # a worker's one-line error reaches the user
+    assert summary.main([str(fed), "--cache-dir", str(tmp_path / "file"), "--jobs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--jobs 0 is not allowed" in err and f"{tmp_path / 'file'}" in err and "Traceback" not in err
