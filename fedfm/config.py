@@ -59,7 +59,7 @@ class RunConfig:
     personal_heads: str = ""        # tasks whose output heads each training site keeps (FedPer): "", "all", "PE,LoS"
     personal_adapters: str = ""     # tasks whose input adapters each training site keeps (FedRep-like): as above
     site_model: str = "global"      # what a training site is scored with: the aggregate, or its own last local model
-    local_optimizer: str = "reset"  # reset: fresh AdamW every round; keep: a site continues its own Adam moments
+    local_optimizer: str = "reset"  # reset: fresh AdamW every round; keep: a site continues its own Adam moments and DWA windows
     fraction_train: float = 1.0     # fraction of connected sites sampled per round
     min_train_nodes: int = 2        # Flower waits until this many sites are connected
     round_timeout: float = 1800.0   # seconds the server waits for a round's replies

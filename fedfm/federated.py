@@ -210,7 +210,7 @@ def local_train(cfg: RunConfig, spec: SiteSpec, state: dict[str, np.ndarray], ro
     """One site's local multi-task fine-tuning (DWA) from the received adapter state.
 
     With ``local-optimizer=keep`` and the server's ``run_key`` a site continues its own AdamW
-    moments from its last round instead of starting them afresh: measured on one site trained
+    moments and DWA loss windows from its last round instead of starting them afresh: measured on one site trained
     in 5 chunks of 40 steps, restarting Adam every chunk cost 1–4 % of CE and CP's NMSE against
     one 200-step run, and carrying the moments recovered all of it (RESULTS.md). The moments
     stay on the site's disk (:func:`optimizer_folder`), never travel."""

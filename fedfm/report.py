@@ -178,7 +178,7 @@ def _markdown(s: dict) -> str:
                   f"average.", ""]
     if s.get("local_optimizer") == "keep":
         lines += ["Site optimizers kept (`local-optimizer = keep`): each site continued its own AdamW moments "
-                  "from round to round.", ""]
+                  "and DWA loss windows from round to round.", ""]
     if s.get("site_model") == "local":
         lines += ["Local models (`site-model = local`): each training site is scored with its own model after its "
                   "last local training from the aggregate (FedAvg + local fine-tuning); held-out sites with the "

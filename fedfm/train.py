@@ -194,8 +194,9 @@ def finetune(model: nn.Module, tasks: dict, steps: int, batch_size: int = 32, lr
     ``total``-step warm-up + cosine schedule (a federated round's slice of the run's schedule,
     ``fedfm.federated.round_schedule``); default: the steps are the whole schedule.
     ``optimizer_state`` (in and out): AdamW's step count and moments by parameter name
-    (:func:`adam_state`); when it holds some they are loaded before the first step (so two
-    calls continue one Adam run), and it receives the state after the last step.
+    (:func:`adam_state`) and DWA's last two windows of task losses (:func:`dwa_state`); when
+    it holds some they are loaded before the first step (so two calls continue one Adam run
+    and one DWA weighting), and it receives the state after the last step.
     Returns each task's mean loss over the last window.
     """
     if steps <= 0 or batch_size <= 0:
@@ -214,8 +215,10 @@ def finetune(model: nn.Module, tasks: dict, steps: int, batch_size: int = 32, lr
     groups = [{"params": [p for (_, p), f in zip(named, pooled) if not f], "scale": 1.0},
               {"params": [p for (_, p), f in zip(named, pooled) if f], "scale": head_lr_scale}]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay)
+    windows: list[dict[str, float]] = []
     if optimizer_state:
-        load_adam_state(opt, named, optimizer_state)
+        load_adam_state(opt, named, {k: v for k, v in optimizer_state.items() if not k.startswith(_DWA_PREFIX)})
+        windows = load_dwa_state(optimizer_state, tuple(samplers))
     anchor = []
     if prior_mu > 0:
         prior = prior if prior is not None else head_prior(model)
@@ -224,7 +227,6 @@ def finetune(model: nn.Module, tasks: dict, steps: int, batch_size: int = 32, lr
             raise ValueError(f"finetune: `prior` has no value for {missing[0]} ({len(missing)} pooled-head "
                              f"parameters missing); pass head_prior(model) of this model")
         anchor = [(p, prior[n].to(p.device, p.dtype)) for (n, p), f in zip(named, pooled) if f]
-    windows: list[dict[str, float]] = []
     acc = {t: 0.0 for t in samplers}
     n_acc = 0
     try:
@@ -265,10 +267,36 @@ def finetune(model: nn.Module, tasks: dict, steps: int, batch_size: int = 32, lr
     if optimizer_state is not None:
         optimizer_state.clear()
         optimizer_state.update(adam_state(opt, named))
+        optimizer_state.update(dwa_state(windows))
     return windows[-1]
 
 
 _ADAM_KEYS = ("step", "exp_avg", "exp_avg_sq")
+_DWA_PREFIX = "dwa/"  # no parameter name starts with it (they start with the peft wrapper's base_model.)
+
+
+def dwa_state(windows: list[dict[str, float]]) -> dict[str, torch.Tensor]:
+    """DWA's memory, the last two windows' mean task losses, as ``{"dwa/<task>": float64 [2]}``
+    (older window first; one window is repeated): what Eq. 27 reads at the next window."""
+    if not windows:
+        return {}
+    prev2, prev = (windows[-2] if len(windows) > 1 else None), windows[-1]
+    return {f"{_DWA_PREFIX}{t}": torch.tensor([prev2[t] if prev2 else math.nan, v], dtype=torch.float64)
+            for t, v in prev.items()}
+
+
+def load_dwa_state(state: dict[str, torch.Tensor], tasks: tuple[str, ...]) -> list[dict[str, float]]:
+    """The windows :func:`dwa_state` saved (none saved: DWA starts afresh); OptimizerStateMismatch
+    when they are for other tasks or malformed."""
+    saved = {k[len(_DWA_PREFIX):]: v for k, v in state.items() if k.startswith(_DWA_PREFIX)}
+    if not saved:
+        return []
+    if set(saved) != set(tasks) or any(v.shape != (2,) for v in saved.values()):
+        raise OptimizerStateMismatch(f"the optimizer state's DWA losses are for tasks {sorted(saved)}, "
+                                     f"not {sorted(tasks)}, or not two windows each")
+    older = {t: float(saved[t][0]) for t in tasks}
+    newer = {t: float(saved[t][1]) for t in tasks}
+    return ([older] if all(math.isfinite(v) for v in older.values()) else []) + [newer]
 
 
 class OptimizerStateMismatch(ValueError):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fedfm.model import ModelConfig, base_model, build_model, get_adapter_state
-from fedfm.train import dwa_weights, finetune, pretrain, reconstruction_nmse, task_losses
+from fedfm.train import OptimizerStateMismatch, dwa_weights, finetune, pretrain, reconstruction_nmse, task_losses
 
 RANK = 2
 STEPS = 6
@@ -307,25 +307,35 @@ def test_head_prior_defaults_to_the_call_start_and_checks_its_keys(rng):
         finetune(a, tasks, steps=1, batch_size=BSZ, lr=1e-3, seed=0, prior_mu=1.0, prior=prior)
 
 
-def test_carried_adam_state_makes_two_calls_one_run(rng):
-    # `optimizer_state` in and out: 6 + 6 steps with AdamW's moments carried (and the schedule
-    # sliced) are bit-identical to one 12-step call. One sample a task, so every batch is the
-    # same whatever the seed, and DWA stays uniform in both (fewer than two full windows).
-    # Restarting Adam instead (no state carried) ends elsewhere; another model's state is refused.
+def test_carried_optimizer_state_makes_two_calls_one_run(rng):
+    # `optimizer_state` in and out: 6 + 6 steps with AdamW's moments and DWA's last two loss
+    # windows carried (and the schedule sliced) are bit-identical to one 12-step call. One
+    # sample a task, so every batch is the same whatever the seed; windows of 2 steps, so DWA
+    # re-weights from step 5 on and the second call's first windows need the first call's.
+    # Restarting instead (no state carried) ends elsewhere, and so does carrying Adam alone;
+    # another model's state is refused.
     tasks = fake_tasks(rng, samples=1)
-    whole, split, reset = (build_model(tiny_cfg()) for _ in range(3))
-    finetune(whole, tasks, steps=12, batch_size=BSZ, lr=1e-3, seed=0)
+    whole, split, reset, adam_only = (build_model(tiny_cfg()) for _ in range(4))
+    kw = dict(batch_size=BSZ, lr=1e-3, dwa_window=2)
+    finetune(whole, tasks, steps=12, seed=0, **kw)
     carried: dict = {}
-    for model, state in ((split, carried), (reset, None)):
+    for model, state in ((split, carried), (reset, None), (adam_only, {})):
         for off in (0, 6):
-            finetune(model, tasks, steps=6, batch_size=BSZ, lr=1e-3, seed=off, schedule=(off, 12),
-                     optimizer_state=state)
+            if model is adam_only:
+                state = {k: v for k, v in state.items() if not k.startswith("dwa/")}
+            finetune(model, tasks, steps=6, seed=off, schedule=(off, 12), optimizer_state=state, **kw)
     steps = {k: float(v) for k, v in carried.items() if k.endswith("/step")}
     assert steps and set(steps.values()) == {12.0}
-    assert {k.rsplit("/", 1)[0] for k in carried} == {n for n, p in split.named_parameters() if p.requires_grad}
+    assert {k.rsplit("/", 1)[0] for k in carried if not k.startswith("dwa/")} == \
+        {n for n, p in split.named_parameters() if p.requires_grad}
+    assert {k for k in carried if k.startswith("dwa/")} == {f"dwa/{t}" for t in tasks}
+    assert all(v.shape == (2,) and torch.isfinite(v).all() for k, v in carried.items() if k.startswith("dwa/"))
+    assert any(not torch.equal(a, d) for (_, a), (_, d) in zip(whole.named_parameters(), adam_only.named_parameters()))
     for (n, a), (_, b), (_, c) in zip(whole.named_parameters(), split.named_parameters(), reset.named_parameters()):
         assert torch.equal(a, b), n
     assert any(not torch.equal(a, c) for (_, a), (_, c) in zip(whole.named_parameters(), reset.named_parameters()))
     other = {f"base_model.model.heads.XX.fc.weight/{k}": torch.zeros(1) for k in ("step", "exp_avg", "exp_avg_sq")}
     with pytest.raises(ValueError, match=r"the optimizer state is for other parameters .*heads\.XX"):
         finetune(split, tasks, steps=1, batch_size=BSZ, optimizer_state={**carried, **other})
+    with pytest.raises(OptimizerStateMismatch, match=r"DWA losses are for tasks"):
+        finetune(split, {"CE": tasks["CE"]}, steps=1, batch_size=BSZ, optimizer_state=dict(carried))
