@@ -277,7 +277,7 @@ _DWA_PREFIX = "dwa/"  # no parameter name starts with it (they start with the pe
 
 def dwa_state(windows: list[dict[str, float]]) -> dict[str, torch.Tensor]:
     """DWA's memory, the last two windows' mean task losses, as ``{"dwa/<task>": float64 [2]}``
-    (older window first; one window is repeated): what Eq. 27 reads at the next window."""
+    (older window first, NaN while there is only one): what Eq. 27 reads at the next window."""
     if not windows:
         return {}
     prev2, prev = (windows[-2] if len(windows) > 1 else None), windows[-1]
@@ -296,6 +296,8 @@ def load_dwa_state(state: dict[str, torch.Tensor], tasks: tuple[str, ...]) -> li
                                      f"not {sorted(tasks)}, or not two windows each")
     older = {t: float(saved[t][0]) for t in tasks}
     newer = {t: float(saved[t][1]) for t in tasks}
+    if not all(math.isfinite(v) for v in newer.values()):  # a finished window's loss is finite (finetune checks)
+        raise OptimizerStateMismatch("the optimizer state's latest DWA losses are not finite")
     return ([older] if all(math.isfinite(v) for v in older.values()) else []) + [newer]
 
 

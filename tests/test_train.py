@@ -339,3 +339,6 @@ def test_carried_optimizer_state_makes_two_calls_one_run(rng):
         finetune(split, tasks, steps=1, batch_size=BSZ, optimizer_state={**carried, **other})
     with pytest.raises(OptimizerStateMismatch, match=r"DWA losses are for tasks"):
         finetune(split, {"CE": tasks["CE"]}, steps=1, batch_size=BSZ, optimizer_state=dict(carried))
+    with pytest.raises(OptimizerStateMismatch, match=r"latest DWA losses are not finite"):
+        finetune(split, tasks, steps=1, batch_size=BSZ,
+                 optimizer_state={**carried, "dwa/CE": torch.tensor([1.0, math.nan], dtype=torch.float64)})
