@@ -2,14 +2,15 @@
 """Model throughput per preset: training samples/s, achieved GFLOP/s vs. a matmul peak, peak memory.
 
     python scripts/bench_model.py                          # tiny, small, base on this CPU (fp32)
-    python scripts/bench_model.py --presets base large --device cuda --batch-size 64   # bf16 autocast on GPU
+    python scripts/bench_model.py --presets base large --device cuda --batch-size 256 --reps 20   # bf16 autocast on GPU
+    python scripts/bench_model.py --presets base --device cuda --batch-size 256 --reps 20 --compile  # through torch.compile
 
 Two training steps are timed per preset, each on LLM4WM's grid (T=16, K=64, N=8):
 ``pretrain`` (masked reconstruction, every backbone weight trains) and ``lora`` (one CE
 fine-tuning step through the peft-wrapped model). FLOPs of one step are counted with
 torch.utils.flop_counter.FlopCounterMode (matmuls/convs/attention; element-wise ops are not
 counted, so the ratio is a lower bound). The peak is a dense square matmul measured in the
-same process, same dtype. Memory: torch.cuda.max_memory_allocated on GPU, else the growth of
+same process, same dtype (8192³ on a GPU, 2048³ on a CPU). Memory: torch.cuda.max_memory_allocated on GPU, else the growth of
 the process's peak RSS (presets run smallest first, LoRA before pretraining; a step that
 needs no more than an earlier one reads 0).
 """
