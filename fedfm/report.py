@@ -186,7 +186,8 @@ def _markdown(s: dict) -> str:
     if s.get("rounds_without_update"):
         lines += [f"**Incomplete: no site update reached the average in round(s) "
                   f"{', '.join(map(str, s['rounds_without_update']))}; the global adapters did not change there "
-                  f"(see 'Site errors and rejected updates').**", ""]
+                  f"(see 'Site errors and rejected updates'). Such a round writes no checkpoint: a resume "
+                  f"repeats it when it was the last.**", ""]
     failed = sum(r["sites_failed"] for r in s["communication"]["per_round"])
     if failed:
         lines += [f"{failed} site update(s) failed or were rejected; see 'Site errors and rejected updates'.", ""]

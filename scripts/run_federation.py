@@ -301,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         if result.get("rounds_without_update"):
             print(f"fedfm: no site update reached the average in round(s) "
                   f"{', '.join(map(str, result['rounds_without_update']))} (site errors: "
-                  f"{result['run_dir']}/events.jsonl)", file=sys.stderr)
+                  f"{result['run_dir']}/events.jsonl); such a round writes no checkpoint, so "
+                  f"`--set resume={result['run_dir']}` repeats it when it was the last", file=sys.stderr)
         if result.get("timed_out"):
             print(f"fedfm: stopped at --timeout {args.timeout:g} s (the run and its SuperLink were stopped)",
                   file=sys.stderr)

@@ -108,6 +108,7 @@ class FedFMMixin:
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         rnd = server_round + self.round_offset
+        self.last_round_sites = []  # until this round's updates are averaged
         messages = list(super().configure_train(rnd, arrays, config, grid))
         messages = self._seeded_sample(rnd, grid, messages)
         if self.personal:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedfm.metrics import HEADLINE
-from fedfm.runlog import RunLog, read_jsonl
+from fedfm.runlog import RunLog, read_json, read_jsonl
 from fl_fixtures import (InProcessGrid, make_backbone, run_config, server_context, task_identity,  # noqa: F401
                          write_federation)
 from server.app import main as server_main
@@ -313,3 +313,35 @@ def test_eval_every_scores_round_0_every_kth_and_the_last_and_checkpoints_all(tm
     assert report["rounds"] == [0, 2, 3] and report["final_round"] == 3 and report["rounds_without_update"] == []
     assert "3 rounds after round 0 (final round 3; central evaluation at rounds 0, 2, 3)" in \
         (log.dir / "report.md").read_text()
+
+
+def test_a_round_without_any_update_writes_no_checkpoint_and_a_resume_repeats_it(full_run, tmp_path, cache_dir,
+                                                                                  backbone, task_identity,
+                                                                                  monkeypatch):
+    # Every site fails in the last round (as when Ray kills them for memory): the run is
+    # reported incomplete, round 2 has no checkpoint, and a resume repeats round 2 and ends
+    # where the uninterrupted run ended. Before, round 2 was checkpointed unchanged and a resume
+    # had nothing left to do.
+    import clients.app as client
+
+    rc_full, full = full_run
+    rc = run_config(rc_full["federation"], tmp_path / "run-c", cache_dir, backbone[0])
+    real = client.local_train
+
+    def out_of_memory_in_round_2(cfg, spec, state, round_, **kw):
+        if round_ == 2:
+            raise MemoryError("simulated: the site was killed for memory")
+        return real(cfg, spec, state, round_, **kw)
+
+    monkeypatch.setattr(client, "local_train", out_of_memory_in_round_2)
+    log = run_server(rc)
+    assert log.complete_rounds() == [0, 1]
+    assert read_json(log.dir / "report.json")["rounds_without_update"] == [2]
+    assert "a resume repeats it" in (log.dir / "report.md").read_text()
+    monkeypatch.setattr(client, "local_train", real)
+    resumed = run_server({**rc, "resume": str(tmp_path / "run-c")})
+    assert resumed.complete_rounds() == [0, 1, 2] and resumed.read_config()["resumed_at_rounds"] == [1]
+    a, _, _ = full.load_checkpoint(2)
+    b, _, _ = resumed.load_checkpoint(2)
+    assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    assert read_json(resumed.dir / "report.json")["rounds_without_update"] == []
