@@ -5,8 +5,9 @@
 
 ``--jobs N`` fills the caches first with N worker processes, one (site, split) each, one
 thread each: generation is host work that one process does on one core, so a many-core
-machine fills a federation N times faster (the benchmark's 6 × 13 000 samples: 176 s with 16
-on an H100 host, 645 s one after another here). The arrays are the same bit for bit (each
+machine fills a federation up to N times faster (the benchmark's 6 × 13 000 samples: 176 s
+with one process per site and split on the 16 cores of an H100 host, 645 s one after another
+here). The arrays are the same bit for bit (each
 split has its own seed); each worker holds one split, ~1.4 GB for a benchmark train split.
 """
 from __future__ import annotations
