@@ -42,6 +42,12 @@ def site_cache_dir(spec: SiteSpec, cache_dir: str | Path | None = None) -> Path:
     return cache_root(cache_dir) / f"{spec.name}-{spec_hash(spec)}"
 
 
+def split_path(spec: SiteSpec, split: str, cache_dir: str | Path | None = None, samples: int | None = None) -> Path:
+    """Where a split's arrays are cached: ``<cache>/<site>-<spec hash>/<split>-<samples>.npz``."""
+    n = samples if samples is not None else getattr(spec.samples, split)
+    return site_cache_dir(spec, cache_dir) / f"{split}-{n}.npz"
+
+
 def generate_split(spec: SiteSpec, split: str, samples: int | None = None) -> dict[str, np.ndarray]:
     """Synthesise one split with Sionna (no cache). Same spec/split/samples → same bits."""
     from fedfm.channels.synthesis import SiteChannelGenerator  # Sionna import is slow: only when needed
@@ -98,7 +104,7 @@ def load_split(spec: SiteSpec, split: str, cache_dir: str | Path | None = None,
     if split not in SPLITS:
         raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
     n = samples if samples is not None else getattr(spec.samples, split)
-    path = site_cache_dir(spec, cache_dir) / f"{split}-{n}.npz"
+    path = split_path(spec, split, cache_dir, n)
     try:
         cached = _read_cached(path)
     except ValueError as e:
@@ -123,14 +129,18 @@ def _fill_split(spec: SiteSpec, split: str, cache_dir) -> None:
 
 
 def fill_caches(specs, cache_dir: str | Path | None = None, jobs: int = 1) -> None:
-    """Generate every split of every site not cached yet, ``jobs`` worker processes at a time,
+    """Generate every split of every site with no cache file yet, ``jobs`` worker processes at a time,
     one (site, split) each, largest first. Generation is host work on one core per process,
     and each split has its own seed, so the arrays are those of :func:`load_split` one after
     another. Raises the first worker's ValueError (e.g. an unwritable cache folder)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    work = sorted(((spec, split) for spec in specs for split in SPLITS), key=lambda w: -getattr(w[0].samples, w[1]))
+    # a cached file is left to the caller's load_split, which checks it: a worker would read it in full only to return
+    work = sorted(((spec, split) for spec in specs for split in SPLITS if not split_path(spec, split, cache_dir).exists()),
+                  key=lambda w: -getattr(w[0].samples, w[1]))
+    if not work:
+        return
     # spawn, not fork: a forked child would inherit torch's thread pools and Sionna's state mid-use
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         for f in [pool.submit(_fill_split, spec, split, cache_dir) for spec, split in work]:

@@ -49,8 +49,8 @@ def main(grid: Grid, context: Context) -> None:
         set_python_random_state(random, run.random_state)
 
     def checkpoint(round_: int, arrays: ArrayRecord) -> None:
-        if round_ > 0 and not strategy.last_round_sites:
-            return  # no site update reached the average: no checkpoint, so a resume repeats the round
+        if not strategy.round_complete(round_):
+            return
         run.runlog.save_checkpoint(round_, {k: a.numpy() for k, a in arrays.items()}, strategy.get_state(),
                                    {"python_random": python_random_state(random), "seed": cfg.seed,
                                     "backbone_sha256": run.backbone_sha256, "sites": strategy.last_round_sites})

@@ -105,6 +105,12 @@ class FedFMMixin:
         self._reference: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
         self.last_round_sites: list[str] = []
 
+    def round_complete(self, round_: int) -> bool:
+        """Whether round ``round_`` gets a checkpoint: round 0, or a round some site update
+        reached the average of. A round without one changed nothing, and without a checkpoint a
+        resume repeats it."""
+        return round_ == 0 or bool(self.last_round_sites)
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         rnd = server_round + self.round_offset
