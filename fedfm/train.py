@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from fedfm.model.config import DENSE_TASKS, POOLED_OUTPUTS
 from fedfm.model.lora import base_model, lora_parameters
+from fedfm.model.network import pooled_output
 from fedfm.model.pretrain import MASK_PRIORS, MASK_TYPES, Pretrainer, make_mask, masked_nmse
 from fedfm.model.prior import classical_prior
 
@@ -366,6 +367,98 @@ def task_losses(model: nn.Module, tasks: dict, batch_size: int = 64, device=None
     model.train()
     return out
 
+
+
+# ---- refitting the pooled heads on frozen features ------------------------------------------
+@torch.no_grad()
+def _head_inputs(model: nn.Module, task: str, tds: list, device: torch.device, batch_size: int):
+    """(inputs, targets): what the pooled head of ``task`` reads for every sample of ``tds``
+    (``FedFM.pooled_inputs``, on the host, float32) and its training targets, sites concatenated."""
+    net = base_model(model)
+    parts, targets = [], []
+    for td in tds:
+        x = as_real(td.inputs)
+        known = torch.as_tensor(np.asarray(td.known, dtype=bool)).to(device)
+        context = _context(td, device)
+        for i in range(0, x.shape[0], batch_size):
+            with autocast(device):
+                parts.append(tuple(v.float().cpu() for v in net.pooled_inputs(task, x[i:i + batch_size].to(device),
+                                                                              known, context)))
+        targets.append(task_targets(td))
+    return tuple(torch.cat([p[j] for p in parts]) for j in range(len(parts[0]))), torch.cat(targets)
+
+
+def refit_heads(model: nn.Module, tasks: dict, epochs: int = 100, lr: float = 3e-3, batch_size: int = 64,
+                val_fraction: float = 0.2, seed: int = 0, device=None, check_every: int = 5) -> dict[str, dict]:
+    """Refit the pooled heads (BF, DE, PE, LoS) to their training data with everything else
+    frozen, keeping the epoch with the lowest loss on held-back training samples.
+
+    Last-layer retraining (Kirichenko et al. 2023; the linear-probe half of Kumar et al.'s
+    LP-FT, run after fine-tuning instead of before): multi-task fine-tuning gives a pooled
+    head one batch per step, a few passes over a site's labels in a CPU budget, while what it
+    reads — the token-mean embedding and the classical side inputs — costs one forward per
+    sample to compute once. Training the head alone on those is then cheap, so it can run to
+    convergence, with early stopping instead of a step budget as the guard against fitting
+    noise. Heads are per task, so the epoch is chosen per task.
+
+    tasks: {task: TaskData or [TaskData, ...]} (train splits; dense tasks are ignored).
+    ``val_fraction`` of each task's samples (drawn with ``seed``) is held back to choose the
+    epoch; epoch 0, the head as it was, is a candidate, so a refit never raises the held-back
+    loss. The head ends trained on the other samples at the chosen epoch.
+    Returns {task: {"epoch", "val_loss_before", "val_loss_after", "samples"}}.
+    """
+    if epochs <= 0 or batch_size <= 0 or check_every <= 0:
+        raise ValueError(f"refit_heads: `epochs`, `batch_size` and `check_every` should be positive, "
+                         f"got {epochs}, {batch_size}, {check_every}")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"refit_heads: `val_fraction` {val_fraction} is not in (0, 1)")
+    device = resolve_device(device)
+    model.to(device).eval()
+    heads = base_model(model).heads
+    out = {}
+    for t, tds in tasks.items():
+        if t not in POOLED_TASKS:
+            continue
+        tds = list(tds) if isinstance(tds, (list, tuple)) else [tds]
+        inputs, y = _head_inputs(model, t, tds, device, batch_size)
+        n = y.shape[0]
+        n_val = int(round(n * val_fraction))
+        if n_val < 1 or n - n_val < 1:
+            raise ValueError(f"refit_heads: {t} has {n} samples, too few to hold back {val_fraction:g} of them")
+        gen = torch.Generator().manual_seed(seed)
+        order = torch.randperm(n, generator=gen)
+        val, fit = order[:n_val], order[n_val:]
+        head = heads[t]
+        params = [p for p in head.parameters() if p.requires_grad]
+
+        def loss_on(idx):
+            return task_loss(t, pooled_output(t, head(*(v[idx].to(device) for v in inputs))), y[idx].to(device), None)
+
+        with torch.no_grad():
+            before = float(loss_on(val))
+        best = (before, [p.detach().clone() for p in params], 0)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        for epoch in range(1, epochs + 1):
+            shuffled = fit[torch.randperm(fit.numel(), generator=gen)]
+            for i in range(0, shuffled.numel(), batch_size):
+                loss = loss_on(shuffled[i:i + batch_size])
+                if not math.isfinite(float(loss.detach())):
+                    raise ValueError(f"refit_heads: the {t} loss is {float(loss)} in epoch {epoch} (diverged "
+                                     f"at lr {lr:g}: lower it); the model is left as it was")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            if epoch % check_every == 0 or epoch == epochs:
+                with torch.no_grad():
+                    v = float(loss_on(val))
+                if v < best[0]:
+                    best = (v, [p.detach().clone() for p in params], epoch)
+        with torch.no_grad():
+            for p, b in zip(params, best[1]):
+                p.copy_(b)
+        out[t] = {"epoch": best[2], "val_loss_before": before, "val_loss_after": best[0], "samples": n}
+    model.train()
+    return out
 
 # ---- pretraining --------------------------------------------------------------------------
 def _site_grids(sites) -> list[tuple[torch.Tensor, float, float]]:

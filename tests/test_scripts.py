@@ -511,11 +511,17 @@ def test_train_central_small_budget_scores_every_site(tmp_path, cache_dir):
     backbone = make_backbone(tmp_path / "bb.safetensors")[0]
     lines: list[str] = []
     r = central.run_central(str(fed_path), str(tmp_path / "out"), steps=1, backbone=backbone, batch_size=4,
-                            cache_dir=str(cache_dir), max_test=8, max_train=16, log=lines.append)
+                            cache_dir=str(cache_dir), max_test=8, max_train=16, refit_epochs=2, log=lines.append)
     # where a long run stands: each phase, and fine-tuning's progress with every task's loss
     step_line = next(line for line in lines if line.startswith("fine-tuning step 1/1 ("))
     assert all(f" {t} " in step_line + " " for t in ("CE", "CP", "PF", "BF", "DE", "PE", "LoS"))
-    assert [line.split(" ")[0] for line in lines] == ["loading", "loaded", "fine-tuning", "scoring"]
+    assert [line.split(" ")[0] for line in lines] == ["loading", "loaded", "fine-tuning", "scoring", "refitted",
+                                                      "scoring"]
+    # the pooled heads scored before their refit, and refitted on both sites' 16 train samples each
+    assert set(r["refit"]) == set(r["summary_before_refit"]["per_task"]) == {"BF", "DE", "PE", "LoS"}
+    assert all(v["samples"] == 32 and 0 <= v["epoch"] <= 2 and v["val_loss_after"] <= v["val_loss_before"]
+               for v in r["refit"].values())
+    assert "| task | mean ratio before refit (sites beaten) |" in (tmp_path / "out" / "report.md").read_text()
     assert [h["step"] for h in r["history"]] == [1]
     sites = {row["site"] for row in r["rows"]}
     assert len(r["rows"]) == 7 * len(sites) and {row["role"] for row in r["rows"]} == {"train", "heldout"}
@@ -550,7 +556,7 @@ def test_output_scripts_refuse_a_folder_with_results_and_check_flags_before_writ
         central.run_central(str(fed_path), str(out), **{**kw, "batch_size": 2})
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     for flag, change in (("--max-test", {"max_test": -5}), ("--batch-size", {"batch_size": 0}),
-                         ("--lr", {"lr": float("nan")})):
+                         ("--lr", {"lr": float("nan")}), ("--refit-epochs", {"refit_epochs": -1})):
         with pytest.raises(ValueError, match=rf"^{flag} \S+ is not allowed"):
             central.run_central(str(fed_path), str(tmp_path / "fresh"), **{**kw, **change})
         assert not (tmp_path / "fresh").exists()  # refused before anything was written

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from fedfm.model import ModelConfig, base_model, build_model, get_adapter_state
-from fedfm.train import OptimizerStateMismatch, dwa_weights, finetune, pretrain, reconstruction_nmse, task_losses
+from fedfm.train import (OptimizerStateMismatch, dwa_weights, finetune, pretrain, reconstruction_nmse, refit_heads,
+                         task_losses, task_loss, task_targets)
 
 RANK = 2
 STEPS = 6
@@ -342,3 +343,45 @@ def test_carried_optimizer_state_makes_two_calls_one_run(rng):
     with pytest.raises(OptimizerStateMismatch, match=r"latest DWA losses are not finite"):
         finetune(split, tasks, steps=1, batch_size=BSZ,
                  optimizer_state={**carried, "dwa/CE": torch.tensor([1.0, math.nan], dtype=torch.float64)})
+
+
+def _held_back_loss(model, td, val) -> float:
+    """The loss of ``model`` on samples ``val`` of a TaskData, through the model's own forward."""
+    from fedfm.train import as_real
+
+    model.eval()
+    with torch.no_grad():
+        out = model(td.task, as_real(td.inputs)[val], torch.as_tensor(td.known))
+        return float(task_loss(td.task, out, task_targets(td)[val], None))
+
+
+def test_refit_moves_only_the_pooled_heads_and_keeps_the_best_held_back_epoch(rng):
+    model = build_model(tiny_cfg())
+    tasks = fake_tasks(rng, samples=40)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    val = torch.randperm(40, generator=torch.Generator().manual_seed(3))[:10]  # the split refit_heads draws
+    start = {t: _held_back_loss(model, tasks[t], val) for t in ("BF", "LoS")}
+    info = refit_heads(model, tasks, epochs=6, lr=1e-2, batch_size=8, val_fraction=0.25, seed=3, check_every=1)
+    assert set(info) == {"BF", "LoS"}  # CE is dense: not refitted
+    for n, p in model.named_parameters():
+        if not any(f"heads.{t}.modules_to_save" in n for t in info):
+            assert torch.equal(p, before[n]), n  # backbone, LoRA, adapters, the CE head: untouched
+    for t, r in info.items():
+        assert r["samples"] == 40 and r["val_loss_before"] == pytest.approx(start[t], rel=1e-5)
+        # the model ends at the chosen epoch: its held-back loss, recomputed through forward(), is the reported one
+        assert _held_back_loss(model, tasks[t], val) == pytest.approx(r["val_loss_after"], rel=1e-5)
+        assert r["val_loss_after"] < r["val_loss_before"] and r["epoch"] > 0
+
+
+def test_a_refit_that_only_hurts_leaves_the_heads_as_they_were(rng):
+    # Steps of 50 per parameter make every epoch worse on the held-back samples: epoch 0 is kept.
+    model = build_model(tiny_cfg())
+    tasks = fake_tasks(rng, samples=40)
+    before = get_adapter_state(model)
+    info = refit_heads(model, tasks, epochs=3, lr=50.0, batch_size=8, seed=0, check_every=1)
+    assert {t: r["epoch"] for t, r in info.items()} == {"BF": 0, "LoS": 0}
+    assert all(r["val_loss_after"] == r["val_loss_before"] for r in info.values())
+    after = get_adapter_state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(ValueError, match="val_fraction"):
+        refit_heads(model, tasks, val_fraction=1.0)

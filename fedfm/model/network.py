@@ -89,9 +89,21 @@ class FedFM(nn.Module):
                 context: torch.Tensor | None = None) -> torch.Tensor:
         if task not in self.heads:
             raise ValueError(f"FedFM: task {task!r} has no head; this model serves {', '.join(self.heads)}")
-        tokens = self.adapters[task](self.backbone.tokeniser(x, known))  # (B, L, d)
-        h = self.backbone.encode(tokens)                                  # (B, L, d)
         if task in DENSE_TASKS:
+            h = self.backbone.encode(self.adapters[task](self.backbone.tokeniser(x, known)))  # (B, L, d)
             return self.heads[task](h, x, known)                          # (B, G, K, N, 2)
-        out = self.heads[task](h, *side_inputs(task, x, self.cfg.num_beams, context)).float()  # (B, out)
-        return out[:, 0] if task in ("DE", "PE") else out
+        return pooled_output(task, self.heads[task](*self.pooled_inputs(task, x, known, context)))
+
+    def pooled_inputs(self, task: str, x: torch.Tensor, known: torch.Tensor,
+                      context: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """Everything a pooled head (BF/DE/PE/LoS) reads: the token-mean embedding [B, 1, d] and
+        its side inputs (``side_inputs``). ``fedfm.train.refit_heads`` computes these once and
+        trains the head alone on them."""
+        h = self.backbone.encode(self.adapters[task](self.backbone.tokeniser(x, known)))  # (B, L, d)
+        return (h.mean(dim=1, keepdim=True), *side_inputs(task, x, self.cfg.num_beams, context))
+
+
+def pooled_output(task: str, out: torch.Tensor) -> torch.Tensor:
+    """A pooled head's raw output [B, out] → the model's: DE/PE [B], BF/LoS logits [B, out]."""
+    out = out.float()
+    return out[:, 0] if task in ("DE", "PE") else out
