@@ -9,7 +9,8 @@ The site may be a held-out one: with ``--fraction 0.1`` it fine-tunes on 10% of 
 train-split labels (of its first ``train-max-samples`` when the run capped them), as in
 LLM4WM's generalisation experiment. The classical baselines
 are fitted on the same labelled fraction. Scores are on the site's full test split.
-Writes ``<run>/finetune/<site>-<fraction>.json``.
+``--refit-epochs N`` then refits the pooled heads (BF, DE, PE, LoS) alone on the same labels
+(``fedfm.train.refit_heads``). Writes ``<run>/finetune/<site>-<fraction>.json``.
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from fedfm.config import RunConfig  # noqa: E402
 from fedfm.runlog import RunLog, read_run_config, write_json  # noqa: E402
 
 
-def finetune_site(run_dir: str, site_path: str, fraction: float = 1.0, steps: int | None = None) -> dict:
+def finetune_site(run_dir: str, site_path: str, fraction: float = 1.0, steps: int | None = None,
+                  refit_epochs: int = 0) -> dict:
     from fedfm.baselines import fit_baseline
     from fedfm.evaluate import evaluate_sites
     from fedfm.federated import build_run_model, load_site_tasks, local_train, numpy_state, torch_state
@@ -35,6 +37,8 @@ def finetune_site(run_dir: str, site_path: str, fraction: float = 1.0, steps: in
         raise ValueError(f"--fraction {fraction} is not allowed; expected a number in (0, 1]")
     if steps is not None and steps <= 0:
         raise ValueError(f"--steps {steps} is not allowed; expected an integer > 0")
+    if refit_epochs < 0:
+        raise ValueError(f"--refit-epochs {refit_epochs} is not allowed; expected an integer >= 0 (0 = no refit)")
     conf = read_run_config(run_dir)  # before RunLog, which would create checkpoints/ in any folder
     where = Path(run_dir) / "config.json"
     try:
@@ -74,9 +78,15 @@ def finetune_site(run_dir: str, site_path: str, fraction: float = 1.0, steps: in
                       backbone=backbone, tasks=train,
                       steps=steps if steps is not None else cfg.local_steps * max(cfg.num_server_rounds, 1))
     set_adapter_state(model, torch_state(res.state))
+    refit = {}
+    if refit_epochs:  # the pooled heads to convergence on the same labels (fedfm.train.refit_heads)
+        from fedfm.federated import resolve_device
+        from fedfm.train import refit_heads
+
+        refit = refit_heads(model, train, epochs=refit_epochs, seed=res.seed, device=resolve_device(cfg.device))
     after = evaluate_sites(model, test, baselines)
     out = {"run": str(run_dir), "site": spec.name, "fraction": fraction, "labelled_samples": labelled,
-           "from_round": last, "rows": [{"task": b["task"], "baseline": b["baseline"], "before": b["model"],
+           "from_round": last, "refit_epochs": refit_epochs, "refit": refit, "rows": [{"task": b["task"], "baseline": b["baseline"], "before": b["model"],
                                          "after": a["model"], "ratio_before": b["ratio"], "ratio_after": a["ratio"]}
                                         for b, a in zip(before, after)]}
     (log.dir / "finetune").mkdir(exist_ok=True)
@@ -107,9 +117,12 @@ def main(argv=None) -> int:
     p.add_argument("--site", required=True, help="site YAML (a training or a held-out site)")
     p.add_argument("--fraction", type=float, default=1.0, help="fraction of the train split's labels used")
     p.add_argument("--steps", type=int, default=None, help="local steps (default: rounds × local-steps of the run)")
+    p.add_argument("--refit-epochs", type=int, default=0,
+                   help="then refit the BF/DE/PE/LoS heads alone on frozen features for up to N epochs, keeping "
+                        "the best epoch on a held-back fifth of the labelled samples (0 = off)")
     args = p.parse_args(argv)
     try:
-        out = finetune_site(args.run, args.site, args.fraction, args.steps)
+        out = finetune_site(args.run, args.site, args.fraction, args.steps, args.refit_epochs)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -145,6 +145,19 @@ def test_finetune_site_heldout_fraction(fed_run, capsys, monkeypatch):
     assert sum(after_loss.values()) < 0.95 * sum(before.values()), (before, after_loss)
 
 
+def test_finetune_site_refits_the_pooled_heads_on_the_labelled_fraction(fed_run, capsys):
+    script = _load_script("finetune_site")
+    rc = script.main(["--run", str(fed_run["run"]), "--site", str(fed_run["root"] / "gamma.yaml"), "--fraction",
+                      "0.5", "--steps", "2", "--refit-epochs", "3"])
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads((fed_run["run"] / "finetune" / "gamma-0.5.json").read_text())
+    assert res["refit_epochs"] == 3 and set(res["refit"]) == {"BF", "DE", "PE", "LoS"}
+    assert all(r["samples"] == 32 and r["val_loss_after"] <= r["val_loss_before"] for r in res["refit"].values())
+    assert script.main(["--run", str(fed_run["run"]), "--site", str(fed_run["root"] / "gamma.yaml"),
+                        "--refit-epochs", "-1"]) == 2
+    assert capsys.readouterr().err.startswith("error: --refit-epochs -1 is not allowed")
+
+
 @pytest.mark.parametrize("fraction", ["0", "1.5"])
 def test_finetune_site_bad_fraction_one_line_error(fed_run, capsys, fraction):
     script = _load_script("finetune_site")
