@@ -51,6 +51,7 @@ class RunConfig:
     lora_alpha: int = 8
     dwa_temperature: float = 2.0    # Dynamic Weight Averaging of task losses (LLM4WM)
     head_prior_mu: float = 0.0      # L2-SP pull of the BF/DE/PE/LoS heads towards their classical start
+    head_refit_epochs: int = 0      # after its local steps a site refits its BF/DE/PE/LoS heads alone (0 = off)
     strategy: str = "fedavg"
     fedprox_mu: float = 0.01        # proximal weight, only used by fedprox
     fedadam_eta: float = 1e-2       # server learning rate, only used by fedadam
@@ -88,7 +89,7 @@ class RunConfig:
                     "eval_every"):
             value = getattr(self, key)
             _check(_kebab(key), value, value >= 1, "an integer >= 1")
-        for key in ("pretrain_steps", "eval_max_samples", "train_max_samples", "seed"):
+        for key in ("pretrain_steps", "eval_max_samples", "train_max_samples", "seed", "head_refit_epochs"):
             value = getattr(self, key)
             _check(_kebab(key), value, value >= 0, "an integer >= 0")
         for key in ("lr", "dwa_temperature", "fedadam_eta", "server_lr", "round_timeout"):

@@ -213,9 +213,11 @@ def local_train(cfg: RunConfig, spec: SiteSpec, state: dict[str, np.ndarray], ro
     moments and DWA loss windows from its last round instead of starting them afresh: measured on one site trained
     in 5 chunks of 40 steps, restarting Adam every chunk cost 1–4 % of CE and CP's NMSE against
     one 200-step run, and carrying the moments recovered all of it (RESULTS.md). The moments
-    stay on the site's disk (:func:`optimizer_folder`), never travel."""
+    stay on the site's disk (:func:`optimizer_folder`), never travel. With ``head-refit-epochs``
+    the site then refits its pooled heads alone on its labels (``fedfm.train.refit_heads``,
+    seeded by the round's seed)."""
     from fedfm.model import get_adapter_state, set_adapter_state
-    from fedfm.train import OptimizerStateMismatch, finetune
+    from fedfm.train import OptimizerStateMismatch, finetune, refit_heads
 
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
@@ -245,6 +247,8 @@ def local_train(cfg: RunConfig, spec: SiteSpec, state: dict[str, np.ndarray], ro
         print(f"fedfm: site {spec.name}: round {round_}: {e}; AdamW starts fresh", flush=True)
         kwargs["optimizer_state"] = {}
         losses = finetune(model, tasks, **kwargs)
+    if cfg.head_refit_epochs > 0:  # the pooled heads to convergence on the site's own labels
+        refit_heads(model, tasks, epochs=cfg.head_refit_epochs, seed=seed, device=device)
     if keep:
         try:
             save_site_optimizer(folder, round_, kwargs["optimizer_state"])

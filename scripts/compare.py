@@ -51,7 +51,7 @@ def local_and_central(run_dir: Path) -> dict:
     from fedfm.federated import build_run_model, local_train, torch_state
     from fedfm.model import set_adapter_state
     from fedfm.scenarios import derive_seed
-    from fedfm.train import finetune
+    from fedfm.train import finetune, refit_heads
 
     conf = read_run_config(run_dir)  # before RunLog, which would create checkpoints/ in any folder
     log = RunLog(run_dir)
@@ -74,6 +74,8 @@ def local_and_central(run_dir: Path) -> dict:
     finetune(model, pooled, steps=budget * len(sites), batch_size=cfg.batch_size, lr=cfg.lr,
              dwa_temperature=cfg.dwa_temperature, seed=derive_seed(cfg.seed, "centralized"),
              prior_mu=cfg.head_prior_mu)  # anchored at the call's start: the initial heads, as built
+    if cfg.head_refit_epochs > 0:  # as every site's local training ends (fedfm.federated.local_train)
+        refit_heads(model, pooled, epochs=cfg.head_refit_epochs, seed=derive_seed(cfg.seed, "centralized"))
     for e in sites:
         out["centralized"][e.name] = score_model(model, test[e.name])
     return out
@@ -116,7 +118,7 @@ def federated_steps(run_dir: Path) -> dict[str, int]:
 # federation, backbone, model config and initial adapters, checked separately); the per-site
 # budget is num-server-rounds × local-steps, so 5 × 40 and 10 × 20 share a reference
 REFERENCE_KEYS = ("preset", "batch-size", "lr", "lora-r", "lora-alpha", "dwa-temperature", "head-prior-mu",
-                  "train-max-samples", "eval-max-samples", "seed", "device")
+                  "head-refit-epochs", "train-max-samples", "eval-max-samples", "seed", "device")
 
 
 def reference_mismatch(run_dir: Path, ref_dir: Path) -> str | None:

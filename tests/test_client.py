@@ -146,3 +146,34 @@ def test_local_optimizer_keep_continues_the_sites_adam_moments(setup, task_ident
     msg.content["config"]["run-key"] = "k2"
     assert not train(msg, _context(plain)).has_error()
     assert not (cache / "optimizer" / "k2").exists()
+
+
+def test_head_refit_epochs_refits_only_the_pooled_heads_after_local_training(setup, task_identity):
+    # head-refit-epochs: the reply is the plain round's update with the BF/DE/PE/LoS heads then
+    # refitted by fedfm.train.refit_heads on the site's own labels, seeded by the round's seed
+    import torch
+
+    from fedfm.federated import load_site_tasks, round_seed, torch_state
+    from fedfm.model import get_adapter_state, set_adapter_state
+    from fedfm.scenarios import load_federation
+    from fedfm.train import refit_heads
+
+    root, backbone, digest, state, cache = setup
+    fed = write_federation(root / "refit")
+    replies = {}
+    for epochs in (0, 3):
+        rc = run_config(fed, root / "run", cache, backbone, **{"local-steps": 2, "head-refit-epochs": epochs})
+        reply = train(_message(state, backbone, digest, 2), _context(rc))
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+        replies[epochs] = {k: a.numpy() for k, a in reply.content["arrays"].items()}
+    pooled = [k for k in state if any(f"heads.{t}." in k for t in ("BF", "DE", "PE", "LoS"))]
+    assert pooled and all(np.array_equal(replies[0][k], replies[3][k]) for k in state if k not in pooled)
+    cfg = RunConfig.from_flower(rc)
+    model = build_run_model(cfg, NUM_BEAMS, backbone)
+    set_adapter_state(model, torch_state(replies[0]))
+    spec = load_federation(fed).train_sites[0]
+    info = refit_heads(model, load_site_tasks(spec, "train", str(cache)), epochs=3,
+                       seed=round_seed(cfg, spec.name, 2), device="cpu")
+    assert any(r["epoch"] > 0 for r in info.values())  # something was refitted, and it is what the site sent
+    mine = get_adapter_state(model)
+    assert all(torch.equal(mine[k], torch.from_numpy(replies[3][k])) for k in pooled)
