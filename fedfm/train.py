@@ -368,7 +368,6 @@ def task_losses(model: nn.Module, tasks: dict, batch_size: int = 64, device=None
     return out
 
 
-
 # ---- refitting the pooled heads on frozen features ------------------------------------------
 @torch.no_grad()
 def _head_inputs(model: nn.Module, task: str, tds: list, device: torch.device, batch_size: int):
@@ -415,6 +414,20 @@ def refit_heads(model: nn.Module, tasks: dict, epochs: int = 100, lr: float = 3e
     device = resolve_device(device)
     model.to(device).eval()
     heads = base_model(model).heads
+    kept = {t: [p.detach().clone() for p in heads[t].parameters()] for t in tasks if t in POOLED_TASKS}
+    try:
+        return _refit(model, heads, tasks, epochs, lr, batch_size, val_fraction, seed, device, check_every)
+    except ValueError:
+        with torch.no_grad():  # a diverged refit leaves every head as it was, not some of them refitted
+            for t, values in kept.items():
+                for p, v in zip(heads[t].parameters(), values):
+                    p.copy_(v)
+        raise
+    finally:
+        model.train()
+
+
+def _refit(model, heads, tasks, epochs, lr, batch_size, val_fraction, seed, device, check_every) -> dict[str, dict]:
     out = {}
     for t, tds in tasks.items():
         if t not in POOLED_TASKS:
@@ -442,9 +455,10 @@ def refit_heads(model: nn.Module, tasks: dict, epochs: int = 100, lr: float = 3e
             shuffled = fit[torch.randperm(fit.numel(), generator=gen)]
             for i in range(0, shuffled.numel(), batch_size):
                 loss = loss_on(shuffled[i:i + batch_size])
-                if not math.isfinite(float(loss.detach())):
-                    raise ValueError(f"refit_heads: the {t} loss is {float(loss)} in epoch {epoch} (diverged "
-                                     f"at lr {lr:g}: lower it); the model is left as it was")
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise ValueError(f"refit_heads: the {t} loss is {value} in epoch {epoch} (diverged "
+                                     f"at lr {lr:g}: lower it); every head is left as it was")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -457,8 +471,8 @@ def refit_heads(model: nn.Module, tasks: dict, epochs: int = 100, lr: float = 3e
             for p, b in zip(params, best[1]):
                 p.copy_(b)
         out[t] = {"epoch": best[2], "val_loss_before": before, "val_loss_after": best[0], "samples": n}
-    model.train()
     return out
+
 
 # ---- pretraining --------------------------------------------------------------------------
 def _site_grids(sites) -> list[tuple[torch.Tensor, float, float]]:

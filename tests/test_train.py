@@ -385,3 +385,12 @@ def test_a_refit_that_only_hurts_leaves_the_heads_as_they_were(rng):
     assert all(torch.equal(before[k], after[k]) for k in before)
     with pytest.raises(ValueError, match="val_fraction"):
         refit_heads(model, tasks, val_fraction=1.0)
+    # a refit whose loss is not finite (LoS, the second head, on NaN inputs) stops with one line
+    # and leaves every head as it was, BF's already refitted one included
+    import dataclasses
+
+    broken = dataclasses.replace(tasks["LoS"], inputs=tasks["LoS"].inputs * np.nan)
+    with pytest.raises(ValueError, match=r"^refit_heads: the LoS loss is nan in epoch 1 .* every head is left as it was"):
+        refit_heads(model, {"BF": tasks["BF"], "LoS": broken}, epochs=3, lr=1e-2, batch_size=8, seed=0)
+    after = get_adapter_state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
