@@ -73,18 +73,20 @@ def state_bytes(state: dict[str, np.ndarray]) -> int:
     return int(sum(np.asarray(v).nbytes for v in state.values()))
 
 
-def load_site_tasks(spec: SiteSpec, split: str, cache_dir: str = "", max_samples: int = 0) -> dict:
+def load_site_tasks(spec: SiteSpec, split: str, cache_dir: str = "", max_samples: int = 0,
+                    tasks: tuple[str, ...] | None = None) -> dict:
     """``{task: TaskData}`` of one split of a site, generated or loaded from its own cache.
 
-    ``max_samples`` > 0 keeps the first samples only (central evaluation budget)."""
-    from fedfm.tasks import build_tasks
+    ``max_samples`` > 0 keeps the first samples only (central evaluation budget); ``tasks``
+    builds only those views (default: all seven)."""
+    from fedfm.tasks import TASKS, build_tasks
 
     if max_samples < 0:
         raise ValueError(f"max_samples {max_samples} is not allowed; expected an integer >= 0 (0 = all)")
     arrays = load_split(spec, split, cache_dir or None)
     if max_samples:
         arrays = {k: (v[:max_samples] if k in _PER_SAMPLE else v) for k, v in arrays.items()}
-    return build_tasks(arrays, spec, split)
+    return build_tasks(arrays, spec, split, TASKS if tasks is None else tuple(tasks))
 
 
 _HASHED: dict = {}  # (path, size, mtime) → sha256: a site hashes its backbone once, not every round

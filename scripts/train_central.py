@@ -48,8 +48,7 @@ class SiteViews(Mapping):
     def __getitem__(self, name: str) -> dict:
         from fedfm.federated import load_site_tasks
 
-        views = load_site_tasks(self.specs[name], self.split, self.cache_dir, self.max_samples)
-        return views if self.tasks is None else {t: v for t, v in views.items() if t in self.tasks}
+        return load_site_tasks(self.specs[name], self.split, self.cache_dir, self.max_samples, self.tasks)
 
     def __iter__(self):
         return iter(self.specs)
