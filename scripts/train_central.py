@@ -6,11 +6,17 @@
     python scripts/train_central.py FED.yaml --out DIR --no-pretrain                 # random backbone
     python scripts/train_central.py FED.yaml --out DIR --ablation frozen             # no LoRA
     python scripts/train_central.py FED.yaml --out DIR --ablation single-task        # LLM4WM(s)
+    python scripts/train_central.py FED.yaml --out DIR2 --backbone B --adapter DIR/adapter.safetensors \
+        --refit-epochs 100                          # score (and refit) a saved model, no fine-tuning
 
 Without --backbone or --no-pretrain it first pretrains a backbone on the training sites
 (OUT/pretrain/). Evaluates every task on every training site's test split and on every
 held-out site, with each site's classical baselines (fitted on its own train split) beside
-the model. Writes OUT/report.json and OUT/report.md.
+the model. Writes OUT/report.json and OUT/report.md, and the fine-tuned trainable state (LoRA,
+adapters, heads) as OUT/adapter.safetensors as soon as fine-tuning ends (OUT/adapter-refit.safetensors
+after a refit), with the model config and backbone hash in its header: ``--adapter`` takes it back
+on the same backbone and preset, so another scoring or a refit does not repeat the fine-tuning.
+The single-task ablation trains seven models and saves none of them.
 """
 from __future__ import annotations
 
@@ -26,14 +32,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedfm.evaluate import evaluate_sites, markdown_table, predict, summarise  # noqa: E402
-from fedfm.model import ModelConfig, build_model, parameter_summary  # noqa: E402
+from fedfm.model import (ModelConfig, backbone_hash, build_model, get_adapter_state, load_adapter,  # noqa: E402
+                         parameter_summary, save_adapter, set_adapter_state)
 from fedfm.runlog import check_fresh_output  # noqa: E402
 from fedfm.scenarios import load_federation  # noqa: E402
 from fedfm.train import POOLED_TASKS, finetune, refit_heads, resolve_device  # noqa: E402
 
 ABLATIONS = ("none", "frozen", "single-task")
 # what a run writes into --out: report.json and report.md at the end, pretrain/ first when it pretrains
-CENTRAL_OUTPUTS = ("report.json", "report.md", "pretrain")
+CENTRAL_OUTPUTS = ("report.json", "report.md", "pretrain", "adapter.safetensors", "adapter-refit.safetensors")
 
 
 class SiteViews(Mapping):
@@ -96,7 +103,8 @@ def run_central(federation: str, out: str, preset: str = "tiny", steps: int = 30
                 no_pretrain: bool = False, pretrain_steps: int = 1000, ablation: str = "none",
                 stage1_steps: int = 0, batch_size: int = 32, lr: float = 1e-3, dwa_temperature: float = 2.0,
                 seed: int = 0, device: str | None = None, cache_dir: str | None = None, max_test: int = 0,
-                max_train: int = 0, head_prior_mu: float = 0.0, refit_epochs: int = 0, log=print) -> dict:
+                max_train: int = 0, head_prior_mu: float = 0.0, refit_epochs: int = 0, adapter: str | None = None,
+                log=print) -> dict:
     if ablation not in ABLATIONS:
         raise ValueError(f"--ablation {ablation!r} is not allowed; expected one of {', '.join(ABLATIONS)}")
     out_dir = Path(out)
@@ -115,8 +123,20 @@ def run_central(federation: str, out: str, preset: str = "tiny", steps: int = 30
             ("--refit-epochs", refit_epochs, refit_epochs >= 0, "an integer >= 0 (0 = no refit)")):
         if not ok:  # checked before anything is written or trained
             raise ValueError(f"{flag} {value} is not allowed; expected {allowed}")
+    if adapter is not None and ablation == "single-task":
+        raise ValueError("--adapter is not allowed with --ablation single-task (seven models, none saved)")
+    if adapter is not None and backbone is None and not no_pretrain:
+        raise ValueError(f"--adapter {adapter}: give the --backbone it was fine-tuned on (or --no-pretrain); "
+                         f"a freshly pretrained backbone cannot match it")
     fed = load_federation(federation)
     device = resolve_device(device)
+    cfg = ModelConfig.from_preset(preset, num_beams=fed.num_beams, seed=seed)
+    loaded = None
+    if adapter is not None:  # checked before anything is written: same preset, beams and backbone
+        model = build_model(cfg, backbone)
+        state, meta = load_adapter(adapter, cfg, backbone_hash(model))
+        set_adapter_state(model, state)
+        loaded = {"path": str(adapter), "meta": meta}
     out_dir.mkdir(parents=True, exist_ok=True)
     if backbone is None and not no_pretrain:
         from pretrain import run_pretraining  # scripts/pretrain.py, beside this file
@@ -131,7 +151,6 @@ def run_central(federation: str, out: str, preset: str = "tiny", steps: int = 30
     test = SiteViews(fed.sites, "test", cache_dir, max_test)
     roles = {s.name: "train" for s in fed.train_sites} | {s.name: "heldout" for s in fed.heldout_sites}
     pooled = {t: [train[s.name][t] for s in fed.train_sites] for t in train[fed.train_sites[0].name]}
-    cfg = ModelConfig.from_preset(preset, num_beams=fed.num_beams, seed=seed)
     kw = dict(steps=steps, batch_size=batch_size, lr=lr, dwa_temperature=dwa_temperature, seed=seed,
               device=device, stage1_steps=stage1_steps, train_lora=ablation != "frozen",
               prior_mu=head_prior_mu)  # anchored at the heads as built: finetune's call-start default
@@ -150,8 +169,17 @@ def run_central(federation: str, out: str, preset: str = "tiny", steps: int = 30
             predictions.update({(site, t): predict(m, views[t], device=device) for t, m in models.items()})
         rows = evaluate_sites(None, test, baselines, roles, predictions=predictions)
     else:
-        model = build_model(cfg, backbone)
-        losses = finetune(model, pooled, history=history, **kw)
+        if loaded is None:
+            model = build_model(cfg, backbone)
+            losses = finetune(model, pooled, history=history, **kw)
+            meta = {"federation": fed.name, "steps": steps, "stage1_steps": stage1_steps, "batch_size": batch_size,
+                    "lr": lr, "head_prior_mu": head_prior_mu, "seed": seed, "max_train": max_train,
+                    "ablation": ablation, "backbone": backbone}
+            save_adapter(out_dir / "adapter.safetensors", get_adapter_state(model), cfg, backbone_hash(model), meta)
+            log(f"saved the fine-tuned state to {out_dir / 'adapter.safetensors'}")
+        else:
+            losses = {}
+            log(f"fine-tuned state loaded from {adapter} ({loaded['meta'].get('steps', '?')} steps); no fine-tuning")
         if refit_epochs:
             log(f"scoring the pooled heads before refitting them ({time.perf_counter() - t0:.0f} s so far) ...")
             before = summarise(evaluate_sites(model, SiteViews(fed.sites, "test", cache_dir, max_test, POOLED_TASKS),
@@ -160,15 +188,21 @@ def run_central(federation: str, out: str, preset: str = "tiny", steps: int = 30
             log("refitted the pooled heads: " + ", ".join(
                 f"{t} epoch {r['epoch']} (held-back loss {r['val_loss_before']:.4g} -> {r['val_loss_after']:.4g})"
                 for t, r in refit.items()))
+            save_adapter(out_dir / "adapter-refit.safetensors", get_adapter_state(model), cfg, backbone_hash(model),
+                         {**(loaded["meta"] if loaded else meta), "refit_epochs": refit_epochs, "refit_seed": seed})
         log(f"scoring every task on every site's test split ({time.perf_counter() - t0:.0f} s so far) ...")
         rows = evaluate_sites(model, test, baselines, roles, device=device)
     seconds = time.perf_counter() - t0
     summary = summarise(rows)
+    # a loaded state was fine-tuned by the run that saved it: its settings, not this call's flags
+    trained = {"steps": steps, "stage1_steps": stage1_steps, "batch_size": batch_size, "lr": lr,
+               "head_prior_mu": head_prior_mu}
+    if loaded is not None:
+        trained = {k: loaded["meta"].get(k) for k in trained}
     report = {"federation": fed.name, "preset": preset, "ablation": ablation, "backbone": backbone,
-              "pretrained": backbone is not None, "steps": steps, "stage1_steps": stage1_steps,
-              "batch_size": batch_size, "lr": lr, "dwa_temperature": dwa_temperature,
-              "head_prior_mu": head_prior_mu, "refit_epochs": refit_epochs, "refit": refit,
-              "summary_before_refit": before, "seed": seed,
+              "pretrained": backbone is not None, **trained, "dwa_temperature": dwa_temperature,
+              "refit_epochs": refit_epochs, "refit": refit,
+              "summary_before_refit": before, "seed": seed, "adapter_from": loaded,
               "max_train": max_train, "max_test": max_test,
               "device": str(device), "finetune_seconds": seconds, "config": cfg.to_dict(),
               "params": parameter_summary(build_model(cfg)), "final_losses": losses, "history": history,
@@ -185,8 +219,11 @@ def render_markdown(r: dict) -> str:
              f"preset `{r['preset']}` ({p['total']:,} parameters, {p['trainable']:,} trainable = "
              f"{p['trainable_pct']:.2f}%), ablation `{r['ablation']}`, "
              f"backbone {'pretrained: ' + str(r['backbone']) if r['pretrained'] else 'random init (no pretraining)'}, "
-             f"{r['steps']} fine-tuning steps × batch {r['batch_size']} per task on {r['device']} "
-             f"({r['finetune_seconds']:.0f} s); train samples per site: {r.get('max_train') or 'all'}, "
+             + (f"fine-tuned state loaded from {r['adapter_from']['path']} ({r['steps']} steps × batch "
+                f"{r['batch_size']} per task when it was saved), scored on {r['device']} "
+                if r.get("adapter_from") else f"{r['steps']} fine-tuning steps × batch {r['batch_size']} per task "
+                                              f"on {r['device']} ")
+             + f"({r['finetune_seconds']:.0f} s); train samples per site: {r.get('max_train') or 'all'}, "
              f"test samples per site: {r.get('max_test') or 'all'}.", "",
              "Error ratio = model error / baseline error (NMSE linear for CE/CP/PF, MAE for DE/PE, "
              "1 − top-1 for BF, 1 − accuracy for LoS); < 1 beats the baseline.", "",
@@ -230,6 +267,9 @@ def main(argv=None) -> int:
     p.add_argument("--refit-epochs", type=int, default=0,
                    help="after fine-tuning, refit the BF/DE/PE/LoS heads alone on frozen features for up to "
                         "N epochs, keeping the best epoch on a held-back fifth of the train samples (0 = off)")
+    p.add_argument("--adapter", default=None,
+                   help="a fine-tuned state this script saved (OUT/adapter.safetensors): load it instead of "
+                        "fine-tuning, then refit (--refit-epochs) and score; needs the same --backbone and --preset")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu | cuda (default: CUDA when available)")
     p.add_argument("--cache-dir", default=None)
@@ -240,7 +280,7 @@ def main(argv=None) -> int:
     try:
         r = run_central(a.federation, a.out, a.preset, a.steps, a.backbone, a.no_pretrain, a.pretrain_steps,
                         a.ablation, a.stage1_steps, a.batch_size, a.lr, a.dwa_temperature, a.seed, a.device,
-                        a.cache_dir, a.max_test, a.max_train, a.head_prior_mu, a.refit_epochs)
+                        a.cache_dir, a.max_test, a.max_train, a.head_prior_mu, a.refit_epochs, a.adapter)
     except ValueError as e:
         print(f"train_central: {e}", file=sys.stderr)
         return 2

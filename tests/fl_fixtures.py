@@ -49,13 +49,13 @@ def run_config(fed: Path, out: Path, cache: Path, backbone: str = "", **override
     return cfg
 
 
-def make_backbone(path: Path, num_beams: int = NUM_BEAMS) -> tuple[str, str]:
+def make_backbone(path: Path, num_beams: int = NUM_BEAMS, seed: int = 5) -> tuple[str, str]:
     """A randomly initialised tiny backbone checkpoint; (path, sha256)."""
     from fedfm.federated import build_run_model, model_config
     from fedfm.config import RunConfig
     from fedfm.model import base_model, save_backbone
 
-    cfg = RunConfig(preset="tiny", seed=5)
+    cfg = RunConfig(preset="tiny", seed=seed)
     model = build_run_model(cfg, num_beams, None)
     digest = save_backbone(path, base_model(model).backbone, model_config(cfg, num_beams))
     return str(path), digest

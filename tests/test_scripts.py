@@ -528,8 +528,8 @@ def test_train_central_small_budget_scores_every_site(tmp_path, cache_dir):
     # where a long run stands: each phase, and fine-tuning's progress with every task's loss
     step_line = next(line for line in lines if line.startswith("fine-tuning step 1/1 ("))
     assert all(f" {t} " in step_line + " " for t in ("CE", "CP", "PF", "BF", "DE", "PE", "LoS"))
-    assert [line.split(" ")[0] for line in lines] == ["loading", "loaded", "fine-tuning", "scoring", "refitted",
-                                                      "scoring"]
+    assert [line.split(" ")[0] for line in lines] == ["loading", "loaded", "fine-tuning", "saved", "scoring",
+                                                      "refitted", "scoring"]
     # the pooled heads scored before their refit, and refitted on both sites' 16 train samples each
     assert set(r["refit"]) == set(r["summary_before_refit"]["per_task"]) == {"BF", "DE", "PE", "LoS"}
     assert all(v["samples"] == 32 and 0 <= v["epoch"] <= 2 and v["val_loss_after"] <= v["val_loss_before"]
@@ -541,6 +541,20 @@ def test_train_central_small_budget_scores_every_site(tmp_path, cache_dir):
     assert all(row["ratio"] is not None and math.isfinite(row["ratio"]) for row in r["rows"])
     assert (r["max_train"], r["max_test"]) == (16, 8)
     assert "train samples per site: 16, test samples per site: 8" in (tmp_path / "out" / "report.md").read_text()
+    # the fine-tuned state was saved before and after the refit; taken back, it scores the same
+    # without fine-tuning (the saved fine-tuning settings are reported, not this call's defaults)
+    lines.clear()
+    kw = dict(backbone=backbone, batch_size=4, cache_dir=str(cache_dir), max_test=8, max_train=16, log=lines.append)
+    again = central.run_central(str(fed_path), str(tmp_path / "again"), adapter=str(tmp_path / "out" / "adapter.safetensors"),
+                                refit_epochs=2, **kw)
+    assert again["summary_before_refit"] == r["summary_before_refit"] and again["rows"] == r["rows"]
+    assert again["refit"] == r["refit"] and again["history"] == [] and again["steps"] == 1
+    assert [line.split(" ")[0] for line in lines] == ["loading", "loaded", "fine-tuned", "scoring", "refitted", "scoring"]
+    refitted = central.run_central(str(fed_path), str(tmp_path / "refitted"),
+                                   adapter=str(tmp_path / "out" / "adapter-refit.safetensors"), **kw)
+    assert refitted["rows"] == r["rows"] and refitted["summary_before_refit"] is None
+    assert "fine-tuned state loaded from" in (tmp_path / "refitted" / "report.md").read_text()
+    assert not (tmp_path / "refitted" / "adapter.safetensors").exists()  # nothing new was fine-tuned
     from fedfm.scenarios import load_federation
 
     train, baselines = central.load_train_views(load_federation(fed_path), str(cache_dir), 16)
@@ -573,6 +587,19 @@ def test_output_scripts_refuse_a_folder_with_results_and_check_flags_before_writ
         with pytest.raises(ValueError, match=rf"^{flag} \S+ is not allowed"):
             central.run_central(str(fed_path), str(tmp_path / "fresh"), **{**kw, **change})
         assert not (tmp_path / "fresh").exists()  # refused before anything was written
+    # a saved state that does not belong to the model asked for: one line naming the file, nothing written
+    saved = out / "adapter.safetensors"
+    (tmp_path / "junk.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    other_bb = make_backbone(tmp_path / "bb2.safetensors", seed=1)[0]
+    for change, message in (
+            ({"adapter": str(saved), "preset": "small", "backbone": None, "no_pretrain": True}, rf"^{saved}: made for another model: config `\w+` is "),
+            ({"adapter": str(saved), "backbone": other_bb}, rf"^{saved}: made on another backbone \(sha256 \w+, "),
+            ({"adapter": str(saved), "backbone": None}, r"^--adapter \S+: give the --backbone it was fine-tuned on"),
+            ({"adapter": str(saved), "ablation": "single-task"}, r"^--adapter is not allowed with --ablation single"),
+            ({"adapter": str(tmp_path / "junk.safetensors")}, r"junk.safetensors: not an adapter state written by fedfm")):
+        with pytest.raises(ValueError, match=message):
+            central.run_central(str(fed_path), str(tmp_path / "fresh"), **{**kw, **change})
+        assert not (tmp_path / "fresh").exists()
     (tmp_path / "pre").mkdir()
     (tmp_path / "pre" / "pretrain.json").write_text("{}")
     assert pre.main([str(fed_path), "--out", str(tmp_path / "pre"), "--steps", "1"]) == 2

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from fedfm.model.checkpoint import load_backbone, save_backbone
+from fedfm.model.checkpoint import load_adapter, load_backbone, save_adapter, save_backbone
 from fedfm.model.config import DENSE_TASKS, PRESETS, TASKS, ModelConfig
 from fedfm.model.lora import (base_model, get_adapter_state, lora_parameters, parameter_summary,
                               set_adapter_state, wrap_lora)
 from fedfm.model.network import FedFM
 
 __all__ = ["ModelConfig", "PRESETS", "TASKS", "DENSE_TASKS", "FedFM", "build_model", "get_adapter_state",
-           "set_adapter_state", "save_backbone", "load_backbone", "parameter_summary", "base_model",
+           "set_adapter_state", "save_backbone", "load_backbone", "save_adapter", "load_adapter", "parameter_summary", "base_model",
            "lora_parameters", "backbone_hash"]
 
 

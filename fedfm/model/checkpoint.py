@@ -84,3 +84,51 @@ def load_backbone(path: str | Path, expected_hash: str | None = None) -> tuple[d
         raise ValueError(f"{path}: backbone tensor `{bad}` holds NaN or inf values (a diverged training); "
                          f"pretrain again with a lower learning rate")
     return state, cfg, digest
+
+
+def save_adapter(path: str | Path, state: dict[str, torch.Tensor], cfg: ModelConfig,
+                 backbone_sha256: str | None, meta: dict | None = None) -> None:
+    """Write a fine-tuned model's trainable state (``get_adapter_state``) to ``path``, with the
+    model config and the backbone's sha256 in the safetensors header, so that ``load_adapter``
+    can refuse a state made for another model. Written to a temporary file and renamed: a
+    crash never leaves a half-written file under the final name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = {"config": json.dumps(cfg.to_dict()), "backbone_sha256": backbone_sha256 or "none",
+              "meta": json.dumps(meta or {})}
+    tmp = path.with_suffix(".safetensors.tmp")
+    save_file({k: v.detach().float().contiguous().cpu() for k, v in state.items()}, str(tmp), metadata=header)
+    os.replace(tmp, path)
+
+
+def load_adapter(path: str | Path, cfg: ModelConfig, backbone_sha256: str | None) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state, meta) as ``save_adapter`` wrote them, after checking that it was made for a model built from
+    ``cfg`` (the initialisation seed aside) on the backbone with ``backbone_sha256`` (None = a
+    random-init backbone); otherwise ValueError naming the file and what differs."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: adapter state not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+        saved_cfg = json.loads(header["config"])
+        saved_bb = header["backbone_sha256"]
+        meta = json.loads(header.get("meta", "{}"))
+        state = load_file(str(path))
+    except Exception as e:  # SafetensorError on a corrupt header, KeyError/JSONDecodeError on a foreign file
+        raise ValueError(f"{path}: not an adapter state written by fedfm ({type(e).__name__}: {e})") from None
+    want = {k: v for k, v in json.loads(json.dumps(cfg.to_dict())).items() if k != "seed"}
+    differ = sorted(k for k in set(want) | set(saved_cfg) if k != "seed" and want.get(k) != saved_cfg.get(k))
+    if differ:
+        k = differ[0]
+        raise ValueError(f"{path}: made for another model: config `{k}` is {saved_cfg.get(k)!r} there, "
+                         f"{want.get(k)!r} here" + (f" (and {len(differ) - 1} more keys)" if len(differ) > 1 else ""))
+    if saved_bb != (backbone_sha256 or "none"):
+        raise ValueError(f"{path}: made on another backbone (sha256 {saved_bb}, this one is "
+                         f"{backbone_sha256 or 'none: a random-init backbone'})")
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise ValueError(f"{path}: `{bad}` holds NaN or inf values")
+    return state, meta
