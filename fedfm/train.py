@@ -24,6 +24,12 @@ from fedfm.model.prior import classical_prior
 
 
 POOLED_TASKS = ("BF", *POOLED_OUTPUTS)
+# What refit_heads may move. "head": every parameter of a pooled head. "features": only the paths
+# that read the classical side inputs (the linear skip from the profile/context features, PE's LoS
+# gate, BF's spectrum weights and beam-axis CNN), not the MLP over the token-mean embedding, whose
+# inputs move with a site's grid shape (fedfm.model.heads.PooledHead).
+REFIT_SCOPES = ("head", "features")
+_FEATURE_PATHS = frozenset({"skip", "gate", "spectrum_weight", "spectrum_conv"})
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -388,7 +394,8 @@ def _head_inputs(model: nn.Module, task: str, tds: list, device: torch.device, b
 
 
 def refit_heads(model: nn.Module, tasks: dict, epochs: int = 100, lr: float = 3e-3, batch_size: int = 64,
-                val_fraction: float = 0.2, seed: int = 0, device=None, check_every: int = 5) -> dict[str, dict]:
+                val_fraction: float = 0.2, seed: int = 0, device=None, check_every: int = 5,
+                scope: str = "head") -> dict[str, dict]:
     """Refit the pooled heads (BF, DE, PE, LoS) to their training data with everything else
     frozen, keeping the epoch with the lowest loss on held-back training samples.
 
@@ -403,9 +410,13 @@ def refit_heads(model: nn.Module, tasks: dict, epochs: int = 100, lr: float = 3e
     tasks: {task: TaskData or [TaskData, ...]} (train splits; dense tasks are ignored).
     ``val_fraction`` of each task's samples (drawn with ``seed``) is held back to choose the
     epoch; epoch 0, the head as it was, is a candidate, so a refit never raises the held-back
-    loss. The head ends trained on the other samples at the chosen epoch.
+    loss. The head ends trained on the other samples at the chosen epoch. ``scope`` (REFIT_SCOPES):
+    "head" refits every parameter of a head, "features" only its paths from the classical side
+    inputs, leaving the MLP over the embedding as fine-tuning left it.
     Returns {task: {"epoch", "val_loss_before", "val_loss_after", "samples"}}.
     """
+    if scope not in REFIT_SCOPES:
+        raise ValueError(f"refit_heads: `scope` {scope!r} is not allowed; expected one of {', '.join(REFIT_SCOPES)}")
     if epochs <= 0 or batch_size <= 0 or check_every <= 0:
         raise ValueError(f"refit_heads: `epochs`, `batch_size` and `check_every` should be positive, "
                          f"got {epochs}, {batch_size}, {check_every}")
@@ -416,7 +427,7 @@ def refit_heads(model: nn.Module, tasks: dict, epochs: int = 100, lr: float = 3e
     heads = base_model(model).heads
     kept = {t: [p.detach().clone() for p in heads[t].parameters()] for t in tasks if t in POOLED_TASKS}
     try:
-        return _refit(model, heads, tasks, epochs, lr, batch_size, val_fraction, seed, device, check_every)
+        return _refit(model, heads, tasks, epochs, lr, batch_size, val_fraction, seed, device, check_every, scope)
     except ValueError:
         with torch.no_grad():  # a diverged refit leaves every head as it was, not some of them refitted
             for t, values in kept.items():
@@ -427,7 +438,8 @@ def refit_heads(model: nn.Module, tasks: dict, epochs: int = 100, lr: float = 3e
         model.train()
 
 
-def _refit(model, heads, tasks, epochs, lr, batch_size, val_fraction, seed, device, check_every) -> dict[str, dict]:
+def _refit(model, heads, tasks, epochs, lr, batch_size, val_fraction, seed, device, check_every,
+           scope) -> dict[str, dict]:
     out = {}
     for t, tds in tasks.items():
         if t not in POOLED_TASKS:
@@ -442,7 +454,8 @@ def _refit(model, heads, tasks, epochs, lr, batch_size, val_fraction, seed, devi
         order = torch.randperm(n, generator=gen)
         val, fit = order[:n_val], order[n_val:]
         head = heads[t]
-        params = [p for p in head.parameters() if p.requires_grad]
+        params = [p for n, p in head.named_parameters()
+                  if p.requires_grad and (scope == "head" or _FEATURE_PATHS & set(n.split(".")))]
 
         def loss_on(idx):
             return task_loss(t, pooled_output(t, head(*(v[idx].to(device) for v in inputs))), y[idx].to(device), None)

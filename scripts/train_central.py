@@ -36,7 +36,7 @@ from fedfm.model import (ModelConfig, backbone_hash, build_model, get_adapter_st
                          parameter_summary, save_adapter, set_adapter_state)
 from fedfm.runlog import check_fresh_output  # noqa: E402
 from fedfm.scenarios import load_federation  # noqa: E402
-from fedfm.train import POOLED_TASKS, finetune, refit_heads, resolve_device  # noqa: E402
+from fedfm.train import POOLED_TASKS, REFIT_SCOPES, finetune, refit_heads, resolve_device  # noqa: E402
 
 ABLATIONS = ("none", "frozen", "single-task")
 # what a run writes into --out: report.json and report.md at the end, pretrain/ first when it pretrains
@@ -104,7 +104,7 @@ def run_central(federation: str, out: str, preset: str = "tiny", steps: int = 30
                 stage1_steps: int = 0, batch_size: int = 32, lr: float = 1e-3, dwa_temperature: float = 2.0,
                 seed: int = 0, device: str | None = None, cache_dir: str | None = None, max_test: int = 0,
                 max_train: int = 0, head_prior_mu: float = 0.0, refit_epochs: int = 0, adapter: str | None = None,
-                log=print) -> dict:
+                refit_scope: str = "head", log=print) -> dict:
     if ablation not in ABLATIONS:
         raise ValueError(f"--ablation {ablation!r} is not allowed; expected one of {', '.join(ABLATIONS)}")
     out_dir = Path(out)
@@ -123,6 +123,8 @@ def run_central(federation: str, out: str, preset: str = "tiny", steps: int = 30
             ("--refit-epochs", refit_epochs, refit_epochs >= 0, "an integer >= 0 (0 = no refit)")):
         if not ok:  # checked before anything is written or trained
             raise ValueError(f"{flag} {value} is not allowed; expected {allowed}")
+    if refit_scope not in REFIT_SCOPES:
+        raise ValueError(f"--refit-scope {refit_scope!r} is not allowed; expected one of {', '.join(REFIT_SCOPES)}")
     if adapter is not None and ablation == "single-task":
         raise ValueError("--adapter is not allowed with --ablation single-task (seven models, none saved)")
     if adapter is not None and backbone is None and not no_pretrain:
@@ -164,7 +166,8 @@ def run_central(federation: str, out: str, preset: str = "tiny", steps: int = 30
             models[t] = build_model(dataclasses.replace(cfg, tasks=(t,)), backbone)
             losses[t] = finetune(models[t], {t: tds}, **kw)[t]
             if refit_epochs and t in POOLED_TASKS:
-                refit.update(refit_heads(models[t], {t: tds}, epochs=refit_epochs, seed=seed, device=device))
+                refit.update(refit_heads(models[t], {t: tds}, epochs=refit_epochs, seed=seed, device=device,
+                                         scope=refit_scope))
         for site, views in test.items():  # each site's test views built once
             predictions.update({(site, t): predict(m, views[t], device=device) for t, m in models.items()})
         rows = evaluate_sites(None, test, baselines, roles, predictions=predictions)
@@ -184,12 +187,13 @@ def run_central(federation: str, out: str, preset: str = "tiny", steps: int = 30
             log(f"scoring the pooled heads before refitting them ({time.perf_counter() - t0:.0f} s so far) ...")
             before = summarise(evaluate_sites(model, SiteViews(fed.sites, "test", cache_dir, max_test, POOLED_TASKS),
                                               baselines, roles, device=device))
-            refit = refit_heads(model, pooled, epochs=refit_epochs, seed=seed, device=device)
+            refit = refit_heads(model, pooled, epochs=refit_epochs, seed=seed, device=device, scope=refit_scope)
             log("refitted the pooled heads: " + ", ".join(
                 f"{t} epoch {r['epoch']} (held-back loss {r['val_loss_before']:.4g} -> {r['val_loss_after']:.4g})"
                 for t, r in refit.items()))
             save_adapter(out_dir / "adapter-refit.safetensors", get_adapter_state(model), cfg, backbone_hash(model),
-                         {**(loaded["meta"] if loaded else meta), "refit_epochs": refit_epochs, "refit_seed": seed})
+                         {**(loaded["meta"] if loaded else meta), "refit_epochs": refit_epochs, "refit_scope": refit_scope,
+                          "refit_seed": seed})
         log(f"scoring every task on every site's test split ({time.perf_counter() - t0:.0f} s so far) ...")
         rows = evaluate_sites(model, test, baselines, roles, device=device)
     seconds = time.perf_counter() - t0
@@ -201,7 +205,7 @@ def run_central(federation: str, out: str, preset: str = "tiny", steps: int = 30
         trained = {k: loaded["meta"].get(k) for k in trained}
     report = {"federation": fed.name, "preset": preset, "ablation": ablation, "backbone": backbone,
               "pretrained": backbone is not None, **trained, "dwa_temperature": dwa_temperature,
-              "refit_epochs": refit_epochs, "refit": refit,
+              "refit_epochs": refit_epochs, "refit_scope": refit_scope, "refit": refit,
               "summary_before_refit": before, "seed": seed, "adapter_from": loaded,
               "max_train": max_train, "max_test": max_test,
               "device": str(device), "finetune_seconds": seconds, "config": cfg.to_dict(),
@@ -238,7 +242,8 @@ def render_markdown(r: dict) -> str:
     if r.get("summary_before_refit"):
         b, refit = r["summary_before_refit"]["per_task"], r.get("refit", {})
         lines += ["", f"Pooled heads refitted on frozen features after fine-tuning (`--refit-epochs "
-                  f"{r['refit_epochs']}`; the epoch chosen on a held-back fifth of the train samples):", "",
+                  f"{r['refit_epochs']} --refit-scope {r.get('refit_scope', 'head')}`; the epoch chosen on a "
+                  f"held-back fifth of the train samples):", "",
                   "| task | mean ratio before refit (sites beaten) | after (sites beaten) | epoch chosen |",
                   "| --- | ---: | ---: | ---: |"]
         lines += [f"| {t} | {v['ratio']:.3f} ({v['wins']}/{v['sites']}) | {s['per_task'][t]['ratio']:.3f} "
@@ -267,6 +272,9 @@ def main(argv=None) -> int:
     p.add_argument("--refit-epochs", type=int, default=0,
                    help="after fine-tuning, refit the BF/DE/PE/LoS heads alone on frozen features for up to "
                         "N epochs, keeping the best epoch on a held-back fifth of the train samples (0 = off)")
+    p.add_argument("--refit-scope", default="head", choices=REFIT_SCOPES,
+                   help="what the refit moves: the whole pooled head, or only its paths from the classical "
+                        "side inputs (skip, PE's LoS gate, BF's spectrum weights), not the MLP over the embedding")
     p.add_argument("--adapter", default=None,
                    help="a fine-tuned state this script saved (OUT/adapter.safetensors): load it instead of "
                         "fine-tuning, then refit (--refit-epochs) and score; needs the same --backbone and --preset")
@@ -280,7 +288,8 @@ def main(argv=None) -> int:
     try:
         r = run_central(a.federation, a.out, a.preset, a.steps, a.backbone, a.no_pretrain, a.pretrain_steps,
                         a.ablation, a.stage1_steps, a.batch_size, a.lr, a.dwa_temperature, a.seed, a.device,
-                        a.cache_dir, a.max_test, a.max_train, a.head_prior_mu, a.refit_epochs, a.adapter)
+                        a.cache_dir, a.max_test, a.max_train, a.head_prior_mu, a.refit_epochs, a.adapter,
+                        a.refit_scope)
     except ValueError as e:
         print(f"train_central: {e}", file=sys.stderr)
         return 2

@@ -555,6 +555,18 @@ def test_train_central_small_budget_scores_every_site(tmp_path, cache_dir):
     assert refitted["rows"] == r["rows"] and refitted["summary_before_refit"] is None
     assert "fine-tuned state loaded from" in (tmp_path / "refitted" / "report.md").read_text()
     assert not (tmp_path / "refitted" / "adapter.safetensors").exists()  # nothing new was fine-tuned
+    # --refit-scope features: only the heads' paths from the side inputs differ from the fine-tuned state
+    feat = central.run_central(str(fed_path), str(tmp_path / "feat"), refit_epochs=2, refit_scope="features",
+                               adapter=str(tmp_path / "out" / "adapter.safetensors"), **kw)
+    import torch
+    from safetensors.torch import load_file
+
+    tuned, refit = load_file(tmp_path / "out" / "adapter.safetensors"), load_file(tmp_path / "feat" / "adapter-refit.safetensors")
+    changed = {tuple(k.split(".")[3:5]) for k in tuned if not torch.equal(tuned[k], refit[k])}  # (task, path)
+    assert all(k.startswith("base_model.model.heads.") for k in tuned if not torch.equal(tuned[k], refit[k]))
+    assert feat["refit_scope"] == "features" and {p for _, p in changed} <= {"skip", "gate", "spectrum_weight", "spectrum_conv"}
+    assert "--refit-scope features" in (tmp_path / "feat" / "report.md").read_text()
+    assert {t for t, _ in changed} == {t for t, v in feat["refit"].items() if v["epoch"] > 0} != set()
     from fedfm.scenarios import load_federation
 
     train, baselines = central.load_train_views(load_federation(fed_path), str(cache_dir), 16)
@@ -583,7 +595,8 @@ def test_output_scripts_refuse_a_folder_with_results_and_check_flags_before_writ
         central.run_central(str(fed_path), str(out), **{**kw, "batch_size": 2})
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     for flag, change in (("--max-test", {"max_test": -5}), ("--batch-size", {"batch_size": 0}),
-                         ("--lr", {"lr": float("nan")}), ("--refit-epochs", {"refit_epochs": -1})):
+                         ("--lr", {"lr": float("nan")}), ("--refit-epochs", {"refit_epochs": -1}),
+                         ("--refit-scope", {"refit_scope": "mlp"})):
         with pytest.raises(ValueError, match=rf"^{flag} \S+ is not allowed"):
             central.run_central(str(fed_path), str(tmp_path / "fresh"), **{**kw, **change})
         assert not (tmp_path / "fresh").exists()  # refused before anything was written

@@ -373,6 +373,21 @@ def test_refit_moves_only_the_pooled_heads_and_keeps_the_best_held_back_epoch(rn
         assert r["val_loss_after"] < r["val_loss_before"] and r["epoch"] > 0
 
 
+def test_a_features_scope_refit_moves_only_the_paths_from_the_side_inputs(rng):
+    model = build_model(tiny_cfg())
+    tasks = fake_tasks(rng, samples=40)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    info = refit_heads(model, tasks, epochs=6, lr=1e-2, batch_size=8, val_fraction=0.25, seed=3, check_every=1,
+                       scope="features")
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert info["BF"]["epoch"] > 0 and info["LoS"]["epoch"] > 0  # both refits kept an epoch that moved something
+    paths = {n.split(".modules_to_save.default.")[1].split(".")[0] for n in moved}
+    assert all(".modules_to_save.default." in n for n in moved) and paths <= {"skip", "spectrum_weight", "spectrum_conv"}
+    assert {"skip", "spectrum_weight"} <= paths  # BF's beam reading and the linear path moved; its MLP did not
+    with pytest.raises(ValueError, match=r"^refit_heads: `scope` 'mlp' is not allowed; expected one of head, features"):
+        refit_heads(model, tasks, scope="mlp")
+
+
 def test_a_refit_that_only_hurts_leaves_the_heads_as_they_were(rng):
     # Steps of 50 per parameter make every epoch worse on the held-back samples: epoch 0 is kept.
     model = build_model(tiny_cfg())
