@@ -200,10 +200,10 @@ def run_central(federation: str, out: str, preset: str = "tiny", steps: int = 30
     summary = summarise(rows)
     # a loaded state was fine-tuned by the run that saved it: its settings, not this call's flags
     trained = {"steps": steps, "stage1_steps": stage1_steps, "batch_size": batch_size, "lr": lr,
-               "head_prior_mu": head_prior_mu}
+               "head_prior_mu": head_prior_mu, "ablation": ablation}
     if loaded is not None:
         trained = {k: loaded["meta"].get(k) for k in trained}
-    report = {"federation": fed.name, "preset": preset, "ablation": ablation, "backbone": backbone,
+    report = {"federation": fed.name, "preset": preset, "backbone": backbone,
               "pretrained": backbone is not None, **trained, "dwa_temperature": dwa_temperature,
               "refit_epochs": refit_epochs, "refit_scope": refit_scope, "refit": refit,
               "summary_before_refit": before, "seed": seed, "adapter_from": loaded,
