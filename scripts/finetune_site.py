@@ -10,7 +10,8 @@ train-split labels (of its first ``train-max-samples`` when the run capped them)
 LLM4WM's generalisation experiment. The classical baselines
 are fitted on the same labelled fraction. Scores are on the site's full test split.
 ``--refit-epochs N`` then refits the pooled heads (BF, DE, PE, LoS) alone on the same labels
-(``fedfm.train.refit_heads``). Writes ``<run>/finetune/<site>-<fraction>.json``.
+(``fedfm.train.refit_heads``; ``--refit-scope features`` moves only their paths from the classical
+side inputs). Writes ``<run>/finetune/<site>-<fraction>.json``.
 """
 from __future__ import annotations
 
@@ -26,12 +27,13 @@ from fedfm.runlog import RunLog, read_run_config, write_json  # noqa: E402
 
 
 def finetune_site(run_dir: str, site_path: str, fraction: float = 1.0, steps: int | None = None,
-                  refit_epochs: int = 0) -> dict:
+                  refit_epochs: int = 0, refit_scope: str = "head") -> dict:
     from fedfm.baselines import fit_baseline
     from fedfm.evaluate import evaluate_sites
     from fedfm.federated import build_run_model, load_site_tasks, local_train, numpy_state, torch_state
     from fedfm.model import get_adapter_state, set_adapter_state
     from fedfm.scenarios import load_site
+    from fedfm.train import REFIT_SCOPES
 
     if not 0 < fraction <= 1:
         raise ValueError(f"--fraction {fraction} is not allowed; expected a number in (0, 1]")
@@ -39,6 +41,8 @@ def finetune_site(run_dir: str, site_path: str, fraction: float = 1.0, steps: in
         raise ValueError(f"--steps {steps} is not allowed; expected an integer > 0")
     if refit_epochs < 0:
         raise ValueError(f"--refit-epochs {refit_epochs} is not allowed; expected an integer >= 0 (0 = no refit)")
+    if refit_scope not in REFIT_SCOPES:
+        raise ValueError(f"--refit-scope {refit_scope!r} is not allowed; expected one of {', '.join(REFIT_SCOPES)}")
     conf = read_run_config(run_dir)  # before RunLog, which would create checkpoints/ in any folder
     where = Path(run_dir) / "config.json"
     try:
@@ -83,12 +87,13 @@ def finetune_site(run_dir: str, site_path: str, fraction: float = 1.0, steps: in
         from fedfm.federated import resolve_device
         from fedfm.train import refit_heads
 
-        refit = refit_heads(model, train, epochs=refit_epochs, seed=res.seed, device=resolve_device(cfg.device))
+        refit = refit_heads(model, train, epochs=refit_epochs, seed=res.seed, device=resolve_device(cfg.device),
+                            scope=refit_scope)
     after = evaluate_sites(model, test, baselines)
     out = {"run": str(run_dir), "site": spec.name, "fraction": fraction, "labelled_samples": labelled,
-           "from_round": last, "refit_epochs": refit_epochs, "refit": refit, "rows": [{"task": b["task"], "baseline": b["baseline"], "before": b["model"],
-                                         "after": a["model"], "ratio_before": b["ratio"], "ratio_after": a["ratio"]}
-                                        for b, a in zip(before, after)]}
+           "from_round": last, "refit_epochs": refit_epochs, "refit_scope": refit_scope, "refit": refit,
+           "rows": [{"task": b["task"], "baseline": b["baseline"], "before": b["model"], "after": a["model"],
+                     "ratio_before": b["ratio"], "ratio_after": a["ratio"]} for b, a in zip(before, after)]}
     (log.dir / "finetune").mkdir(exist_ok=True)
     write_json(log.dir / "finetune" / f"{spec.name}-{fraction:g}.json", out)
     return out
@@ -120,9 +125,12 @@ def main(argv=None) -> int:
     p.add_argument("--refit-epochs", type=int, default=0,
                    help="then refit the BF/DE/PE/LoS heads alone on frozen features for up to N epochs, keeping "
                         "the best epoch on a held-back fifth of the labelled samples (0 = off)")
+    p.add_argument("--refit-scope", default="head",
+                   help="what the refit moves: head (all of each pooled head) or features (only its paths from "
+                        "the classical side inputs, not the MLP over the embedding)")
     args = p.parse_args(argv)
     try:
-        out = finetune_site(args.run, args.site, args.fraction, args.steps, args.refit_epochs)
+        out = finetune_site(args.run, args.site, args.fraction, args.steps, args.refit_epochs, args.refit_scope)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

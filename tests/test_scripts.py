@@ -156,6 +156,10 @@ def test_finetune_site_refits_the_pooled_heads_on_the_labelled_fraction(fed_run,
     assert script.main(["--run", str(fed_run["run"]), "--site", str(fed_run["root"] / "gamma.yaml"),
                         "--refit-epochs", "-1"]) == 2
     assert capsys.readouterr().err.startswith("error: --refit-epochs -1 is not allowed")
+    assert script.main(["--run", str(fed_run["run"]), "--site", str(fed_run["root"] / "gamma.yaml"),
+                        "--refit-epochs", "3", "--refit-scope", "mlp"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --refit-scope 'mlp' is not allowed; expected one of head, features") and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("fraction", ["0", "1.5"])
