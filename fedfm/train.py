@@ -395,7 +395,7 @@ def _head_inputs(model: nn.Module, task: str, tds: list, device: torch.device, b
 
 def refit_heads(model: nn.Module, tasks: dict, epochs: int = 100, lr: float = 3e-3, batch_size: int = 64,
                 val_fraction: float = 0.2, seed: int = 0, device=None, check_every: int = 5,
-                scope: str = "head") -> dict[str, dict]:
+                scope: str = "head", prior_mu: float = 0.0) -> dict[str, dict]:
     """Refit the pooled heads (BF, DE, PE, LoS) to their training data with everything else
     frozen, keeping the epoch with the lowest loss on held-back training samples.
 
@@ -412,11 +412,15 @@ def refit_heads(model: nn.Module, tasks: dict, epochs: int = 100, lr: float = 3e
     epoch; epoch 0, the head as it was, is a candidate, so a refit never raises the held-back
     loss. The head ends trained on the other samples at the chosen epoch. ``scope`` (REFIT_SCOPES):
     "head" refits every parameter of a head, "features" only its paths from the classical side
-    inputs, leaving the MLP over the embedding as fine-tuning left it.
+    inputs, leaving the MLP over the embedding as fine-tuning left it. ``prior_mu`` > 0 adds
+    μ/2·‖θ − θ_before‖² to every batch's loss (L2-SP towards the head as fine-tuning left it; the
+    held-back loss that chooses the epoch is without it).
     Returns {task: {"epoch", "val_loss_before", "val_loss_after", "samples"}}.
     """
     if scope not in REFIT_SCOPES:
         raise ValueError(f"refit_heads: `scope` {scope!r} is not allowed; expected one of {', '.join(REFIT_SCOPES)}")
+    if not (math.isfinite(prior_mu) and prior_mu >= 0):
+        raise ValueError(f"refit_heads: `prior_mu` {prior_mu} is not allowed; expected a finite number >= 0")
     if epochs <= 0 or batch_size <= 0 or check_every <= 0:
         raise ValueError(f"refit_heads: `epochs`, `batch_size` and `check_every` should be positive, "
                          f"got {epochs}, {batch_size}, {check_every}")
@@ -427,7 +431,8 @@ def refit_heads(model: nn.Module, tasks: dict, epochs: int = 100, lr: float = 3e
     heads = base_model(model).heads
     kept = {t: [p.detach().clone() for p in heads[t].parameters()] for t in tasks if t in POOLED_TASKS}
     try:
-        return _refit(model, heads, tasks, epochs, lr, batch_size, val_fraction, seed, device, check_every, scope)
+        return _refit(model, heads, tasks, epochs, lr, batch_size, val_fraction, seed, device, check_every, scope,
+                      prior_mu)
     except ValueError:
         with torch.no_grad():  # a diverged refit leaves every head as it was, not some of them refitted
             for t, values in kept.items():
@@ -439,7 +444,7 @@ def refit_heads(model: nn.Module, tasks: dict, epochs: int = 100, lr: float = 3e
 
 
 def _refit(model, heads, tasks, epochs, lr, batch_size, val_fraction, seed, device, check_every,
-           scope) -> dict[str, dict]:
+           scope, prior_mu) -> dict[str, dict]:
     out = {}
     for t, tds in tasks.items():
         if t not in POOLED_TASKS:
@@ -463,6 +468,7 @@ def _refit(model, heads, tasks, epochs, lr, batch_size, val_fraction, seed, devi
         with torch.no_grad():
             before = float(loss_on(val))
         best = (before, [p.detach().clone() for p in params], 0)
+        anchor = best[1]
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         for epoch in range(1, epochs + 1):
             shuffled = fit[torch.randperm(fit.numel(), generator=gen)]
@@ -473,6 +479,8 @@ def _refit(model, heads, tasks, epochs, lr, batch_size, val_fraction, seed, devi
                     raise ValueError(f"refit_heads: the {t} loss is {value} in epoch {epoch} (diverged "
                                      f"at lr {lr:g}: lower it); every head is left as it was")
                 opt.zero_grad(set_to_none=True)
+                if prior_mu > 0:
+                    loss = loss + 0.5 * prior_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
                 loss.backward()
                 opt.step()
             if epoch % check_every == 0 or epoch == epochs:

@@ -388,6 +388,24 @@ def test_a_features_scope_refit_moves_only_the_paths_from_the_side_inputs(rng):
         refit_heads(model, tasks, scope="mlp")
 
 
+def test_a_refit_prior_holds_the_heads_near_where_fine_tuning_left_them(rng):
+    tasks = fake_tasks(rng, samples=40)
+
+    def moved(mu):  # how far a refit of the same model moves the BF and LoS heads
+        model = build_model(tiny_cfg())
+        before = get_adapter_state(model)
+        info = refit_heads(model, tasks, epochs=6, lr=1e-2, batch_size=8, val_fraction=0.25, seed=3, check_every=1,
+                           prior_mu=mu)
+        after = get_adapter_state(model)
+        return info, sum(float(((after[k] - before[k]) ** 2).sum()) for k in before) ** 0.5
+
+    (free, d_free), (held, d_held) = moved(0.0), moved(1e3)
+    assert all(r["epoch"] > 0 for r in free.values()) and d_free > 0
+    assert d_held < 0.2 * d_free, (d_held, d_free)  # μ/2·‖θ − θ_before‖² pulls back every step
+    with pytest.raises(ValueError, match=r"^refit_heads: `prior_mu` -1.0 is not allowed"):
+        refit_heads(build_model(tiny_cfg()), tasks, prior_mu=-1.0)
+
+
 def test_a_refit_that_only_hurts_leaves_the_heads_as_they_were(rng):
     # Steps of 50 per parameter make every epoch worse on the held-back samples: epoch 0 is kept.
     model = build_model(tiny_cfg())
