@@ -20,6 +20,9 @@ that RUN shares all of those (else one line naming what differs, and nothing is 
 
     python scripts/run_federation.py --federation FED.yaml --out runs/b --set strategy=fedavgm
     python scripts/compare.py FED.yaml --skip-federated --out runs/b --reference runs/a
+
+``--skip-centralized`` trains the local-only arm alone (the centralized arm costs as much as all
+local-only trainings together); the table then has no centralized column to compare with.
 """
 from __future__ import annotations
 
@@ -46,8 +49,9 @@ def score_model(model, tds: dict) -> dict[str, dict[str, float]]:
     return {task: score(task, predict(model, td), td) for task, td in tds.items()}
 
 
-def local_and_central(run_dir: Path) -> dict:
-    """Train local-only and centralized models with the federated run's settings and backbone."""
+def local_and_central(run_dir: Path, centralized: bool = True) -> dict:
+    """Train local-only and (unless ``centralized`` is False) centralized models with the
+    federated run's settings and backbone."""
     from fedfm.federated import build_run_model, local_train, torch_state
     from fedfm.model import set_adapter_state
     from fedfm.scenarios import derive_seed
@@ -60,7 +64,8 @@ def local_and_central(run_dir: Path) -> dict:
     init, _, _ = log.load_checkpoint(0)
     sites = [e for e in load_federation_sites(cfg.federation) if e.role == "train" and e.spec]
     budget = cfg.local_steps * cfg.num_server_rounds
-    out = {"local_only": {}, "centralized": {}, "steps": {"per_site": budget, "centralized": budget * len(sites)}}
+    out = {"local_only": {}, "centralized": {},
+           "steps": {"per_site": budget, **({"centralized": budget * len(sites)} if centralized else {})}}
     train = {e.name: _site_tasks(e, "train", cfg.cache_dir, cfg.train_max_samples) for e in sites}
     test = {e.name: _site_tasks(e, "test", cfg.cache_dir, cfg.eval_max_samples) for e in sites}
     model = build_run_model(cfg, num_beams, backbone)
@@ -69,6 +74,8 @@ def local_and_central(run_dir: Path) -> dict:
                           tasks=train[e.name])
         set_adapter_state(model, torch_state(res.state))
         out["local_only"][e.name] = score_model(model, test[e.name])
+    if not centralized:
+        return out
     set_adapter_state(model, torch_state(init))
     pooled = {task: [train[e.name][task] for e in sites] for task in train[sites[0].name]}
     finetune(model, pooled, steps=budget * len(sites), batch_size=cfg.batch_size, lr=cfg.lr,
@@ -189,7 +196,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="federated run folder (default: runs/compare-<timestamp>)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run-config override")
     p.add_argument("--skip-federated", action="store_true", help="reuse the run in --out")
-    p.add_argument("--reference", default=None, metavar="RUN",
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--skip-centralized", action="store_true",
+                   help="train only the local-only arm (no centralized column)")
+    g.add_argument("--reference", default=None, metavar="RUN",
                    help="take local-only and centralized from RUN's compare.json (checked to share "
                         "data, backbone, initial adapters and budget) instead of training them")
     args = p.parse_args(argv)
@@ -213,7 +223,7 @@ def main(argv=None) -> int:
                                  f"do not apply to {out}: {why}")
             result = {**read_json(ref / "compare.json"), "reference": str(ref)}
         else:
-            result = local_and_central(out)
+            result = local_and_central(out, centralized=not args.skip_centralized)
         result["steps"] = {**result.get("steps", {}), "federated_per_site": fed_steps}
         short = {site: n for site, n in fed_steps.items() if n < result["steps"].get("per_site", 0)}
         if short:  # a site error or rejected update cost that site rounds: say so beside the table

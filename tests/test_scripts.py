@@ -237,6 +237,30 @@ def test_compare_equal_per_site_compute(fed_run, capsys):
                        for t in TASKS), (kind, site)
 
 
+def test_compare_skip_centralized_trains_only_the_local_only_arm(fed_run, tmp_path, capsys):
+    import shutil
+
+    script = _load_script("compare")
+    run = tmp_path / "run"
+    shutil.copytree(fed_run["run"], run)
+    (run / "compare.json").unlink(missing_ok=True)
+    with pytest.MonkeyPatch.context() as mp:
+        calls = FinetuneCalls(mp)
+        rc = script.main([str(fed_run["fed"]), "--out", str(run), "--skip-federated", "--skip-centralized"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    # two local-only trainings, each on one site's data; nothing on the pool
+    assert [sorted(set(len(n) for n in c["samples"].values())) for c in calls.calls] == [[1], [1]]
+    res = json.loads((run / "compare.json").read_text())
+    assert set(res["local_only"]) == {"alpha", "beta"} and res["centralized"] == {}
+    assert "centralized" not in res["steps"]
+    rows = [ln.split("|")[2:5] for ln in out.splitlines() if ln.startswith(("| alpha ", "| beta "))]
+    assert len(rows) == 2 and all(math.isfinite(float(f)) and math.isfinite(float(lo)) and c.strip() == "—"
+                                  for f, lo, c in rows)
+    assert "average score: not computed (no training site has a federated and a centralized score)" in out
+    assert "federated better than local-only on every training site: " in out
+
+
 def test_compare_refuses_an_unfinished_run_and_warns_about_lost_rounds(fed_run, tmp_path, capsys, monkeypatch):
     import shutil
 
@@ -256,7 +280,7 @@ def test_compare_refuses_an_unfinished_run_and_warns_about_lost_rounds(fed_run, 
     ledger = [{**r, "status": "rejected"} if (r["round"], r["site"]) == (1, "beta") else r
               for r in read_jsonl(run / "ledger.jsonl")]
     (run / "ledger.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ledger))
-    monkeypatch.setattr(script, "local_and_central", lambda d: {"steps": {"per_site": ROUNDS * LOCAL_STEPS}})
+    monkeypatch.setattr(script, "local_and_central", lambda d, centralized=True: {"steps": {"per_site": ROUNDS * LOCAL_STEPS}})
     assert script.main([str(fed_run["fed"]), "--out", str(run), "--skip-federated"]) == 0
     assert (f"warning: not at equal compute: federated sites trained fewer than the {ROUNDS * LOCAL_STEPS} "
             f"steps local-only had: beta {(ROUNDS - 1) * LOCAL_STEPS}") in capsys.readouterr().err
@@ -451,7 +475,7 @@ def test_compare_table_leaves_out_missing_scores(monkeypatch, capsys, tmp_path):
     # beta shares no task with its baselines (no scores); gamma is held out (not in the table)
     summary = {"sites": {"alpha": _site("train", 0.5, 0.8, 0.45), "beta": _site("train", None),
                          "delta": _site("train", 0.6, 0.7, None), "gamma": _site("heldout", 0.9)}}
-    monkeypatch.setattr(script, "local_and_central", lambda run_dir: {})
+    monkeypatch.setattr(script, "local_and_central", lambda run_dir, centralized=True: {})
     monkeypatch.setattr(script, "federated_steps", lambda run_dir: {})
     monkeypatch.setattr(fedfm.report, "write_report", lambda run_dir: tmp_path / "report.md")
     monkeypatch.setattr(fedfm.report, "load_run", lambda run_dir: None)
