@@ -459,8 +459,8 @@ def _refit(model, heads, tasks, epochs, lr, batch_size, val_fraction, seed, devi
         order = torch.randperm(n, generator=gen)
         val, fit = order[:n_val], order[n_val:]
         head = heads[t]
-        params = [p for n, p in head.named_parameters()
-                  if p.requires_grad and (scope == "head" or _FEATURE_PATHS & set(n.split(".")))]
+        params = [p for name, p in head.named_parameters()
+                  if p.requires_grad and (scope == "head" or _FEATURE_PATHS & set(name.split(".")))]
 
         def loss_on(idx):
             return task_loss(t, pooled_output(t, head(*(v[idx].to(device) for v in inputs))), y[idx].to(device), None)

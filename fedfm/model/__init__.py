@@ -18,8 +18,8 @@ from fedfm.model.lora import (base_model, get_adapter_state, lora_parameters, pa
 from fedfm.model.network import FedFM
 
 __all__ = ["ModelConfig", "PRESETS", "TASKS", "DENSE_TASKS", "FedFM", "build_model", "get_adapter_state",
-           "set_adapter_state", "save_backbone", "load_backbone", "save_adapter", "load_adapter", "parameter_summary", "base_model",
-           "lora_parameters", "backbone_hash"]
+           "set_adapter_state", "save_backbone", "load_backbone", "save_adapter", "load_adapter",
+           "parameter_summary", "base_model", "lora_parameters", "backbone_hash"]
 
 
 def build_model(cfg: ModelConfig, backbone: str | Path | None = None, expected_hash: str | None = None,

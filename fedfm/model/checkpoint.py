@@ -101,9 +101,10 @@ def save_adapter(path: str | Path, state: dict[str, torch.Tensor], cfg: ModelCon
     os.replace(tmp, path)
 
 
-def load_adapter(path: str | Path, cfg: ModelConfig, backbone_sha256: str | None) -> tuple[dict[str, torch.Tensor], dict]:
-    """(state, meta) as ``save_adapter`` wrote them, after checking that it was made for a model built from
-    ``cfg`` (the initialisation seed aside) on the backbone with ``backbone_sha256`` (None = a
+def load_adapter(path: str | Path, cfg: ModelConfig,
+                 backbone_sha256: str | None) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state, meta) as ``save_adapter`` wrote them, after checking that it was made for a model
+    built from ``cfg`` (the initialisation seed aside) on the backbone with ``backbone_sha256`` (None = a
     random-init backbone); otherwise ValueError naming the file and what differs."""
     from safetensors import safe_open
 
@@ -119,7 +120,7 @@ def load_adapter(path: str | Path, cfg: ModelConfig, backbone_sha256: str | None
         state = load_file(str(path))
     except Exception as e:  # SafetensorError on a corrupt header, KeyError/JSONDecodeError on a foreign file
         raise ValueError(f"{path}: not an adapter state written by fedfm ({type(e).__name__}: {e})") from None
-    want = {k: v for k, v in json.loads(json.dumps(cfg.to_dict())).items() if k != "seed"}
+    want = json.loads(json.dumps(cfg.to_dict()))  # tuples as the header's JSON holds them: lists
     differ = sorted(k for k in set(want) | set(saved_cfg) if k != "seed" and want.get(k) != saved_cfg.get(k))
     if differ:
         k = differ[0]
