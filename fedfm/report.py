@@ -132,26 +132,24 @@ def _ratio(v, digits: int = 2) -> str:
     return "∞" if math.isinf(v) else f"{v:.{digits}f}"
 
 
-def _cell(task: str, entry: dict) -> str:
+def _cell(task: str, entry: dict, arms=()) -> str:
     key = HEADLINE[task]
-    parts = [_fmt(key, (entry.get(k) or {}).get(key)) for k in ("federated", "baseline")]
-    extra = [_fmt(key, (entry.get(k) or {}).get(key)) for k in ("local_only", "centralized") if k in entry]
-    return " / ".join(parts + extra)
+    return " / ".join(_fmt(key, (entry.get(k) or {}).get(key)) for k in ("federated", "baseline", *arms))
 
 
 def _site_table(summary: dict, role: str) -> list[str]:
     sites = {n: s for n, s in summary["sites"].items() if s["role"] == role}
     if not sites:
         return ["(none)", ""]
-    has_cmp = any("avg_score_local_only" in s or "avg_score_centralized" in s for s in sites.values())
+    # the comparison arms computed for these sites (compare.py --skip-centralized: local-only alone)
+    arms = [k for k in ("local_only", "centralized") if any(f"avg_score_{k}" in s for s in sites.values())]
     head = "| site | " + " | ".join(f"{t} {HEADLINE[t]}" for t in TASK_ORDER) + " | avg score |"
     lines = [head, "|" + "---|" * (len(TASK_ORDER) + 2)]
     for name, s in sites.items():
-        cells = [_cell(t, s["tasks"].get(t, {})) for t in TASK_ORDER]
-        keys = ("avg_score", "avg_score_local_only", "avg_score_centralized") if has_cmp else ("avg_score",)
-        avg = " / ".join(_ratio(s.get(k)) for k in keys)
+        cells = [_cell(t, s["tasks"].get(t, {}), arms) for t in TASK_ORDER]
+        avg = " / ".join(_ratio(s.get(k)) for k in ("avg_score", *(f"avg_score_{a}" for a in arms)))
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {avg} |")
-    cols = "federated / baseline" + (" / local-only / centralized" if has_cmp else "")
+    cols = " / ".join(["federated", "baseline", *(a.replace("_", "-") for a in arms)])
     return lines + ["", f"Cells: {cols}. Avg score: mean over tasks of model error ÷ baseline error "
                         "(lower is better, 1.0 = baseline).", ""]
 

@@ -259,6 +259,8 @@ def test_compare_skip_centralized_trains_only_the_local_only_arm(fed_run, tmp_pa
                                   for f, lo, c in rows)
     assert "average score: not computed (no training site has a federated and a centralized score)" in out
     assert "federated better than local-only on every training site: " in out
+    md = (run / "report.md").read_text()  # the report names the arms it shows: no centralized column
+    assert "Cells: federated / baseline / local-only. Avg score" in md and "centralized" not in md.split("## Held-out")[0]
 
 
 def test_compare_refuses_an_unfinished_run_and_warns_about_lost_rounds(fed_run, tmp_path, capsys, monkeypatch):
