@@ -133,12 +133,18 @@ def run_central(federation: str, out: str, preset: str = "tiny", steps: int = 30
     fed = load_federation(federation)
     device = resolve_device(device)
     cfg = ModelConfig.from_preset(preset, num_beams=fed.num_beams, seed=seed)
+    # what the fine-tuning was: saved in adapter.safetensors' header and reported; a loaded state
+    # brings the settings of the run that fine-tuned it instead
+    trained = {"steps": steps, "stage1_steps": stage1_steps, "batch_size": batch_size, "lr": lr,
+               "head_prior_mu": head_prior_mu, "ablation": ablation}
+    meta = {"federation": fed.name, **trained, "seed": seed, "max_train": max_train, "backbone": backbone}
     loaded = None
     if adapter is not None:  # checked before anything is written: same preset, beams and backbone
         model = build_model(cfg, backbone)
         state, meta = load_adapter(adapter, cfg, backbone_hash(model))
         set_adapter_state(model, state)
         loaded = {"path": str(adapter), "meta": meta}
+        trained = {k: meta.get(k) for k in trained}
     out_dir.mkdir(parents=True, exist_ok=True)
     if backbone is None and not no_pretrain:
         from pretrain import run_pretraining  # scripts/pretrain.py, beside this file
@@ -146,6 +152,7 @@ def run_central(federation: str, out: str, preset: str = "tiny", steps: int = 30
         log(f"pretraining a {preset} backbone for {pretrain_steps} steps ...")
         backbone = run_pretraining(federation, str(out_dir / "pretrain"), preset, pretrain_steps, batch_size,
                                    lr, seed, str(device), cache_dir, log=log)["backbone"]
+        meta["backbone"] = backbone  # (never with --adapter, which needs --backbone or --no-pretrain)
     t_load = time.perf_counter()
     log("loading the train splits and fitting every site's baselines ...")
     train, baselines = load_train_views(fed, cache_dir, max_train)
@@ -175,9 +182,6 @@ def run_central(federation: str, out: str, preset: str = "tiny", steps: int = 30
         if loaded is None:
             model = build_model(cfg, backbone)
             losses = finetune(model, pooled, history=history, **kw)
-            meta = {"federation": fed.name, "steps": steps, "stage1_steps": stage1_steps, "batch_size": batch_size,
-                    "lr": lr, "head_prior_mu": head_prior_mu, "seed": seed, "max_train": max_train,
-                    "ablation": ablation, "backbone": backbone}
             save_adapter(out_dir / "adapter.safetensors", get_adapter_state(model), cfg, backbone_hash(model), meta)
             log(f"saved the fine-tuned state to {out_dir / 'adapter.safetensors'}")
         else:
@@ -192,17 +196,12 @@ def run_central(federation: str, out: str, preset: str = "tiny", steps: int = 30
                 f"{t} epoch {r['epoch']} (held-back loss {r['val_loss_before']:.4g} -> {r['val_loss_after']:.4g})"
                 for t, r in refit.items()))
             save_adapter(out_dir / "adapter-refit.safetensors", get_adapter_state(model), cfg, backbone_hash(model),
-                         {**(loaded["meta"] if loaded else meta), "refit_epochs": refit_epochs, "refit_scope": refit_scope,
+                         {**meta, "refit_epochs": refit_epochs, "refit_scope": refit_scope,
                           "refit_seed": seed})
         log(f"scoring every task on every site's test split ({time.perf_counter() - t0:.0f} s so far) ...")
         rows = evaluate_sites(model, test, baselines, roles, device=device)
     seconds = time.perf_counter() - t0
     summary = summarise(rows)
-    # a loaded state was fine-tuned by the run that saved it: its settings, not this call's flags
-    trained = {"steps": steps, "stage1_steps": stage1_steps, "batch_size": batch_size, "lr": lr,
-               "head_prior_mu": head_prior_mu, "ablation": ablation}
-    if loaded is not None:
-        trained = {k: loaded["meta"].get(k) for k in trained}
     report = {"federation": fed.name, "preset": preset, "backbone": backbone,
               "pretrained": backbone is not None, **trained, "dwa_temperature": dwa_temperature,
               "refit_epochs": refit_epochs, "refit_scope": refit_scope, "refit": refit,

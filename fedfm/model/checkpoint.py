@@ -112,12 +112,12 @@ def load_adapter(path: str | Path, cfg: ModelConfig,
     if not path.is_file():
         raise ValueError(f"{path}: adapter state not found")
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="pt") as f:  # header and tensors in one read
             header = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
         saved_cfg = json.loads(header["config"])
         saved_bb = header["backbone_sha256"]
         meta = json.loads(header.get("meta", "{}"))
-        state = load_file(str(path))
     except Exception as e:  # SafetensorError on a corrupt header, KeyError/JSONDecodeError on a foreign file
         raise ValueError(f"{path}: not an adapter state written by fedfm ({type(e).__name__}: {e})") from None
     want = json.loads(json.dumps(cfg.to_dict()))  # tuples as the header's JSON holds them: lists
