@@ -18,8 +18,8 @@ SE_SNR_DB = 10.0  # LLM4WM evaluates SE at 10 dB
 
 
 # ---- dense channels -----------------------------------------------------------------
-def nmse(pred: np.ndarray, true: np.ndarray, region: np.ndarray | None = None) -> float:
-    """Mean over samples of ‖Ĥ−H‖²/‖H‖² (linear) over ``region``.
+def nmse_per_sample(pred: np.ndarray, true: np.ndarray, region: np.ndarray | None = None) -> np.ndarray:
+    """‖Ĥ−H‖²/‖H‖² (linear) of each sample over ``region``: float64 [S].
 
     pred, true: complex [S, ...]; region: bool [...] (the per-sample shape) or None = all."""
     pred, true = np.asarray(pred), np.asarray(true)
@@ -32,7 +32,12 @@ def nmse(pred: np.ndarray, true: np.ndarray, region: np.ndarray | None = None) -
         err, ref = err[:, region], ref[:, region]
     err = err.reshape(S, -1).sum(axis=1, dtype=np.float64)
     ref = ref.reshape(S, -1).sum(axis=1, dtype=np.float64)
-    return float(np.mean(err / np.maximum(ref, 1e-30)))
+    return err / np.maximum(ref, 1e-30)
+
+
+def nmse(pred: np.ndarray, true: np.ndarray, region: np.ndarray | None = None) -> float:
+    """Mean over samples of ‖Ĥ−H‖²/‖H‖² (linear) over ``region`` (see :func:`nmse_per_sample`)."""
+    return float(np.mean(nmse_per_sample(pred, true, region)))
 
 
 def nmse_db(x: float) -> float:
@@ -72,12 +77,17 @@ def spectral_efficiency(h_est: np.ndarray, h_true: np.ndarray, snr_db: float = S
 
 
 # ---- beams ---------------------------------------------------------------------------
-def topk_accuracy(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
-    """Fraction of samples whose label is among the k highest scores. scores [S, B], labels [S]."""
+def topk_hits(scores: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Whether each sample's label is among its k highest scores: bool [S]. scores [S, B], labels [S]."""
     scores, labels = np.asarray(scores), np.asarray(labels)
     k = min(int(k), scores.shape[1])
     top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    return float(np.mean((top == labels[:, None]).any(axis=1)))
+    return (top == labels[:, None]).any(axis=1)
+
+
+def topk_accuracy(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """Fraction of samples whose label is among the k highest scores. scores [S, B], labels [S]."""
+    return float(np.mean(topk_hits(scores, labels, k)))
 
 
 def beam_se_ratio(scores: np.ndarray, h_mmwave: np.ndarray, codebook: np.ndarray,
@@ -177,3 +187,72 @@ def average_score(model_metrics: dict[str, dict], baseline_metrics: dict[str, di
     ratios = [error_ratio(t, error_for_score(t, model_metrics[t]), error_for_score(t, baseline_metrics[t]))
               for t in model_metrics if t in baseline_metrics]
     return float(np.mean(ratios)) if ratios else math.nan
+
+
+# ---- per-sample errors and the paired bootstrap ------------------------------------------
+def sample_errors(task: str, prediction: np.ndarray, td) -> np.ndarray:
+    """Each test sample's share of :func:`error_for_score`: float64 [S] whose mean is that
+    error (per-sample NMSE for CE/CP/PF, absolute error for DE/PE, 1 − hit for BF top-1 and
+    LoS). The evidence a paired comparison of two models on the same samples needs."""
+    pred = np.asarray(prediction)
+    if task in ("CE", "CP", "PF"):
+        return nmse_per_sample(pred, td.targets, td.region)
+    if task == "BF":
+        return 1.0 - topk_hits(pred, td.targets, 1).astype(np.float64)
+    if task in ("DE", "PE"):
+        return np.abs(np.asarray(pred, np.float64) - np.asarray(td.targets, np.float64))
+    if task == "LoS":
+        return ((pred >= 0.5).astype(np.int64) != np.asarray(td.targets)).astype(np.float64)
+    raise ValueError(f"sample_errors: unknown task {task!r}; expected one of {', '.join(HEADLINE)}")
+
+
+def _score_of_means(means: dict[str, np.ndarray], base: dict[str, np.ndarray]) -> np.ndarray:
+    """The average score (mean over tasks of error_ratio) for arrays of mean errors: [n]."""
+    ratios = []
+    for t, m in means.items():
+        floor = ERROR_FLOOR.get(t, 0.0)
+        m, b = np.maximum(m, floor), np.maximum(base[t], floor)
+        with np.errstate(divide="ignore", invalid="ignore"):  # an error-free baseline: as error_ratio
+            ratios.append(np.where(b > 0, m / np.where(b > 0, b, 1.0), np.where(m <= 0, 1.0, np.inf)))
+    return np.mean(ratios, axis=0)
+
+
+def paired_bootstrap(a: dict[str, np.ndarray], b: dict[str, np.ndarray], base: dict[str, np.ndarray],
+                     n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
+    """Average score of model ``a`` minus that of model ``b`` on one site, with a percentile
+    confidence interval from resampling the site's test samples (Efron's paired bootstrap).
+
+    a, b, base: {task: per-sample errors [S]} of the two models and the site's classical
+    baseline on the same test samples (:func:`sample_errors`); the tasks scored are those all
+    three have. Each replicate draws S sample indices with replacement and recomputes both
+    average scores from the same draw, baseline included (the ratios' denominator varies with
+    the draw too); tasks with the same S share the draw (a site's tasks are views of the same
+    test samples), others draw their own. ``delta`` < 0: ``a`` is better; the interval
+    excluding 0 is what "better on this site" can claim at that level.
+    Written by hand: scipy.stats.bootstrap resamples one statistic of one or more samples, not
+    a ratio of means over several tasks sharing one draw."""
+    tasks = [t for t in a if t in b and t in base]
+    if not tasks:
+        raise ValueError("paired_bootstrap: the two models and the baseline share no task")
+    for t in tasks:
+        if not (len(a[t]) == len(b[t]) == len(base[t])) or len(a[t]) == 0:
+            raise ValueError(f"paired_bootstrap: task {t} has {len(a[t])}, {len(b[t])} and {len(base[t])} "
+                             f"samples; a paired comparison needs the same test samples, at least one")
+    rng = np.random.default_rng(seed)
+    draws: dict[int, np.ndarray] = {}
+    ma, mb, mbase = {}, {}, {}
+    for t in tasks:
+        S = len(a[t])
+        if S not in draws:
+            draws[S] = rng.integers(0, S, size=(n_boot, S))
+        idx = draws[S]
+        ma[t], mb[t], mbase[t] = (np.asarray(x[t], np.float64)[idx].mean(axis=1) for x in (a, b, base))
+    def score(x):  # the average score of the test split itself
+        return float(_score_of_means({t: np.array([np.mean(x[t])]) for t in tasks},
+                                     {t: np.array([np.mean(base[t])]) for t in tasks})[0])
+
+    delta = score(a) - score(b)
+    diffs = _score_of_means(ma, mbase) - _score_of_means(mb, mbase)
+    lo, hi = np.quantile(diffs, [(1 - level) / 2, (1 + level) / 2])
+    return {"delta": delta, "lo": float(lo), "hi": float(hi), "level": level, "n_boot": n_boot,
+            "samples": sorted({len(a[t]) for t in tasks}), "tasks": tasks}

@@ -97,7 +97,10 @@ def summarize(run: dict) -> dict:
             # rounds after round 0 in which no site's update reached the average: the global
             # adapters did not change, so the run did less training than it was asked for
             "rounds_without_update": sorted(r for r in set(rounds) | set(ok) if r > 0 and not ok.get(r)),
-            "communication": comm, "events": run["events"]}
+            "communication": comm, "events": run["events"],
+            # federated minus each comparison arm per training site, with its paired bootstrap
+            # interval (scripts/compare.py), when compare.json holds one
+            "bootstrap": run["compare"].get("bootstrap")}
 
 
 def _metrics_only(row: dict) -> dict:
@@ -154,6 +157,37 @@ def _site_table(summary: dict, role: str) -> list[str]:
                         "(lower is better, 1.0 = baseline).", ""]
 
 
+def bootstrap_lines(boot: dict) -> list[str]:
+    """Federated minus each arm's average score per training site, with the paired bootstrap
+    interval and what it lets one claim; [] without a comparison, one line when the
+    per-sample errors were missing."""
+    if not boot:
+        return []
+    if "missing" in boot:
+        return [f"Paired bootstrap: not computed ({boot['missing']}).", ""]
+    lines = []
+    for arm in ("local_only", "centralized"):
+        sites = boot.get(arm)
+        if not sites:
+            continue
+        name = arm.replace("_", "-")
+        pct = f"{100 * boot['level']:g} %"
+        lines += [f"Federated − {name}, average score ({pct} paired bootstrap over the test samples, "
+                  f"{boot['n_boot']} draws, seed {boot['seed']}; negative: federated better):", "",
+                  f"| site | federated − {name} | {pct} interval | verdict |", "|---|---|---|---|"]
+        better = worse = 0
+        for site, b in sites.items():
+            verdict = "not distinguishable"
+            if b["hi"] < 0:
+                verdict, better = "federated better", better + 1
+            elif b["lo"] > 0:
+                verdict, worse = f"{name} better", worse + 1
+            lines.append(f"| {site} | {b['delta']:+.4f} | [{b['lo']:+.4f}, {b['hi']:+.4f}] | {verdict} |")
+        lines += ["", f"At {pct}: federated better than {name} on {better} of {len(sites)} training sites, "
+                      f"worse on {worse}, not distinguishable on {len(sites) - better - worse}.", ""]
+    return lines
+
+
 def _markdown(s: dict) -> str:
     bb = s.get("backbone") or {}
     lines = [f"# fedfm run report — {Path(s['run_dir']).name}", "",
@@ -191,6 +225,7 @@ def _markdown(s: dict) -> str:
         lines += [f"{failed} site update(s) failed or were rejected; see 'Site errors and rejected updates'.", ""]
     lines += ["## Training sites (test split, final round)", ""]
     lines += _site_table(s, "train")
+    lines += bootstrap_lines(s.get("bootstrap") or {})
     lines += ["## Held-out sites (never trained on)", ""]
     lines += _site_table(s, "heldout")
     lines += ["BF/LoS error rates are floored at 1 % before dividing (`fedfm.metrics.ERROR_FLOOR`).", "",

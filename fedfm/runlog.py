@@ -8,6 +8,10 @@
       ledger.jsonl           bytes down/up per site per round, adapter vs full-model size
       events.jsonl           site errors and rejected updates, by site name
       checkpoints/round-NNN/ adapter.safetensors, strategy.safetensors, state.json (RNG, round)
+      samples/               per-sample test errors (fedfm.metrics.sample_errors), keys
+                             "site/task": round-NNN.safetensors (central evaluation),
+                             baseline.safetensors, and local_only / centralized.safetensors
+                             from scripts/compare.py: what its paired bootstrap resamples
       report.md, report.json, plots/*.png   (fedfm.report)
 
 A checkpoint folder is written under a temporary name and renamed when complete, so a
@@ -110,6 +114,43 @@ def write_json(path: str | Path, obj: Any) -> None:
     tmp = p.with_name(p.name + ".tmp")
     tmp.write_text(json.dumps(_jsonable(obj), indent=1, sort_keys=False))
     os.replace(tmp, p)
+
+
+SAMPLES = "samples"
+
+
+def samples_path(run_dir: str | Path, name: str) -> Path:
+    """``run_dir/samples/NAME.safetensors`` (NAME: round-NNN, baseline, local_only, centralized)."""
+    return Path(run_dir) / SAMPLES / f"{name}.safetensors"
+
+
+def write_samples(path: str | Path, errors: dict[str, dict[str, np.ndarray]]) -> None:
+    """Atomic write of {site: {task: per-sample errors}} as float64 tensors "site/task"."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    save_file({f"{site}/{task}": np.ascontiguousarray(v, dtype=np.float64)
+               for site, tasks in errors.items() for task, v in tasks.items()}, str(tmp))
+    os.replace(tmp, p)
+
+
+def read_samples(path: str | Path) -> dict[str, dict[str, np.ndarray]] | None:
+    """{site: {task: errors}} from :func:`write_samples`; None when the file is missing (a run
+    of an earlier fedfm, or an arm not computed); ValueError naming the file when it is not one."""
+    p = Path(path)
+    if not p.is_file():
+        return None
+    try:
+        flat = load_file(str(p))
+    except Exception as e:  # safetensors raises its own SafetensorError on a corrupt header
+        raise ValueError(f"{p}: per-sample errors cannot be read ({e}); delete it and re-run what wrote it") from None
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for key, v in flat.items():
+        site, _, task = key.rpartition("/")
+        if not site or v.ndim != 1:
+            raise ValueError(f"{p}: `{key}` is not a site/task vector of per-sample errors")
+        out.setdefault(site, {})[task] = v
+    return out
 
 
 def _ends_cleanly(path: Path) -> bool:

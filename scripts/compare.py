@@ -21,12 +21,19 @@ that RUN shares all of those (else one line naming what differs, and nothing is 
     python scripts/run_federation.py --federation FED.yaml --out runs/b --set strategy=fedavgm
     python scripts/compare.py FED.yaml --skip-federated --out runs/b --reference runs/a
 
+Beside the table, each training site's federated minus local-only (and minus centralized)
+average score with its 95 % paired bootstrap interval over the test samples (2 000 draws,
+seed 0; fedfm.metrics.paired_bootstrap), from the per-sample errors the central evaluator
+and this script write under ``samples/``: a site counts as won or lost only where the
+interval excludes 0.
+
 ``--skip-centralized`` trains the local-only arm alone (the centralized arm costs as much as all
 local-only trainings together); the table then has no centralized column to compare with.
 """
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -38,20 +45,30 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from fedfm.config import RunConfig, load_federation_sites  # noqa: E402
-from fedfm.runlog import RunLog, read_json, read_jsonl, read_run_config, write_json  # noqa: E402
+from fedfm.runlog import (RunLog, read_json, read_jsonl, read_run_config, read_samples,  # noqa: E402
+                          samples_path, write_json, write_samples)
 from run_federation import _parse_value, default_min_train_nodes, run_federation  # noqa: E402
 
 
-def score_model(model, tds: dict) -> dict[str, dict[str, float]]:
-    from fedfm.evaluate import predict
-    from fedfm.metrics import score
+ARMS = ("local_only", "centralized")
 
-    return {task: score(task, predict(model, td), td) for task, td in tds.items()}
+
+def score_model(model, tds: dict) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
+    """({task: metrics}, {task: per-sample errors}) of ``model`` on a site's test views."""
+    from fedfm.evaluate import predict
+    from fedfm.metrics import sample_errors, score
+
+    metrics, errors = {}, {}
+    for task, td in tds.items():
+        pred = predict(model, td)
+        metrics[task], errors[task] = score(task, pred, td), sample_errors(task, pred, td)
+    return metrics, errors
 
 
 def local_and_central(run_dir: Path, centralized: bool = True) -> dict:
     """Train local-only and (unless ``centralized`` is False) centralized models with the
-    federated run's settings and backbone."""
+    federated run's settings and backbone; their per-sample test errors go to
+    ``samples/local_only.safetensors`` and ``samples/centralized.safetensors``."""
     from fedfm.federated import build_run_model, local_train, torch_state
     from fedfm.model import set_adapter_state
     from fedfm.scenarios import derive_seed
@@ -69,11 +86,13 @@ def local_and_central(run_dir: Path, centralized: bool = True) -> dict:
     train = {e.name: _site_tasks(e, "train", cfg.cache_dir, cfg.train_max_samples) for e in sites}
     test = {e.name: _site_tasks(e, "test", cfg.cache_dir, cfg.eval_max_samples) for e in sites}
     model = build_run_model(cfg, num_beams, backbone)
+    errors = {arm: {} for arm in ARMS}
     for e in sites:
         res = local_train(cfg, e.spec, init, 0, num_beams=num_beams, backbone=backbone, steps=budget,
                           tasks=train[e.name])
         set_adapter_state(model, torch_state(res.state))
-        out["local_only"][e.name] = score_model(model, test[e.name])
+        out["local_only"][e.name], errors["local_only"][e.name] = score_model(model, test[e.name])
+    write_samples(samples_path(run_dir, "local_only"), errors["local_only"])
     if not centralized:
         return out
     set_adapter_state(model, torch_state(init))
@@ -84,7 +103,39 @@ def local_and_central(run_dir: Path, centralized: bool = True) -> dict:
     if cfg.head_refit_epochs > 0:  # as every site's local training ends (fedfm.federated.local_train)
         refit_heads(model, pooled, epochs=cfg.head_refit_epochs, seed=derive_seed(cfg.seed, "centralized"))
     for e in sites:
-        out["centralized"][e.name] = score_model(model, test[e.name])
+        out["centralized"][e.name], errors["centralized"][e.name] = score_model(model, test[e.name])
+    write_samples(samples_path(run_dir, "centralized"), errors["centralized"])
+    return out
+
+
+BOOTSTRAP_DRAWS, BOOTSTRAP_LEVEL, BOOTSTRAP_SEED = 2000, 0.95, 0
+
+
+def bootstrap_arms(run_dir: Path, result: dict) -> dict:
+    """Per training site, federated minus each computed arm's average score with its paired
+    bootstrap interval over the test samples (fedfm.metrics.paired_bootstrap), from the
+    per-sample errors of the federated run's last round, the baselines and the arms.
+    {"level", "n_boot", "seed", arm: {site: {delta, lo, hi, ...}}}, or {"missing": why} when
+    a file is absent (a run of an earlier fedfm, or arms from a reference without them)."""
+    from fedfm.metrics import paired_bootstrap
+
+    planned = int(read_run_config(run_dir)["run_config"]["num-server-rounds"])
+    fed = read_samples(samples_path(run_dir, f"round-{planned:03d}"))
+    base = read_samples(samples_path(run_dir, "baseline"))
+    if fed is None or base is None:
+        return {"missing": f"{run_dir} has no per-sample errors of its round {planned} and baselines "
+                           f"(a run of an earlier fedfm)"}
+    out = {"level": BOOTSTRAP_LEVEL, "n_boot": BOOTSTRAP_DRAWS, "seed": BOOTSTRAP_SEED}
+    for arm in ARMS:
+        if not result.get(arm):
+            continue
+        other = read_samples(samples_path(run_dir, arm))
+        if other is None:
+            return {"missing": f"no per-sample errors of the {arm.replace('_', '-')} arm "
+                               f"({samples_path(run_dir, arm)})"}
+        out[arm] = {site: paired_bootstrap(fed[site], other[site], base[site], BOOTSTRAP_DRAWS,
+                                           BOOTSTRAP_LEVEL, BOOTSTRAP_SEED)
+                    for site in result[arm] if site in fed and site in other and site in base}
     return out
 
 
@@ -189,7 +240,7 @@ def _beats_local(rows: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from fedfm.report import summarize, load_run, write_report
+    from fedfm.report import bootstrap_lines, load_run, summarize, write_report
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("federation")
@@ -222,8 +273,17 @@ def main(argv=None) -> int:
                 raise ValueError(f"--reference {args.reference}: its local-only/centralized results "
                                  f"do not apply to {out}: {why}")
             result = {**read_json(ref / "compare.json"), "reference": str(ref)}
+            for arm in ARMS:  # the same test samples (checked): the reference's per-sample errors apply
+                samples_path(out, arm).unlink(missing_ok=True)
+                if samples_path(ref, arm).is_file():
+                    samples_path(out, arm).parent.mkdir(exist_ok=True)
+                    shutil.copyfile(samples_path(ref, arm), samples_path(out, arm))
         else:
+            for arm in ARMS:  # an earlier comparison's arms are not this one's
+                samples_path(out, arm).unlink(missing_ok=True)
             result = local_and_central(out, centralized=not args.skip_centralized)
+        result.pop("bootstrap", None)
+        result["bootstrap"] = bootstrap_arms(out, result)
         result["steps"] = {**result.get("steps", {}), "federated_per_site": fed_steps}
         short = {site: n for site, n in fed_steps.items() if n < result["steps"].get("per_site", 0)}
         if short:  # a site error or rejected update cost that site rounds: say so beside the table
@@ -235,7 +295,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     report = write_report(out)
-    print("\n".join(comparison_lines(summarize(load_run(out)))))
+    summary = summarize(load_run(out))
+    print("\n".join(comparison_lines(summary) + [""] + bootstrap_lines(summary.get("bootstrap") or {})))
     print(f"report: {report}")
     return 0
 

@@ -8,7 +8,9 @@ with the global ones; with ``site-model=local`` a training site is scored with i
 model after its last local training (FedAvg + local fine-tuning), held-out sites again
 with the global one. The classical baselines are fitted once per site on that
 site's own train split, scored on the same test split, and cached in the run folder
-(``baselines.json``), so a resumed run does not refit them.
+(``baselines.json``), so a resumed run does not refit them. Each scored round also writes
+every test sample's error (``samples/round-NNN.safetensors``, the baselines' in
+``samples/baseline.safetensors``) for scripts/compare.py's paired bootstrap.
 
 ``get_evaluate_fn(...)`` returns the ``evaluate_fn(round, arrays) -> MetricRecord`` that
 ``strategy.start`` calls; the returned record holds run-level summaries, and the full
@@ -25,20 +27,24 @@ from flwr.app import ArrayRecord, MetricRecord
 
 from fedfm.config import RunConfig, SiteEntry
 from fedfm.federated import load_site_tasks, personal_keys, resolve_device, torch_state
-from fedfm.runlog import RunLog, read_json, write_json
+from fedfm.runlog import RunLog, read_json, read_samples, samples_path, write_json, write_samples
 
 
-def fit_site_baselines(cfg: RunConfig, entry: SiteEntry, test_tds: dict) -> dict[str, dict[str, float]]:
-    """{task: metrics} of the classical baseline of each task, fitted on the site's train split."""
+def fit_site_baselines(cfg: RunConfig, entry: SiteEntry, test_tds: dict
+                       ) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
+    """({task: metrics}, {task: per-sample errors}) of the classical baseline of each task,
+    fitted on the site's train split and scored on ``test_tds``."""
     from fedfm.baselines import fit_baseline
-    from fedfm.metrics import score
+    from fedfm.metrics import sample_errors, score
 
     train_tds = load_site_tasks(entry.spec, "train", cfg.cache_dir, cfg.train_max_samples)
-    out = {}
+    out, errors = {}, {}
     for task, td in test_tds.items():
         baseline = fit_baseline(task, train_tds[task], entry.spec)
-        out[task] = {"baseline": baseline.name, **score(task, baseline.predict(td), td)}
-    return out
+        pred = baseline.predict(td)
+        out[task] = {"baseline": baseline.name, **score(task, pred, td)}
+        errors[task] = sample_errors(task, pred, td)
+    return out, errors
 
 
 class CentralEvaluator:
@@ -61,14 +67,16 @@ class CentralEvaluator:
 
     def _load_or_fit_baselines(self) -> dict[str, dict[str, dict[str, float]]]:
         path = self.runlog.dir / "baselines.json" if self.runlog else None
+        spath = samples_path(self.runlog.dir, "baseline") if self.runlog else None
         try:
             cached = read_json(path, {}) if path else {}
             if not isinstance(cached, dict):
                 raise ValueError(f"{path}: not a JSON object")
+            cached_errors = (read_samples(spath) if spath else None) or {}
         except ValueError as e:  # a cache: refit rather than stop the run
             print(f"fedfm: {e}; refitting the baselines", file=sys.stderr, flush=True)
-            cached = {}
-        out = {}
+            cached, cached_errors = {}, {}
+        out, errors = {}, {}
         print(f"fedfm: central evaluation on {len(self.sites)} sites; fitting classical baselines", flush=True)
         for entry in list(self.sites):
             try:  # the test views are loaded now (a resume with cached baselines too): a site whose
@@ -82,9 +90,13 @@ class CentralEvaluator:
                 if self.runlog:
                     self.runlog.append_event(0, entry.name, "error", msg)
                 continue
-            out[entry.name] = cached.get(entry.name) or fit_site_baselines(self.cfg, entry, tds)
+            if cached.get(entry.name) and set(cached_errors.get(entry.name, {})) >= set(tds):
+                out[entry.name], errors[entry.name] = cached[entry.name], cached_errors[entry.name]
+            else:  # a run of an earlier fedfm cached no per-sample errors: refit (deterministic)
+                out[entry.name], errors[entry.name] = fit_site_baselines(self.cfg, entry, tds)
         if path:
             write_json(path, out)
+            write_samples(spath, errors)
         return out
 
     def __call__(self, round_: int, arrays: ArrayRecord) -> MetricRecord:
@@ -95,13 +107,13 @@ class CentralEvaluator:
 
     def _evaluate(self, round_: int, arrays: ArrayRecord) -> MetricRecord:
         from fedfm.evaluate import predict
-        from fedfm.metrics import average_score, score
+        from fedfm.metrics import average_score, sample_errors, score
         from fedfm.model import set_adapter_state
 
         t0 = time.perf_counter()
         state = {k: a.numpy() for k, a in arrays.items()}
         self.model.eval()
-        rows, summary = [], {}
+        rows, summary, errors = [], {}, {}
         for entry in self.sites:
             own = self.personal_for(entry.name) if entry.role == "train" else {}
             set_adapter_state(self.model, torch_state({**state, **own}))
@@ -109,13 +121,16 @@ class CentralEvaluator:
             own_heads = set() if local else {t for t in self.test_tasks(entry) if personal_keys(own, (t,), (t,))}
             site_metrics = {}
             for task, td in self.test_tasks(entry).items():
-                site_metrics[task] = score(task, predict(self.model, td, device=self.device), td)
+                pred = predict(self.model, td, device=self.device)
+                site_metrics[task] = score(task, pred, td)
+                errors.setdefault(entry.name, {})[task] = sample_errors(task, pred, td)
                 rows.append({"round": round_, "site": entry.name, "role": entry.role, "task": task,
                              "source": "federated", **({"head": "own"} if task in own_heads else {}),
                              **({"model": "local"} if local else {}),
                              **site_metrics[task]})
             summary[entry.name] = (entry.role, average_score(site_metrics, self.baselines[entry.name]))
         if self.runlog:
+            write_samples(samples_path(self.runlog.dir, f"round-{round_:03d}"), errors)
             self.runlog.append_metrics(rows)
         record = MetricRecord({"eval-time-s": time.perf_counter() - t0})
         for role in ("train", "heldout"):

@@ -123,3 +123,72 @@ def test_summarise_counts_a_nan_score_as_a_loss_not_as_missing():
     assert s["per_site"] == {"a": math.inf, "b": 0.25}
     assert s["per_task"]["BF"] == {"ratio": math.inf, "wins": 0, "sites": 2}
     assert s["per_task"]["CE"] == {"ratio": 0.375, "wins": 2, "sites": 2}
+
+
+def _td(task, targets, extras=None):
+    S = len(targets)
+    one = np.ones((1, 1, 1), bool)
+    return TaskData(task, "t", np.zeros((S, 1, 1, 1), np.complex64), one, one, np.asarray(targets),
+                    np.ones(S, np.float32), extras or {})
+
+
+def test_sample_errors_by_hand_and_their_mean_is_the_scored_error():
+    from fedfm.metrics import sample_errors
+
+    true = np.array([[1, 1], [2, 0]], np.complex64).reshape(2, 1, 2, 1)
+    pred = np.array([[1, 0], [0, 0]], np.complex64).reshape(2, 1, 2, 1)
+    td = TaskData("CE", "t", true, np.ones((1, 2, 1), bool), np.ones((1, 2, 1), bool), true,
+                  np.ones(2, np.float32), {})
+    assert sample_errors("CE", pred, td) == pytest.approx([0.5, 1.0])       # as in the nmse test
+    assert sample_errors("CE", pred, td).mean() == pytest.approx(error_for_score("CE", score("CE", pred, td)))
+    scores = np.array([[0.1, 0.5, 0.2, 0.9], [0.3, 0.2, 0.8, 0.1], [0.4, 0.3, 0.2, 0.1]])
+    e = sample_errors("BF", scores, _td("BF", np.array([3, 0, 2])))
+    assert e == pytest.approx([0.0, 1.0, 1.0])                              # only row 0's top beam is right
+    assert e.mean() == pytest.approx(1 - topk_accuracy(scores, np.array([3, 0, 2]), 1))
+    for task in ("DE", "PE"):
+        td = _td(task, np.array([2.0, 2.0, 1.0], np.float32))
+        e = sample_errors(task, np.array([1.0, 2.0, 4.0], np.float32), td)
+        assert e == pytest.approx([1.0, 0.0, 3.0])
+        assert e.mean() == pytest.approx(error_for_score(task, score(task, np.array([1.0, 2.0, 4.0]), td)))
+    td = _td("LoS", np.array([1, 1, 0, 0]))
+    prob = np.array([0.7, 0.2, 0.5, 0.1], np.float32)                        # 0.5 counts as LoS, as score does
+    assert sample_errors("LoS", prob, td) == pytest.approx([0.0, 1.0, 1.0, 0.0])
+    assert error_for_score("LoS", score("LoS", prob, td)) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="unknown task"):
+        sample_errors("XX", prob, td)
+
+
+def test_paired_bootstrap_by_hand():
+    from fedfm.metrics import paired_bootstrap
+
+    one = np.ones(2)
+    # one task, two samples: a's mean over a draw is 0, 1 or 2 with probabilities 1/4, 1/2, 1/4 and b's
+    # is 1, so the difference of average scores is −1, 0 or +1: the 2.5 % / 97.5 % quantiles are −1 / +1
+    r = paired_bootstrap({"CE": np.array([0.0, 2.0])}, {"CE": one}, {"CE": one})
+    assert (r["delta"], r["lo"], r["hi"]) == (0.0, -1.0, 1.0) and r["samples"] == [2]
+    # a is b scaled by 0.9 and the baseline b scaled by 2, sample by sample: every draw gives ratios 0.45 and
+    # 0.5, so the interval is the point, which holds only if the baseline is resampled with the same draw
+    e = np.random.default_rng(1).exponential(size=500)
+    r = paired_bootstrap({"CE": 0.9 * e}, {"CE": e}, {"CE": 2 * e})
+    assert r["delta"] == pytest.approx(-0.05) and r["lo"] == pytest.approx(-0.05) and r["hi"] == pytest.approx(-0.05)
+    # two tasks of the same samples share the draw: a's CE and PE errors are b's swapped, so a and b have the
+    # same average score in every draw (independent draws per task would spread the difference)
+    a = {"CE": np.array([0.0, 1.0]), "PE": np.array([1.0, 0.0])}
+    b = {"CE": np.array([1.0, 0.0]), "PE": np.array([0.0, 1.0])}
+    r = paired_bootstrap(a, b, {"CE": one, "PE": one})
+    assert (r["delta"], r["lo"], r["hi"]) == (0.0, 0.0, 0.0) and r["tasks"] == ["CE", "PE"]
+    # error-free BF everywhere: floored at 1 %, ratio 1 for both (not 0 / 0)
+    z = np.zeros(4)
+    assert paired_bootstrap({"BF": z}, {"BF": z}, {"BF": z})["delta"] == 0.0
+    # a clear advantage on 400 noisy samples is found; the same model against itself is not
+    rng = np.random.default_rng(2)
+    base = rng.exponential(size=400) + 0.5
+    b = base * rng.uniform(0.5, 1.1, 400)
+    r = paired_bootstrap({"CE": 0.7 * b * rng.uniform(0.8, 1.2, 400)}, {"CE": b}, {"CE": base})
+    assert r["hi"] < 0
+    r = paired_bootstrap({"CE": b}, {"CE": b}, {"CE": base})
+    assert r["lo"] == r["hi"] == r["delta"] == 0.0
+    with pytest.raises(ValueError, match="task CE has 2, 3 and 2 samples"):
+        paired_bootstrap({"CE": one}, {"CE": np.ones(3)}, {"CE": one})
+    with pytest.raises(ValueError, match="share no task"):
+        paired_bootstrap({"CE": one}, {"PE": one}, {"CE": one})

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fedfm.metrics import HEADLINE
-from fedfm.runlog import RunLog, read_jsonl
+from fedfm.runlog import RunLog, read_jsonl, samples_path
 from fl_fixtures import NUM_BEAMS, InProcessGrid, make_backbone, run_config, server_context, write_federation
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,7 +215,9 @@ def test_compare_equal_per_site_compute(fed_run, capsys):
     # the printed table: one row per training site, three finite columns
     lines = out.splitlines()
     assert "| site | federated | local-only | centralized |" in lines
-    rows = {ln.split("|")[1].strip(): ln.split("|")[2:5] for ln in lines
+    first = lines[lines.index("| site | federated | local-only | centralized |"):]
+    first = first[:first.index("")]
+    rows = {ln.split("|")[1].strip(): ln.split("|")[2:5] for ln in first
             if ln.startswith("| ") and ln.split("|")[1].strip() in {"alpha", "beta", "gamma"}}
     assert set(rows) == {"alpha", "beta"}
     assert all(math.isfinite(float(v)) for cols in rows.values() for v in cols)
@@ -226,6 +228,40 @@ def test_compare_equal_per_site_compute(fed_run, capsys):
         vals = [s["avg_score"], s["avg_score_local_only"], s["avg_score_centralized"]]
         assert [float(v) for v in rows[site]] == pytest.approx(vals, abs=6e-4)
     assert "avg_score_local_only" not in report["sites"]["gamma"]
+
+    # per-sample errors: the central evaluator's (every scored round), the baselines' and each arm's
+    # average to the errors its metrics hold; the bootstrap's point difference is the report's
+    from fedfm.metrics import error_for_score
+    from fedfm.runlog import read_samples
+
+    metrics = read_jsonl(run / "metrics.jsonl")
+    baselines = json.loads((run / "baselines.json").read_text())
+    for rnd in range(ROUNDS + 1):
+        errs = read_samples(samples_path(run, f"round-{rnd:03d}"))
+        assert set(errs) == {"alpha", "beta", "gamma"}  # held-out sites too
+        for r in (r for r in metrics if r["source"] == "federated" and r["round"] == rnd):
+            assert errs[r["site"]][r["task"]].mean() == pytest.approx(error_for_score(r["task"], r), rel=1e-9)
+    base = read_samples(samples_path(run, "baseline"))
+    for site, tasks in baselines.items():
+        for t, m in tasks.items():
+            assert base[site][t].mean() == pytest.approx(error_for_score(t, m), rel=1e-9), (site, t)
+    boot = res["bootstrap"]
+    assert (boot["level"], boot["n_boot"]) == (0.95, 2000)
+    for kind in ("local_only", "centralized"):
+        arm = read_samples(samples_path(run, kind))
+        assert set(arm) == set(boot[kind]) == {"alpha", "beta"}
+        for site in ("alpha", "beta"):
+            for t in TASKS:
+                assert arm[site][t].mean() == pytest.approx(error_for_score(t, res[kind][site][t]), rel=1e-9)
+            b = boot[kind][site]
+            s = report["sites"][site]
+            assert b["delta"] == pytest.approx(s["avg_score"] - s[f"avg_score_{kind}"], abs=1e-9)
+            assert set(b["tasks"]) == TASKS and b["lo"] <= b["delta"] <= b["hi"]
+            assert b["lo"] < b["hi"]  # a few test samples a site: an interval, not a point
+    table = lines[lines.index("| site | federated − local-only | 95 % interval | verdict |"):]
+    assert sum(ln.startswith(("| alpha |", "| beta |")) for ln in table[:table.index("")]) == 2
+    assert any(ln.startswith("At 95 %: federated better than local-only on ") for ln in lines)
+    assert "| site | federated − centralized | 95 % interval | verdict |" in (run / "report.md").read_text()
 
     # local-only and centralized are scored after their training, not at the initial adapters
     # (the federation's round-0 evaluation: same test samples, same initial state)
@@ -254,11 +290,14 @@ def test_compare_skip_centralized_trains_only_the_local_only_arm(fed_run, tmp_pa
     res = json.loads((run / "compare.json").read_text())
     assert set(res["local_only"]) == {"alpha", "beta"} and res["centralized"] == {}
     assert "centralized" not in res["steps"]
-    rows = [ln.split("|")[2:5] for ln in out.splitlines() if ln.startswith(("| alpha ", "| beta "))]
+    lines = out.splitlines()
+    table = lines[lines.index("| site | federated | local-only | centralized |"):]
+    rows = [ln.split("|")[2:5] for ln in table[:table.index("")] if ln.startswith(("| alpha ", "| beta "))]
     assert len(rows) == 2 and all(math.isfinite(float(f)) and math.isfinite(float(lo)) and c.strip() == "—"
                                   for f, lo, c in rows)
     assert "average score: not computed (no training site has a federated and a centralized score)" in out
     assert "federated better than local-only on every training site: " in out
+    assert set(res["bootstrap"]) == {"level", "n_boot", "seed", "local_only"}  # no centralized arm to compare
     md = (run / "report.md").read_text()  # the report names the arms it shows: no centralized column
     assert "Cells: federated / baseline / local-only. Avg score" in md and "centralized" not in md.split("## Held-out")[0]
 
@@ -398,6 +437,7 @@ def test_compare_reference_reuses_only_a_matching_run(fed_run, tmp_path, capsys)
     (other / "config.json").write_text(json.dumps(conf))
     for r in range(ROUNDS + 1, ROUNDS * LOCAL_STEPS + 1):  # and it has those rounds, every site in each
         shutil.copytree(RunLog(other).checkpoint_dir(ROUNDS), RunLog(other).checkpoint_dir(r))
+        shutil.copyfile(samples_path(other, f"round-{ROUNDS:03d}"), samples_path(other, f"round-{r:03d}"))
         RunLog(other).append_ledger([{**row, "round": r} for row in read_jsonl(other / "ledger.jsonl")
                                      if row["round"] == 1])
     with pytest.MonkeyPatch.context() as mp:
@@ -408,7 +448,8 @@ def test_compare_reference_reuses_only_a_matching_run(fed_run, tmp_path, capsys)
     assert calls.calls == []  # nothing trained
     mine, theirs = (json.loads((d / "compare.json").read_text()) for d in (other, ref))
     assert mine["reference"] == str(ref)
-    assert {k: mine[k] for k in theirs} == theirs
+    assert {k: mine[k] for k in theirs} == theirs  # the bootstrap too: the reference's per-sample errors
+    assert mine["bootstrap"]["local_only"].keys() == {"alpha", "beta"}
     report = json.loads((other / "report.json").read_text())
     assert all("avg_score_centralized" in report["sites"][s] for s in ("alpha", "beta"))
 
@@ -479,6 +520,7 @@ def test_compare_table_leaves_out_missing_scores(monkeypatch, capsys, tmp_path):
                          "delta": _site("train", 0.6, 0.7, None), "gamma": _site("heldout", 0.9)}}
     monkeypatch.setattr(script, "local_and_central", lambda run_dir, centralized=True: {})
     monkeypatch.setattr(script, "federated_steps", lambda run_dir: {})
+    monkeypatch.setattr(script, "bootstrap_arms", lambda run_dir, result: {})
     monkeypatch.setattr(fedfm.report, "write_report", lambda run_dir: tmp_path / "report.md")
     monkeypatch.setattr(fedfm.report, "load_run", lambda run_dir: None)
     monkeypatch.setattr(fedfm.report, "summarize", lambda run: summary)
@@ -712,3 +754,26 @@ def test_dataset_summary_fills_caches_in_parallel_with_the_same_arrays(tmp_path,
     assert summary.main([str(fed), "--cache-dir", str(tmp_path / "file"), "--jobs", "2"]) == 2
     err = capsys.readouterr().err
     assert "--jobs 0 is not allowed" in err and f"{tmp_path / 'file'}" in err and "Traceback" not in err
+
+
+def test_compare_bootstrap_says_why_it_is_missing(fed_run, tmp_path):
+    """A run without per-sample errors (one of an earlier fedfm, or an arm's file gone) gets a
+    one-line reason in compare.json and the report instead of an interval."""
+    import shutil
+
+    from fedfm.report import bootstrap_lines
+
+    script = _load_script("compare")
+    run = tmp_path / "run"
+    shutil.copytree(fed_run["run"], run)
+    arms = {"local_only": {"alpha": {}}}
+    samples_path(run, "local_only").unlink(missing_ok=True)
+    boot = script.bootstrap_arms(run, arms)
+    assert boot == {"missing": f"no per-sample errors of the local-only arm ({samples_path(run, 'local_only')})"}
+    samples_path(run, f"round-{ROUNDS:03d}").unlink()
+    boot = script.bootstrap_arms(run, arms)
+    assert boot["missing"].startswith(f"{run} has no per-sample errors of its round {ROUNDS}")
+    assert bootstrap_lines(boot)[0] == f"Paired bootstrap: not computed ({boot['missing']})."
+    samples_path(run, "baseline").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="per-sample errors cannot be read"):
+        script.bootstrap_arms(run, arms)
