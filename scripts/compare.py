@@ -282,7 +282,6 @@ def main(argv=None) -> int:
             for arm in ARMS:  # an earlier comparison's arms are not this one's
                 samples_path(out, arm).unlink(missing_ok=True)
             result = local_and_central(out, centralized=not args.skip_centralized)
-        result.pop("bootstrap", None)
         result["bootstrap"] = bootstrap_arms(out, result)
         result["steps"] = {**result.get("steps", {}), "federated_per_site": fed_steps}
         short = {site: n for site, n in fed_steps.items() if n < result["steps"].get("per_site", 0)}

@@ -121,8 +121,8 @@ def test_summarise_counts_a_nan_score_as_a_loss_not_as_missing():
             {"site": "b", "role": "train", "task": "BF", "ratio": None}]  # no baseline: not computed
     s = summarise(rows)
     assert s["per_site"] == {"a": math.inf, "b": 0.25}
-    assert s["per_task"]["BF"] == {"ratio": math.inf, "wins": 0, "sites": 2}
-    assert s["per_task"]["CE"] == {"ratio": 0.375, "wins": 2, "sites": 2}
+    assert s["per_task"]["BF"] == {"ratio": math.inf, "wins": 0, "sites": 2, "wins_95": 0, "losses_95": 0}
+    assert s["per_task"]["CE"] == {"ratio": 0.375, "wins": 2, "sites": 2, "wins_95": 0, "losses_95": 0}
 
 
 def _td(task, targets, extras=None):
@@ -192,3 +192,14 @@ def test_paired_bootstrap_by_hand():
         paired_bootstrap({"CE": one}, {"CE": np.ones(3)}, {"CE": one})
     with pytest.raises(ValueError, match="share no task"):
         paired_bootstrap({"CE": one}, {"PE": one}, {"CE": one})
+
+
+def test_summarise_counts_sites_beaten_and_lost_at_95_percent():
+    from fedfm.evaluate import summarise
+
+    rows = [{"site": "a", "role": "train", "task": "PE", "ratio": 0.85, "ratio_ci": [0.8, 0.9]},    # beaten
+            {"site": "b", "role": "train", "task": "PE", "ratio": 0.97, "ratio_ci": [0.9, 1.05]},   # can't tell
+            {"site": "c", "role": "train", "task": "PE", "ratio": 1.15, "ratio_ci": [1.1, 1.2]},    # lost
+            {"site": "d", "role": "train", "task": "PE", "ratio": 1.0, "ratio_ci": None}]           # no interval
+    assert summarise(rows)["per_task"]["PE"] == {"ratio": pytest.approx(0.9925), "wins": 2, "sites": 4,
+                                                 "wins_95": 1, "losses_95": 1}

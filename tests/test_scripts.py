@@ -611,6 +611,13 @@ def test_train_central_small_budget_scores_every_site(tmp_path, cache_dir):
     sites = {row["site"] for row in r["rows"]}
     assert len(r["rows"]) == 7 * len(sites) and {row["role"] for row in r["rows"]} == {"train", "heldout"}
     assert all(row["ratio"] is not None and math.isfinite(row["ratio"]) for row in r["rows"])
+    # each ratio with its bootstrap interval over the 8 test samples, and the tasks' counts at 95 %
+    assert all(row["ratio_ci"][0] <= row["ratio"] <= row["ratio_ci"][1] for row in r["rows"])
+    assert any(row["ratio_ci"][0] < row["ratio_ci"][1] for row in r["rows"])
+    for t, v in r["summary"]["per_task"].items():
+        cis = [row["ratio_ci"] for row in r["rows"] if row["task"] == t]
+        assert (v["wins_95"], v["losses_95"]) == (sum(hi < 1 for _, hi in cis), sum(lo > 1 for lo, _ in cis))
+    assert "| task | mean ratio | sites beaten | beaten at 95 % | lost at 95 % |" in (tmp_path / "out" / "report.md").read_text()
     assert (r["max_train"], r["max_test"]) == (16, 8)
     assert "train samples per site: 16, test samples per site: 8" in (tmp_path / "out" / "report.md").read_text()
     # the fine-tuned state was saved before and after the refit; taken back, it scores the same
