@@ -174,7 +174,8 @@ def bootstrap_lines(boot: dict) -> list[str]:
         pct = f"{100 * boot['level']:g} %"
         lines += [f"Federated − {name}, average score ({pct} paired bootstrap over the test samples, "
                   f"{boot['n_boot']} draws, seed {boot['seed']}; negative: federated better):", "",
-                  f"| site | federated − {name} | {pct} interval | verdict |", "|---|---|---|---|"]
+                  f"| site | federated − {name} | {pct} interval | verdict | tasks apart at {pct} (ratio difference) |",
+                  "|---|---|---|---|---|"]
         better = worse = 0
         for site, b in sites.items():
             verdict = "not distinguishable"
@@ -182,9 +183,13 @@ def bootstrap_lines(boot: dict) -> list[str]:
                 verdict, better = "federated better", better + 1
             elif b["lo"] > 0:
                 verdict, worse = f"{name} better", worse + 1
-            lines.append(f"| {site} | {b['delta']:+.4f} | [{b['lo']:+.4f}, {b['hi']:+.4f}] | {verdict} |")
+            per_task = b.get("per_task") or {}
+            apart = ", ".join(f"{t} {per_task[t]['delta']:+.3f}" for t in TASK_ORDER
+                              if t in per_task and (per_task[t]["hi"] < 0 or per_task[t]["lo"] > 0)) or "none"
+            lines.append(f"| {site} | {b['delta']:+.4f} | [{b['lo']:+.4f}, {b['hi']:+.4f}] | {verdict} | {apart} |")
         lines += ["", f"At {pct}: federated better than {name} on {better} of {len(sites)} training sites, "
-                      f"worse on {worse}, not distinguishable on {len(sites) - better - worse}.", ""]
+                      f"worse on {worse}, not distinguishable on {len(sites) - better - worse}. Per task, a "
+                      f"negative difference of error ratios is the federated model's gain.", ""]
     return lines
 
 

@@ -133,9 +133,18 @@ def bootstrap_arms(run_dir: Path, result: dict) -> dict:
         if other is None:
             return {"missing": f"no per-sample errors of the {arm.replace('_', '-')} arm "
                                f"({samples_path(run_dir, arm)})"}
-        out[arm] = {site: paired_bootstrap(fed[site], other[site], base[site], BOOTSTRAP_DRAWS,
-                                           BOOTSTRAP_LEVEL, BOOTSTRAP_SEED)
-                    for site in result[arm] if site in fed and site in other and site in base}
+        out[arm] = {}
+        for site in result[arm]:
+            if not (site in fed and site in other and site in base):
+                continue
+            args = (BOOTSTRAP_DRAWS, BOOTSTRAP_LEVEL, BOOTSTRAP_SEED)
+            entry = paired_bootstrap(fed[site], other[site], base[site], *args)
+            # each task's share (its ratio difference / number of tasks is its part of delta):
+            # where the arms differ beyond the test split's noise, and where only noise is
+            entry["per_task"] = {t: {k: v for k, v in paired_bootstrap({t: fed[site][t]}, {t: other[site][t]},
+                                                                       {t: base[site][t]}, *args).items()
+                                     if k in ("delta", "lo", "hi")} for t in entry["tasks"]}
+            out[arm][site] = entry
     return out
 
 
@@ -273,7 +282,7 @@ def main(argv=None) -> int:
                 raise ValueError(f"--reference {args.reference}: its local-only/centralized results "
                                  f"do not apply to {out}: {why}")
             result = {**read_json(ref / "compare.json"), "reference": str(ref)}
-            for arm in ARMS:  # the same test samples (checked): the reference's per-sample errors apply
+            for arm in ARMS if ref != out else ():  # the same test samples (checked): its per-sample errors apply
                 samples_path(out, arm).unlink(missing_ok=True)
                 if samples_path(ref, arm).is_file():
                     samples_path(out, arm).parent.mkdir(exist_ok=True)

@@ -257,11 +257,23 @@ def test_compare_equal_per_site_compute(fed_run, capsys):
             s = report["sites"][site]
             assert b["delta"] == pytest.approx(s["avg_score"] - s[f"avg_score_{kind}"], abs=1e-9)
             assert set(b["tasks"]) == TASKS and b["lo"] <= b["delta"] <= b["hi"]
+            # the tasks' ratio differences add up to the site's (its score is their mean)
+            assert set(b["per_task"]) == TASKS
+            assert sum(v["delta"] for v in b["per_task"].values()) / 7 == pytest.approx(b["delta"], abs=1e-12)
+            assert all(v["lo"] <= v["hi"] for v in b["per_task"].values())
             assert b["lo"] < b["hi"]  # a few test samples a site: an interval, not a point
-    table = lines[lines.index("| site | federated − local-only | 95 % interval | verdict |"):]
+    table = lines[lines.index("| site | federated − local-only | 95 % interval | verdict | tasks apart at 95 % "
+                              "(ratio difference) |"):]
     assert sum(ln.startswith(("| alpha |", "| beta |")) for ln in table[:table.index("")]) == 2
     assert any(ln.startswith("At 95 %: federated better than local-only on ") for ln in lines)
     assert "| site | federated − centralized | 95 % interval | verdict |" in (run / "report.md").read_text()
+    from fedfm.report import bootstrap_lines
+
+    fake = {"level": 0.95, "n_boot": 10, "seed": 0, "local_only": {"s": {
+        "delta": -0.01, "lo": -0.03, "hi": 0.01,
+        "per_task": {"CE": {"delta": -0.02, "lo": -0.03, "hi": -0.01}, "CP": {"delta": 0.0, "lo": -0.01, "hi": 0.01},
+                     "LoS": {"delta": 0.05, "lo": 0.01, "hi": 0.1}}}}}
+    assert "| s | -0.0100 | [-0.0300, +0.0100] | not distinguishable | CE -0.020, LoS +0.050 |" in bootstrap_lines(fake)
 
     # local-only and centralized are scored after their training, not at the initial adapters
     # (the federation's round-0 evaluation: same test samples, same initial state)
@@ -450,6 +462,11 @@ def test_compare_reference_reuses_only_a_matching_run(fed_run, tmp_path, capsys)
     assert mine["reference"] == str(ref)
     assert {k: mine[k] for k in theirs} == theirs  # the bootstrap too: the reference's per-sample errors
     assert mine["bootstrap"]["local_only"].keys() == {"alpha", "beta"}
+    # a run as its own reference (the table again, no training) keeps its per-sample errors
+    assert script.main([str(fed_run["fed"]), "--out", str(ref), "--skip-federated", "--reference", str(ref)]) == 0
+    again = json.loads((ref / "compare.json").read_text())
+    assert again["bootstrap"] == theirs["bootstrap"] and again["local_only"] == theirs["local_only"]
+    capsys.readouterr()
     report = json.loads((other / "report.json").read_text())
     assert all("avg_score_centralized" in report["sites"][s] for s in ("alpha", "beta"))
 
