@@ -247,6 +247,7 @@ def paired_bootstrap(a: dict[str, np.ndarray], b: dict[str, np.ndarray], base: d
             draws[S] = rng.integers(0, S, size=(n_boot, S))
         idx = draws[S]
         ma[t], mb[t], mbase[t] = (np.asarray(x[t], np.float64)[idx].mean(axis=1) for x in (a, b, base))
+
     def score(x):  # the average score of the test split itself
         return float(_score_of_means({t: np.array([np.mean(x[t])]) for t in tasks},
                                      {t: np.array([np.mean(base[t])]) for t in tasks})[0])
