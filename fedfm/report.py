@@ -3,8 +3,10 @@
     python scripts/report.py runs/<run-id>
 
 Inputs (fedfm.runlog): config.json, metrics.jsonl, baselines.json, ledger.jsonl,
-events.jsonl and, when scripts/compare.py wrote it, compare.json (local-only and
-centralized scores of the same sites). Nothing is recomputed from data or models. A
+events.jsonl, samples/ (per-sample test errors of the final round and the baselines: each
+error ratio's 95 % paired bootstrap interval) and, when scripts/compare.py wrote it,
+compare.json (local-only and centralized scores of the same sites, and its bootstrap).
+Nothing is recomputed from data or models. A
 ``stage=pretrain`` run gets a reconstruction report instead: NMSE per site and mask type
 beside the classical fillers (its metrics.jsonl rows), bytes, and backbone.json's hash.
 
@@ -79,6 +81,7 @@ def summarize(run: dict) -> dict:
             vals = [v for v in vals if v is not None and math.isfinite(v)]  # ∞ sites listed in the table
             row[f"avg_score_{role}"] = float(np.mean(vals)) if vals else None
         per_round.append(row)
+    cells_95 = _intervals_vs_baseline(run["dir"], final, sites)
     comm = _communication(run)
     ok = {r["round"]: r["sites_ok"] for r in comm["per_round"]}
     planned = run["config"]["run_config"].get("num-server-rounds")
@@ -97,10 +100,65 @@ def summarize(run: dict) -> dict:
             # rounds after round 0 in which no site's update reached the average: the global
             # adapters did not change, so the run did less training than it was asked for
             "rounds_without_update": sorted(r for r in set(rounds) | set(ok) if r > 0 and not ok.get(r)),
-            "communication": comm, "events": run["events"],
+            "communication": comm, "events": run["events"], "cells_95": cells_95,
             # federated minus each comparison arm per training site, with its paired bootstrap
             # interval (scripts/compare.py), when compare.json holds one
             "bootstrap": run["compare"].get("bootstrap")}
+
+
+def _intervals_vs_baseline(run_dir: Path, final: int | None, sites: dict) -> dict:
+    """Each (site, task) of the final round: the federated/baseline error ratio's 95 % paired
+    bootstrap interval over the test samples, from ``samples/`` (what the central evaluator
+    wrote), added to ``sites[site]["tasks"][task]["ratio_ci"]``; returns per role the cells
+    beaten and lost at 95 % ({"missing": why} when the files are absent or unreadable)."""
+    from fedfm.metrics import paired_bootstrap
+    from fedfm.runlog import read_samples, samples_path
+
+    if final is None:
+        return {"missing": "no round was scored"}
+    try:
+        model = read_samples(samples_path(run_dir, f"round-{final:03d}"))
+        base = read_samples(samples_path(run_dir, "baseline"))
+    except ValueError as e:  # a report is still worth writing without intervals: say why
+        return {"missing": str(e)}
+    if model is None or base is None:
+        return {"missing": f"no per-sample errors of round {final} and the baselines under "
+                           f"{Path(run_dir) / 'samples'} (a run of an earlier fedfm)"}
+    out: dict = {}
+    for site, entry in sites.items():
+        role = out.setdefault(entry["role"], {"cells": 0, "beaten": [], "lost": []})
+        for task in TASK_ORDER:
+            m, b = model.get(site, {}).get(task), base.get(site, {}).get(task)
+            if m is None or b is None or len(m) != len(b):
+                continue
+            ci = paired_bootstrap({task: m}, {task: b}, {task: b})  # b against itself: 1 in every draw
+            lo, hi = 1.0 + ci["lo"], 1.0 + ci["hi"]
+            entry["tasks"].setdefault(task, {})["ratio_ci"] = [lo, hi]
+            role["cells"] += 1
+            cell = {"site": site, "task": task, "ratio": 1.0 + ci["delta"], "ci": [lo, hi]}
+            if hi < 1:
+                role["beaten"].append(cell)
+            elif lo > 1:
+                role["lost"].append(cell)
+    return out
+
+
+def _cells_line(cells_95: dict | None, role: str, say_missing: bool = True) -> list[str]:
+    """How many site × task cells of ``role`` beat / lose to the baseline at 95 %; why not,
+    when the intervals are missing and ``say_missing``."""
+    if not cells_95:
+        return []
+    if "missing" in cells_95:
+        return [f"Intervals against the baseline: not computed ({cells_95['missing']}).", ""] if say_missing else []
+    c = cells_95.get(role)
+    if not c or not c["cells"]:
+        return []
+    lost = "; ".join(f"{x['site']} {x['task']} {x['ratio']:.3f} [{x['ci'][0]:.3f}, {x['ci'][1]:.3f}]"
+                     for x in c["lost"])
+    return [f"At 95 % (each error ratio's paired bootstrap interval over the test samples, 2000 draws, "
+            f"seed 0): the federated model beats the baseline on {len(c['beaten'])} of {c['cells']} site × task "
+            f"cells and loses on {len(c['lost'])}{': ' + lost if lost else ''}; the test split cannot tell "
+            f"the rest apart.", ""]
 
 
 def _metrics_only(row: dict) -> dict:
@@ -230,9 +288,11 @@ def _markdown(s: dict) -> str:
         lines += [f"{failed} site update(s) failed or were rejected; see 'Site errors and rejected updates'.", ""]
     lines += ["## Training sites (test split, final round)", ""]
     lines += _site_table(s, "train")
+    lines += _cells_line(s.get("cells_95"), "train")
     lines += bootstrap_lines(s.get("bootstrap") or {})
     lines += ["## Held-out sites (never trained on)", ""]
     lines += _site_table(s, "heldout")
+    lines += _cells_line(s.get("cells_95"), "heldout", say_missing=False)  # said once, under the training sites
     lines += ["BF/LoS error rates are floored at 1 % before dividing (`fedfm.metrics.ERROR_FLOOR`).", "",
               "## Average score per round", "", "| round | train sites | held-out sites |", "|---|---|---|"]
     for r in s["per_round"]:
@@ -350,6 +410,7 @@ def summarize_pretrain(run: dict) -> dict:
              for site, role in roles.items()}
     per_round = [{"round": rnd, **{f"{role}_{m}": _mean([nmse.get((rnd, s, m)) for s, r in roles.items() if r == role])
                                    for role in ("train", "heldout") for m in MASKS}} for rnd in rounds]
+    cells_95 = _intervals_vs_baseline(run["dir"], final, sites)
     comm = _communication(run)
     ok = {r["round"]: r["sites_ok"] for r in comm["per_round"]}
     comm["full_state_bytes"] = run["config"].get("full_state_bytes")

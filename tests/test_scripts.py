@@ -801,3 +801,42 @@ def test_compare_bootstrap_says_why_it_is_missing(fed_run, tmp_path):
     samples_path(run, "baseline").write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match="per-sample errors cannot be read"):
         script.bootstrap_arms(run, arms)
+
+
+def test_report_gives_each_cell_its_interval_against_the_baseline(fed_run, tmp_path):
+    """report.py reads the evaluator's per-sample errors: every site × task of the final round gets
+    the federated/baseline ratio's 95 % interval, and the cells beaten / lost at 95 % are counted;
+    without the files the report is still written and says why there are no intervals."""
+    import shutil
+
+    from fedfm.metrics import error_for_score, error_ratio
+    from fedfm.report import load_run, summarize, write_report
+
+    run = tmp_path / "run"
+    shutil.copytree(fed_run["run"], run)
+    (run / "compare.json").unlink(missing_ok=True)
+    s = summarize(load_run(run))
+    for role, n_sites in (("train", 2), ("heldout", 1)):
+        c = s["cells_95"][role]
+        assert c["cells"] == 7 * n_sites
+        cis = [(name, t, e["ratio_ci"]) for name, site in s["sites"].items() if site["role"] == role
+               for t, e in site["tasks"].items()]
+        assert len(cis) == 7 * n_sites
+        assert [(x["site"], x["task"]) for x in c["beaten"]] == [(n, t) for n, t, ci in cis if ci[1] < 1]
+        assert [(x["site"], x["task"]) for x in c["lost"]] == [(n, t) for n, t, ci in cis if ci[0] > 1]
+        for name, t, ci in cis:  # each interval holds the ratio of the scores the table shows
+            e = s["sites"][name]["tasks"][t]
+            want = error_ratio(t, error_for_score(t, e["federated"]), error_for_score(t, e["baseline"]))
+            assert ci[0] - 1e-9 <= want <= ci[1] + 1e-9, (name, t, ci, want)
+        for x in c["beaten"] + c["lost"]:
+            e = s["sites"][x["site"]]["tasks"][x["task"]]
+            assert x["ratio"] == pytest.approx(error_ratio(x["task"], error_for_score(x["task"], e["federated"]),
+                                                           error_for_score(x["task"], e["baseline"])), rel=1e-9)
+    assert any(ci[0] < ci[1] for site in s["sites"].values() for ci in (e["ratio_ci"] for e in site["tasks"].values()))
+    md = write_report(run).read_text()
+    assert md.count("the federated model beats the baseline on ") == 2  # training and held-out sites
+    assert f"beats the baseline on {len(s['cells_95']['train']['beaten'])} of 14 site × task cells" in md
+    (run / "samples" / f"round-{ROUNDS:03d}.safetensors").unlink()
+    md = write_report(run).read_text()
+    assert "Intervals against the baseline: not computed (no per-sample errors of round 2" in md
+    assert "beats the baseline on" not in md
