@@ -48,7 +48,8 @@ def predict(model: nn.Module, td, batch_size: int = 64, device=None) -> np.ndarr
 
 
 def evaluate_sites(model: nn.Module, site_tds: dict, baselines: dict, roles: dict | None = None,
-                   batch_size: int = 64, device=None, predictions: dict | None = None) -> list[dict]:
+                   batch_size: int = 64, device=None, predictions: dict | None = None,
+                   keep_errors: bool = False) -> list[dict]:
     """One row per (site, task): model and baseline metrics on the same TaskData.
 
     site_tds: {site: {task: TaskData}} (usually test splits); baselines: {site: {task: Baseline}}
@@ -59,7 +60,9 @@ def evaluate_sites(model: nn.Module, site_tds: dict, baselines: dict, roles: dic
     baseline_error, ratio (model / baseline error; DESIGN.md "Average score") and ratio_ci, its
     95 % paired bootstrap interval over the test samples (``fedfm.metrics.paired_bootstrap`` of
     the model against the baseline: 2 000 draws, seed 0): "beats the baseline" holds at that
-    level where the interval's top is below 1.
+    level where the interval's top is below 1. ``keep_errors`` adds the per-sample errors
+    (``model_errors``, ``baseline_errors``: float64 [S], fedfm.metrics.sample_errors) for a
+    paired comparison of two models on the same rows.
     """
     from fedfm.metrics import error_for_score, error_ratio, paired_bootstrap, sample_errors, score
 
@@ -68,6 +71,7 @@ def evaluate_sites(model: nn.Module, site_tds: dict, baselines: dict, roles: dic
         for task, td in tds.items():
             pred = predictions[(site, task)] if predictions is not None else predict(model, td, batch_size, device)
             m = score(task, pred, td)
+            e_m = sample_errors(task, pred, td)
             row = {"site": site, "role": (roles or {}).get(site, ""), "task": task, "model": m,
                    "baseline": None, "baseline_name": None, "model_error": float(error_for_score(task, m)),
                    "baseline_error": None, "ratio": None, "ratio_ci": None}
@@ -78,11 +82,15 @@ def evaluate_sites(model: nn.Module, site_tds: dict, baselines: dict, roles: dic
                 be = float(error_for_score(task, bm))
                 row.update(baseline=bm, baseline_name=b.name, baseline_error=be,
                            ratio=error_ratio(task, row["model_error"], be))
+                e_b = sample_errors(task, bpred, td)
                 if math.isfinite(row["ratio"]):  # a NaN prediction has no interval to speak of
-                    e_b = {task: sample_errors(task, bpred, td)}
                     # the baseline against itself is a ratio of 1 in every draw: delta = ratio − 1
-                    ci = paired_bootstrap({task: sample_errors(task, pred, td)}, e_b, e_b)
+                    ci = paired_bootstrap({task: e_m}, {task: e_b}, {task: e_b})
                     row["ratio_ci"] = [1.0 + ci["lo"], 1.0 + ci["hi"]]
+                if keep_errors:
+                    row["baseline_errors"] = e_b
+            if keep_errors:
+                row["model_errors"] = e_m
             rows.append(row)
     return rows
 

@@ -115,6 +115,12 @@ def test_finetune_site_heldout_fraction(fed_run, capsys, monkeypatch):
         for col in ("before", "after", "baseline"):
             assert math.isfinite(r[col][key]), (r["task"], col)
         assert r["ratio_before"] is not None and r["ratio_after"] is not None
+        # the change with its paired interval: after − before of the same rows' ratios
+        delta, lo, hi = r["change_ci"]
+        assert delta == pytest.approx(r["ratio_after"] - r["ratio_before"], abs=1e-9) and lo <= delta <= hi
+        assert r["ratio_after_ci"][0] <= r["ratio_after"] <= r["ratio_after_ci"][1]
+    assert any(r["change_ci"][1] < r["change_ci"][2] for r in res["rows"])
+    assert sum(f"| {r['change_ci'][0]:+.3f} [" in out for r in res["rows"]) == 7
 
     # one personalisation: from the run's last global adapters, on the labelled half only,
     # for the requested steps; the baselines were fitted on that same half
@@ -517,9 +523,9 @@ def test_finetune_site_prints_a_zero_ratio_as_zero(monkeypatch, capsys):
     monkeypatch.setattr(script, "finetune_site", lambda *a, **kw: out)
     assert script.main(["--run", "unused", "--site", "unused.yaml"]) == 0
     lines = {ln.split("|")[1].strip(): ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")}
-    assert lines["CE"] == "| CE | nmse_db | -10.000 | -12.000 | -14.000 | 0.000 → 0.000 |"
+    assert lines["CE"] == "| CE | nmse_db | -10.000 | -12.000 | -14.000 | 0.000 → 0.000 | — |"
     # no baseline on BF: no ratio either, shown as missing rather than as a number
-    assert lines["BF"] == "| BF | top1 | — | 0.500 | 0.600 | — → — |"
+    assert lines["BF"] == "| BF | top1 | — | 0.500 | 0.600 | — → — | — |"
 
 
 def _site(role, fed, local=None, central=None):
