@@ -10,7 +10,7 @@ with the global one. The classical baselines are fitted once per site on that
 site's own train split, scored on the same test split, and cached in the run folder
 (``baselines.json``), so a resumed run does not refit them. Each scored round also writes
 every test sample's error (``samples/round-NNN.safetensors``, the baselines' in
-``samples/baseline.safetensors``) for scripts/compare.py's paired bootstrap.
+``samples/baseline.safetensors``) for the paired bootstraps of the report and scripts/compare.py.
 
 ``get_evaluate_fn(...)`` returns the ``evaluate_fn(round, arrays) -> MetricRecord`` that
 ``strategy.start`` calls; the returned record holds run-level summaries, and the full
