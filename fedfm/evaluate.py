@@ -64,7 +64,7 @@ def evaluate_sites(model: nn.Module, site_tds: dict, baselines: dict, roles: dic
     (``model_errors``, ``baseline_errors``: float64 [S], fedfm.metrics.sample_errors) for a
     paired comparison of two models on the same rows.
     """
-    from fedfm.metrics import error_for_score, error_ratio, paired_bootstrap, sample_errors, score
+    from fedfm.metrics import error_for_score, error_ratio, ratio_interval, sample_errors, score
 
     rows = []
     for site, tds in site_tds.items():
@@ -84,9 +84,8 @@ def evaluate_sites(model: nn.Module, site_tds: dict, baselines: dict, roles: dic
                            ratio=error_ratio(task, row["model_error"], be))
                 e_b = sample_errors(task, bpred, td)
                 if math.isfinite(row["ratio"]):  # a NaN prediction has no interval to speak of
-                    # the baseline against itself is a ratio of 1 in every draw: delta = ratio − 1
-                    ci = paired_bootstrap({task: e_m}, {task: e_b}, {task: e_b})
-                    row["ratio_ci"] = [1.0 + ci["lo"], 1.0 + ci["hi"]]
+                    ci = ratio_interval(task, e_m, e_b)
+                    row["ratio_ci"] = [ci["lo"], ci["hi"]]
                 if keep_errors:
                     row["baseline_errors"] = e_b
             if keep_errors:

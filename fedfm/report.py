@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedfm.metrics import HEADLINE, average_score
+from fedfm.metrics import BOOTSTRAP_DRAWS, BOOTSTRAP_SEED, HEADLINE, average_score
 from fedfm.runlog import read_json, read_jsonl, read_run_config, write_json
 
 TASK_ORDER = ("CE", "CP", "PF", "BF", "DE", "PE", "LoS")
@@ -111,7 +111,7 @@ def _intervals_vs_baseline(run_dir: Path, final: int | None, sites: dict) -> dic
     bootstrap interval over the test samples, from ``samples/`` (what the central evaluator
     wrote), added to ``sites[site]["tasks"][task]["ratio_ci"]``; returns per role the cells
     beaten and lost at 95 % ({"missing": why} when the files are absent or unreadable)."""
-    from fedfm.metrics import paired_bootstrap
+    from fedfm.metrics import ratio_interval
     from fedfm.runlog import read_samples, samples_path
 
     if final is None:
@@ -131,11 +131,11 @@ def _intervals_vs_baseline(run_dir: Path, final: int | None, sites: dict) -> dic
             m, b = model.get(site, {}).get(task), base.get(site, {}).get(task)
             if m is None or b is None or len(m) != len(b):
                 continue
-            ci = paired_bootstrap({task: m}, {task: b}, {task: b})  # b against itself: 1 in every draw
-            lo, hi = 1.0 + ci["lo"], 1.0 + ci["hi"]
+            ci = ratio_interval(task, m, b)
+            lo, hi = ci["lo"], ci["hi"]
             entry["tasks"].setdefault(task, {})["ratio_ci"] = [lo, hi]
             role["cells"] += 1
-            cell = {"site": site, "task": task, "ratio": 1.0 + ci["delta"], "ci": [lo, hi]}
+            cell = {"site": site, "task": task, "ratio": ci["ratio"], "ci": [lo, hi]}
             if hi < 1:
                 role["beaten"].append(cell)
             elif lo > 1:
@@ -155,8 +155,8 @@ def _cells_line(cells_95: dict | None, role: str, say_missing: bool = True) -> l
         return []
     lost = "; ".join(f"{x['site']} {x['task']} {x['ratio']:.3f} [{x['ci'][0]:.3f}, {x['ci'][1]:.3f}]"
                      for x in c["lost"])
-    return [f"At 95 % (each error ratio's paired bootstrap interval over the test samples, 2000 draws, "
-            f"seed 0): the federated model beats the baseline on {len(c['beaten'])} of {c['cells']} site × task "
+    return [f"At 95 % (each error ratio's paired bootstrap interval over the test samples, {BOOTSTRAP_DRAWS} "
+            f"draws, seed {BOOTSTRAP_SEED}): the federated model beats the baseline on {len(c['beaten'])} of {c['cells']} site × task "
             f"cells and loses on {len(c['lost'])}{': ' + lost if lost else ''}; the test split cannot tell "
             f"the rest apart.", ""]
 

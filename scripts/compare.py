@@ -108,16 +108,13 @@ def local_and_central(run_dir: Path, centralized: bool = True) -> dict:
     return out
 
 
-BOOTSTRAP_DRAWS, BOOTSTRAP_LEVEL, BOOTSTRAP_SEED = 2000, 0.95, 0
-
-
 def bootstrap_arms(run_dir: Path, result: dict) -> dict:
     """Per training site, federated minus each computed arm's average score with its paired
     bootstrap interval over the test samples (fedfm.metrics.paired_bootstrap), from the
     per-sample errors of the federated run's last round, the baselines and the arms.
     {"level", "n_boot", "seed", arm: {site: {delta, lo, hi, ...}}}, or {"missing": why} when
     a file is absent (a run of an earlier fedfm, or arms from a reference without them)."""
-    from fedfm.metrics import paired_bootstrap
+    from fedfm.metrics import BOOTSTRAP_DRAWS, BOOTSTRAP_LEVEL, BOOTSTRAP_SEED, paired_bootstrap
 
     planned = int(read_run_config(run_dir)["run_config"]["num-server-rounds"])
     fed = read_samples(samples_path(run_dir, f"round-{planned:03d}"))
@@ -137,12 +134,11 @@ def bootstrap_arms(run_dir: Path, result: dict) -> dict:
         for site in result[arm]:
             if not (site in fed and site in other and site in base):
                 continue
-            args = (BOOTSTRAP_DRAWS, BOOTSTRAP_LEVEL, BOOTSTRAP_SEED)
-            entry = paired_bootstrap(fed[site], other[site], base[site], *args)
+            entry = paired_bootstrap(fed[site], other[site], base[site])
             # each task's share (its ratio difference / number of tasks is its part of delta):
             # where the arms differ beyond the test split's noise, and where only noise is
             entry["per_task"] = {t: {k: v for k, v in paired_bootstrap({t: fed[site][t]}, {t: other[site][t]},
-                                                                       {t: base[site][t]}, *args).items()
+                                                                       {t: base[site][t]}).items()
                                      if k in ("delta", "lo", "hi")} for t in entry["tasks"]}
             out[arm][site] = entry
     return out

@@ -120,7 +120,7 @@ def _num(v: float | None) -> str:
 
 def table_lines(rows: list[dict]) -> list[str]:
     """``finetune_site``'s rows as a markdown table; a missing value (no baseline) is "—"."""
-    from fedfm.metrics import HEADLINE
+    from fedfm.metrics import BOOTSTRAP_DRAWS, BOOTSTRAP_SEED, HEADLINE
 
     lines = ["| task | metric | baseline | before | after | error ratio before → after | change [95 %] |",
              "|---|---|---|---|---|---|---|"]
@@ -132,8 +132,8 @@ def table_lines(rows: list[dict]) -> list[str]:
         lines.append(f"| {r['task']} | {key} | " + " | ".join(map(_num, cells))
                      + f" | {_num(r['ratio_before'])} → {_num(r['ratio_after'])} | {change} |")
     return lines + ["", "change: after − before error ratio, with its 95 % paired bootstrap interval over the "
-                        "site's test samples (2000 draws, seed 0); an interval excluding 0 is a change the test "
-                        "split resolves."]
+                        f"site's test samples ({BOOTSTRAP_DRAWS} draws, seed {BOOTSTRAP_SEED}); an interval "
+                        "excluding 0 is a change the test split resolves."]
 
 
 def main(argv=None) -> int:

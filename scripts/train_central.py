@@ -32,6 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedfm.evaluate import evaluate_sites, markdown_table, predict, summarise  # noqa: E402
+from fedfm.metrics import BOOTSTRAP_DRAWS, BOOTSTRAP_SEED  # noqa: E402
 from fedfm.model import (ModelConfig, backbone_hash, build_model, get_adapter_state, load_adapter,  # noqa: E402
                          parameter_summary, save_adapter, set_adapter_state)
 from fedfm.runlog import check_fresh_output  # noqa: E402
@@ -238,9 +239,9 @@ def render_markdown(r: dict) -> str:
     lines += [f"| {t} | {v['ratio']:.3f} | {v['wins']}/{v['sites']} | {v.get('wins_95', '—')} | "
               f"{v.get('losses_95', '—')} |" for t, v in s["per_task"].items() if v["ratio"] is not None]
     lines += ["", "95 % interval: the error ratio's paired bootstrap interval over the site's test samples "
-                  "(2 000 draws, seed 0; model and baseline rescored on the same draw). A site is beaten, or "
-                  "lost, at 95 % where the interval lies below, or above, 1; elsewhere the test split cannot "
-                  "tell the two apart."]
+                  f"({BOOTSTRAP_DRAWS} draws, seed {BOOTSTRAP_SEED}; model and baseline rescored on the same "
+                  "draw). A site is beaten, or lost, at 95 % where the interval lies below, or above, 1; "
+                  "elsewhere the test split cannot tell the two apart."]
     roles = ", ".join(f"{k} {v:.3f}" for k, v in s["per_role"].items() if v is not None)
     lines += ["", f"Average score: {s['average_score']:.3f} ({roles})."]
     if r.get("summary_before_refit"):
