@@ -25,11 +25,11 @@ from fedfm.model.prior import classical_prior
 
 POOLED_TASKS = ("BF", *POOLED_OUTPUTS)
 # What refit_heads may move. "head": every parameter of a pooled head. "features": only the paths
-# that read the classical side inputs (the linear skip from the profile/context features, PE's LoS
-# gate, BF's spectrum weights and beam-axis CNN), not the MLP over the token-mean embedding, whose
+# that read the classical side inputs (the linear skip and the feature MLP from the profile/context
+# features, PE's LoS gate, BF's spectrum weights and beam-axis CNN), not the MLP over the token-mean embedding, whose
 # inputs move with a site's grid shape (fedfm.model.heads.PooledHead).
 REFIT_SCOPES = ("head", "features")
-_FEATURE_PATHS = frozenset({"skip", "gate", "spectrum_weight", "spectrum_conv"})
+_FEATURE_PATHS = frozenset({"skip", "gate", "feature_mlp", "spectrum_weight", "spectrum_conv"})
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:

@@ -241,6 +241,51 @@ def test_masks_hide_what_they_claim(shape):
     assert not torch.equal(rnd[0], rnd[1])
 
 
+def test_feature_mlp_reads_only_the_side_inputs_and_fits_what_a_line_cannot():
+    from fedfm.model.heads import PooledHead
+
+    model = build_model(tiny_cfg())
+    assert {t for t, h in model.heads.items() if getattr(h, "feature_mlp", None) is not None} == {"DE", "PE", "LoS"}
+    none = build_model(tiny_cfg(feature_mlp_tasks=()))
+    assert all(getattr(h, "feature_mlp", None) is None for h in none.heads.values())
+    assert not model.heads["PE"].feature_mlp[2].weight.any() and not model.heads["PE"].feature_mlp[2].bias.any()
+    torch.manual_seed(0)
+    head = PooledHead(16, 32, 1, num_features=6, feature_mlp=True)
+    head.start_at_prior()  # the MLP's last layer zeroed: starts as no change
+    with torch.no_grad():
+        head.feature_mlp[2].weight.normal_(generator=torch.Generator().manual_seed(0))
+    f = torch.randn(3, head.feature_mlp[0].in_features, generator=torch.Generator().manual_seed(1))
+    h = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(2))
+    mlp = head.feature_mlp
+    with_mlp = [head(h, f), head(h.flip(0), f)]
+    head.feature_mlp = None
+    without = [head(h, f), head(h.flip(0), f)]
+    head.feature_mlp = mlp
+    for y, y0 in zip(with_mlp, without):  # the same added term whatever the embedding: a path from f alone
+        torch.testing.assert_close(y - y0, mlp(f))
+    assert mlp(f).abs().min() > 0
+
+    # y = |f0| on features alone: the linear skip cannot fit a V, the MLP over the features can
+    gen = torch.Generator().manual_seed(3)
+    f = torch.randn(512, 6, generator=gen)
+    target = f[:, :1].abs()
+    h = torch.zeros(512, 1, 16)
+    losses = {}
+    for mlp in (False, True):
+        torch.manual_seed(0)
+        head = PooledHead(16, 32, 1, num_features=6, feature_mlp=mlp)
+        head.start_at_prior()
+        params = [p for n, p in head.named_parameters() if n.split(".")[0] in ("skip", "feature_mlp")]
+        opt = torch.optim.Adam(params, lr=1e-2)
+        for _ in range(300):
+            loss = (head(h, f) - target).abs().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        losses[mlp] = float(loss)
+    assert losses[False] > 0.3 and losses[True] < 0.1 * losses[False]  # best line: mean |f0 − 0.8| ≈ 0.35
+
+
 def test_config_errors_name_the_key():
     with pytest.raises(ValueError, match="`n_heads`"):
         ModelConfig(d_model=30, n_heads=4)
@@ -250,6 +295,8 @@ def test_config_errors_name_the_key():
         ModelConfig.from_preset("huge")
     with pytest.raises(ValueError, match="unknown key"):
         ModelConfig.from_dict({"d_modle": 3})
+    with pytest.raises(ValueError, match=r"`feature_mlp_tasks` \('CE',\) should be distinct ids from BF, DE, PE, LoS"):
+        ModelConfig(feature_mlp_tasks=("CE",))
 
 
 def test_base_preset_trains_at_most_three_percent():

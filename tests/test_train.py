@@ -382,8 +382,10 @@ def test_a_features_scope_refit_moves_only_the_paths_from_the_side_inputs(rng):
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert info["BF"]["epoch"] > 0 and info["LoS"]["epoch"] > 0  # both refits kept an epoch that moved something
     paths = {n.split(".modules_to_save.default.")[1].split(".")[0] for n in moved}
-    assert all(".modules_to_save.default." in n for n in moved) and paths <= {"skip", "spectrum_weight", "spectrum_conv"}
-    assert {"skip", "spectrum_weight"} <= paths  # BF's beam reading and the linear path moved; its MLP did not
+    assert all(".modules_to_save.default." in n for n in moved)
+    assert paths <= {"skip", "feature_mlp", "spectrum_weight", "spectrum_conv"}
+    # BF's beam reading, the linear path and LoS's MLP over the side inputs moved; the MLPs over the embedding did not
+    assert {"skip", "spectrum_weight", "feature_mlp"} <= paths
     with pytest.raises(ValueError, match=r"^refit_heads: `scope` 'mlp' is not allowed; expected one of head, features"):
         refit_heads(model, tasks, scope="mlp")
 

@@ -37,6 +37,8 @@ class ModelConfig:
     head_hidden: int = 64          # bottleneck of dense heads and hidden width of pooled MLP heads
     conv_channels: int = 8         # residual 3-D conv refiner on dense outputs (CNN head); 0 = none
     num_beams: int = 256           # BF classes = mmWave codebook size
+    # pooled heads with a nonlinear path from the classical side inputs alone (PooledHead.feature_mlp)
+    feature_mlp_tasks: tuple[str, ...] = ("DE", "PE", "LoS")
     # LoRA (peft) on the attention and MLP projections of every block
     lora_r: int = 4
     lora_alpha: int = 8
@@ -65,6 +67,11 @@ class ModelConfig:
         bad = [t for t in self.tasks if t not in TASKS]
         if bad or not self.tasks or len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"ModelConfig: `tasks` {self.tasks!r} should be distinct ids from {', '.join(TASKS)}")
+        pooled = tuple(t for t in TASKS if t not in DENSE_TASKS)
+        fm = self.feature_mlp_tasks
+        if any(t not in pooled for t in fm) or len(set(fm)) != len(fm):
+            raise ValueError(f"ModelConfig: `feature_mlp_tasks` {self.feature_mlp_tasks!r} should be distinct ids "
+                             f"from {', '.join(pooled)} (or empty)")
         allowed = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
         if not self.lora_targets or any(t not in allowed for t in self.lora_targets):
             raise ValueError(f"ModelConfig: `lora_targets` {self.lora_targets!r} should be a non-empty "

@@ -103,19 +103,28 @@ class PooledHead(nn.Module):
     thresholds sit within ±0.2 of each other on every default site). With the gate, FedAvg
     learns one shared reading instead of each environment's mode split from the one site that
     has it (measured without it: federated PE 17 dB MAE on RMa against 9 dB trained alone).
+
+    ``feature_mlp`` adds a small MLP over the side inputs alone (features → hidden → out, its last
+    layer zeroed by ``start_at_prior``, so it starts as no change). The linear skip and gate can
+    only shift and threshold the features; what a site's kNN fingerprint reads from them (PE, DE)
+    is nonlinear, and the MLP over [embedding, features] mixes that with the embedding's noise.
+    The side inputs are read on the same scale at every grid shape, so this path can be refitted
+    to convergence (``fedfm.train.refit_heads`` scope "features") without the embedding's failure
+    on a site of another shape.
     """
 
     def __init__(self, d_model: int, hidden: int, out: int, num_features: int = 0, spectra: int = 0,
                  spectrum_channels: int = 8, kernel: int = 9, prior_features: dict[int, "LinearStart"] | None = None,
-                 los_gate: tuple["LinearStart", int, int] | None = None, spectrum_start: int = 0):
+                 los_gate: tuple["LinearStart", int, int] | None = None, spectrum_start: int = 0,
+                 feature_mlp: bool = False):
         super().__init__()
         if spectra and not 0 <= spectrum_start < spectra:
             raise ValueError(f"PooledHead: `spectrum_start` {spectrum_start} is not in [0, {spectra})")
         self.spectrum_start = spectrum_start
         self.prior_features = dict(prior_features or {})
         self.los_gate = tuple(los_gate) if los_gate else None
-        if (self.prior_features or self.los_gate) and not num_features:
-            raise ValueError("PooledHead: `prior_features` and `los_gate` need `num_features` > 0")
+        if (self.prior_features or self.los_gate or feature_mlp) and not num_features:
+            raise ValueError("PooledHead: `prior_features`, `los_gate` and `feature_mlp` need `num_features` > 0")
         self.gate = nn.Linear(num_features, 1) if self.los_gate else None
         self.ln = nn.LayerNorm(d_model)
         self.fc = nn.Linear(d_model + num_features, hidden)
@@ -123,6 +132,8 @@ class PooledHead(nn.Module):
         # a linear path from the classical features straight to the output ("wide and deep"):
         # a K-factor threshold or a per-environment offset is one weight away, not two layers
         self.skip = nn.Linear(num_features, out) if num_features else None
+        self.feature_mlp = (nn.Sequential(nn.Linear(num_features, hidden), nn.GELU(), nn.Linear(hidden, out))
+                            if feature_mlp else None)
         self.spectrum_weight = self.spectrum_conv = None
         if spectra:
             self.spectrum_weight = nn.Parameter(F.one_hot(torch.tensor(spectrum_start), spectra).float())
@@ -143,6 +154,9 @@ class PooledHead(nn.Module):
                 self.skip.bias.zero_()
                 for o, start in self.prior_features.items():
                     start.set(self.skip, o)
+            if self.feature_mlp is not None:
+                self.feature_mlp[2].weight.zero_()
+                self.feature_mlp[2].bias.zero_()
             if self.gate is not None:
                 self.gate.weight.zero_()
                 self.gate.bias.zero_()
@@ -160,6 +174,8 @@ class PooledHead(nn.Module):
         y = self.proj(F.gelu(self.fc(z)))
         if features is not None and self.skip is not None:
             y = y + self.skip(features.to(y.dtype))
+        if features is not None and self.feature_mlp is not None:
+            y = y + self.feature_mlp(features.to(y.dtype))
         if features is not None and self.gate is not None:
             f = features.to(y.dtype)
             _, los, nlos = self.los_gate

@@ -69,7 +69,8 @@ class FedFM(nn.Module):
                 heads[t] = PooledHead(cfg.d_model, cfg.head_hidden, POOLED_OUTPUTS.get(t, cfg.num_beams),
                                       NUM_PROFILE_FEATURES + CONTEXT_SIZE, len(SPECTRUM_METHODS) if t == "BF" else 0,
                                       prior_features=_HEAD_PRIORS.get(t), los_gate=_LOS_GATED.get(t),
-                                      spectrum_start=SPECTRUM_METHODS.index(BF_START_SPECTRUM))
+                                      spectrum_start=SPECTRUM_METHODS.index(BF_START_SPECTRUM),
+                                      feature_mlp=t in cfg.feature_mlp_tasks)
         self.heads = nn.ModuleDict(heads)
         init_weights(self, cfg.seed, cfg.n_layers)
         with torch.no_grad():  # adapters start as identity, dense heads, BF, DE, PE and LoS at their priors
