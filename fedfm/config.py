@@ -34,6 +34,9 @@ SITE_MODELS = ("global", "local")
 LOCAL_OPTIMIZERS = ("reset", "keep")
 PRESETS = ("tiny", "small", "base", "large")
 DEVICES = ("auto", "cpu", "cuda")
+# What fedfm.train.refit_heads may move (defined here, torch-free, so run configs validate it):
+# "head" every parameter of a pooled head, "features" only its paths from the classical side inputs.
+REFIT_SCOPES = ("head", "features")
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class RunConfig:
     dwa_temperature: float = 2.0    # Dynamic Weight Averaging of task losses (LLM4WM)
     head_prior_mu: float = 0.0      # L2-SP pull of the BF/DE/PE/LoS heads towards their classical start
     head_refit_epochs: int = 0      # after its local steps a site refits its BF/DE/PE/LoS heads alone (0 = off)
+    head_refit_scope: str = "head"  # what that refit moves: head (all of it) | features (paths from the classical inputs)
     strategy: str = "fedavg"
     fedprox_mu: float = 0.01        # proximal weight, only used by fedprox
     fedadam_eta: float = 1e-2       # server learning rate, only used by fedadam
@@ -81,6 +85,8 @@ class RunConfig:
         _check("site-model", self.site_model, self.site_model in SITE_MODELS, f"one of {', '.join(SITE_MODELS)}")
         _check("local-optimizer", self.local_optimizer, self.local_optimizer in LOCAL_OPTIMIZERS,
                f"one of {', '.join(LOCAL_OPTIMIZERS)}")
+        _check("head-refit-scope", self.head_refit_scope, self.head_refit_scope in REFIT_SCOPES,
+               f"one of {', '.join(REFIT_SCOPES)}")
         _check("preset", self.preset, self.preset in PRESETS, f"one of {', '.join(PRESETS)}")
         _check("device", self.device, self.device in DEVICES, f"one of {', '.join(DEVICES)}")
         _check("federation", self.federation, bool(self.federation), "a path to a federation YAML")

@@ -217,7 +217,7 @@ def local_train(cfg: RunConfig, spec: SiteSpec, state: dict[str, np.ndarray], ro
     one 200-step run, and carrying the moments recovered all of it (RESULTS.md). The moments
     stay on the site's disk (:func:`optimizer_folder`), never travel. With ``head-refit-epochs``
     the site then refits its pooled heads alone on its labels (``fedfm.train.refit_heads``,
-    seeded by the round's seed)."""
+    seeded by the round's seed; ``head-refit-scope`` says which of their parameters move)."""
     from fedfm.model import get_adapter_state, set_adapter_state
     from fedfm.train import OptimizerStateMismatch, finetune, refit_heads
 
@@ -250,7 +250,8 @@ def local_train(cfg: RunConfig, spec: SiteSpec, state: dict[str, np.ndarray], ro
         kwargs["optimizer_state"] = {}
         losses = finetune(model, tasks, **kwargs)
     if cfg.head_refit_epochs > 0:  # the pooled heads to convergence on the site's own labels
-        refit_heads(model, tasks, epochs=cfg.head_refit_epochs, seed=seed, device=device)
+        refit_heads(model, tasks, epochs=cfg.head_refit_epochs, seed=seed, device=device,
+                    scope=cfg.head_refit_scope)
     if keep:
         try:
             save_site_optimizer(folder, round_, kwargs["optimizer_state"])

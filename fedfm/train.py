@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fedfm.model.config import DENSE_TASKS, POOLED_OUTPUTS
+from fedfm.config import REFIT_SCOPES
 from fedfm.model.lora import base_model, lora_parameters
 from fedfm.model.network import pooled_output
 from fedfm.model.pretrain import MASK_PRIORS, MASK_TYPES, Pretrainer, make_mask, masked_nmse
@@ -24,11 +25,10 @@ from fedfm.model.prior import classical_prior
 
 
 POOLED_TASKS = ("BF", *POOLED_OUTPUTS)
-# What refit_heads may move. "head": every parameter of a pooled head. "features": only the paths
-# that read the classical side inputs (the linear skip and the feature MLP from the profile/context
-# features, PE's LoS gate, BF's spectrum weights and beam-axis CNN), not the MLP over the token-mean embedding, whose
-# inputs move with a site's grid shape (fedfm.model.heads.PooledHead).
-REFIT_SCOPES = ("head", "features")
+# What refit_heads may move (REFIT_SCOPES). "head": every parameter of a pooled head. "features":
+# only the paths that read the classical side inputs (the linear skip and the feature MLP from the
+# profile/context features, PE's LoS gate, BF's spectrum weights and beam-axis CNN), not the MLP
+# over the token-mean embedding, whose inputs move with a site's grid shape (heads.PooledHead).
 _FEATURE_PATHS = frozenset({"skip", "gate", "feature_mlp", "spectrum_weight", "spectrum_conv"})
 
 

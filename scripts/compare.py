@@ -101,7 +101,8 @@ def local_and_central(run_dir: Path, centralized: bool = True) -> dict:
              dwa_temperature=cfg.dwa_temperature, seed=derive_seed(cfg.seed, "centralized"),
              prior_mu=cfg.head_prior_mu)  # anchored at the call's start: the initial heads, as built
     if cfg.head_refit_epochs > 0:  # as every site's local training ends (fedfm.federated.local_train)
-        refit_heads(model, pooled, epochs=cfg.head_refit_epochs, seed=derive_seed(cfg.seed, "centralized"))
+        refit_heads(model, pooled, epochs=cfg.head_refit_epochs, seed=derive_seed(cfg.seed, "centralized"),
+                    scope=cfg.head_refit_scope)
     for e in sites:
         out["centralized"][e.name], errors["centralized"][e.name] = score_model(model, test[e.name])
     write_samples(samples_path(run_dir, "centralized"), errors["centralized"])
@@ -181,7 +182,7 @@ def federated_steps(run_dir: Path) -> dict[str, int]:
 # federation, backbone, model config and initial adapters, checked separately); the per-site
 # budget is num-server-rounds × local-steps, so 5 × 40 and 10 × 20 share a reference
 REFERENCE_KEYS = ("preset", "batch-size", "lr", "lora-r", "lora-alpha", "dwa-temperature", "head-prior-mu",
-                  "head-refit-epochs", "train-max-samples", "eval-max-samples", "seed", "device")
+                  "head-refit-epochs", "head-refit-scope", "train-max-samples", "eval-max-samples", "seed", "device")
 
 
 def reference_mismatch(run_dir: Path, ref_dir: Path) -> str | None:

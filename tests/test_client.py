@@ -1,6 +1,8 @@
 """ClientApp handlers, message in → message out (no Ray): a site trains and replies with
 float32 adapter state + metrics; a broken site, a wrong backbone or a bad partition count
 reply with an error that names the site."""
+import re
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
@@ -161,13 +163,18 @@ def test_head_refit_epochs_refits_only_the_pooled_heads_after_local_training(set
     root, backbone, digest, state, cache = setup
     fed = write_federation(root / "refit")
     replies = {}
-    for epochs in (0, 3):
-        rc = run_config(fed, root / "run", cache, backbone, **{"local-steps": 2, "head-refit-epochs": epochs})
+    for epochs, scope in ((0, "head"), (3, "head"), (3, "features")):
+        rc = run_config(fed, root / "run", cache, backbone,
+                        **{"local-steps": 2, "head-refit-epochs": epochs, "head-refit-scope": scope})
         reply = train(_message(state, backbone, digest, 2), _context(rc))
         assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
-        replies[epochs] = {k: a.numpy() for k, a in reply.content["arrays"].items()}
+        replies[epochs if scope == "head" else scope] = {k: a.numpy() for k, a in reply.content["arrays"].items()}
     pooled = [k for k in state if any(f"heads.{t}." in k for t in ("BF", "DE", "PE", "LoS"))]
     assert pooled and all(np.array_equal(replies[0][k], replies[3][k]) for k in state if k not in pooled)
+    # head-refit-scope=features: only the heads' paths from the classical side inputs moved
+    moved = {k for k in state if not np.array_equal(replies[0][k], replies["features"][k])}
+    paths = {re.search(r"heads\.\w+\.(?:modules_to_save\.default\.)?(\w+)", k).group(1) for k in moved}
+    assert moved <= set(pooled) and moved and paths <= {"skip", "gate", "feature_mlp", "spectrum_weight", "spectrum_conv"}
     cfg = RunConfig.from_flower(rc)
     model = build_run_model(cfg, NUM_BEAMS, backbone)
     set_adapter_state(model, torch_state(replies[0]))

@@ -26,6 +26,7 @@ def test_from_flower_resolves_paths_and_coerces_ints(tmp_path):
 
 @pytest.mark.parametrize("key, value, needle", [
     ("strategy", "fedsgd", "one of fedavg, fedprox, fedadam, fedavgm"),
+    ("head-refit-scope", "embedding", "one of head, features"),
     ("num-server-rounds", 0, "integer >= 1"),
     ("fraction-train", 1.5, "(0, 1]"),
     ("lr", "fast", "expected a float"),
