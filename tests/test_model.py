@@ -282,7 +282,7 @@ def test_feature_mlp_reads_only_the_side_inputs_and_fits_what_a_line_cannot():
             opt.zero_grad()
             loss.backward()
             opt.step()
-        losses[mlp] = float(loss)
+        losses[mlp] = float(loss.detach())
     assert losses[False] > 0.3 and losses[True] < 0.1 * losses[False]  # best line: mean |f0 − 0.8| ≈ 0.35
 
 

@@ -666,7 +666,8 @@ def test_train_central_small_budget_scores_every_site(tmp_path, cache_dir):
     tuned, refit = load_file(tmp_path / "out" / "adapter.safetensors"), load_file(tmp_path / "feat" / "adapter-refit.safetensors")
     changed = {tuple(k.split(".")[3:5]) for k in tuned if not torch.equal(tuned[k], refit[k])}  # (task, path)
     assert all(k.startswith("base_model.model.heads.") for k in tuned if not torch.equal(tuned[k], refit[k]))
-    assert feat["refit_scope"] == "features" and {p for _, p in changed} <= {"skip", "gate", "spectrum_weight", "spectrum_conv"}
+    assert feat["refit_scope"] == "features" and {p for _, p in changed} <= {"skip", "gate", "feature_mlp",
+                                                                                   "spectrum_weight", "spectrum_conv"}
     assert "--refit-scope features" in (tmp_path / "feat" / "report.md").read_text()
     assert {t for t, _ in changed} == {t for t, v in feat["refit"].items() if v["epoch"] > 0} != set()
     from fedfm.scenarios import load_federation
