@@ -414,7 +414,10 @@ def refit_heads(model: nn.Module, tasks: dict, epochs: int = 100, lr: float = 3e
     "head" refits every parameter of a head, "features" only its paths from the classical side
     inputs, leaving the MLP over the embedding as fine-tuning left it. ``prior_mu`` > 0 adds
     μ/2·‖θ − θ_before‖² to every batch's loss (L2-SP towards the head as fine-tuning left it; the
-    held-back loss that chooses the epoch is without it).
+    held-back loss that chooses the epoch is without it). The change to each layer that reads
+    the side features alone (skip, gate, the feature MLP's first) is then confined to the span
+    of the training samples' features (``confine_to_span``): the same outputs on every training
+    sample, no change along a direction the training sites do not vary in (their antenna count).
     Returns {task: {"epoch", "val_loss_before", "val_loss_after", "samples"}}.
     """
     if scope not in REFIT_SCOPES:
@@ -491,8 +494,49 @@ def _refit(model, heads, tasks, epochs, lr, batch_size, val_fraction, seed, devi
         with torch.no_grad():
             for p, b in zip(params, best[1]):
                 p.copy_(b)
+        start = {id(p): a for p, a in zip(params, anchor)}           # what the refit began from
+        for layer in _feature_layers(head):
+            if id(layer.weight) in start and id(layer.bias) in start:
+                confine_to_span(layer, start[id(layer.weight)], start[id(layer.bias)], inputs[1])
         out[t] = {"epoch": best[2], "val_loss_before": before, "val_loss_after": best[0], "samples": n}
     return out
+
+
+def _feature_layers(head: nn.Module) -> list[nn.Linear]:
+    """A pooled head's linear layers that read its side features [B, F] and nothing else."""
+    mlp = getattr(head, "feature_mlp", None)
+    return [m for m in (getattr(head, "skip", None), getattr(head, "gate", None), mlp[0] if mlp is not None else None)
+            if isinstance(m, nn.Linear)]
+
+
+@torch.no_grad()
+def confine_to_span(layer: nn.Linear, weight_before: torch.Tensor, bias_before: torch.Tensor,
+                    features: torch.Tensor, rtol: float = 1e-6) -> None:
+    """Keep only the part of a refit's change to ``layer`` (which reads ``features``) that its
+    training data can tell apart; move the rest into the bias.
+
+    A refit trains on the training sites alone, and some directions of the feature space do
+    not vary there: every training site of benchmark.yaml has 8 antennas, so log2(antennas) is
+    the constant 3, and the four sites' contexts span 3 of its 12 dimensions. Along such a
+    direction a change of weight is a change of bias in disguise, and gradient descent moves it
+    as freely as the bias; on a site where that coordinate differs (16 antennas) it adds an
+    offset no training sample ever checked. Here ΔW becomes ΔW·P, P the projection onto the span
+    of the centred training features, and the bias takes (ΔW − ΔW·P)·μ, μ their mean: on every
+    training sample the layer's output is unchanged (x − μ lies in the span), while on a new site
+    the refit acts only on the part of its features the training sites span — the change a
+    refit of the centred-input layer (y = W(x − μ) + b) would have made.
+    Hand-written: this is the minimum-norm reading of an underdetermined least-squares update
+    (the pseudo-inverse's), which no training library applies to one layer after the fact.
+    """
+    x = features.double().reshape(-1, features.shape[-1])
+    mu = x.mean(0)
+    _, s, vh = torch.linalg.svd(x - mu, full_matrices=False)
+    keep = s > rtol * float(s[0]) if s.numel() and float(s[0]) > 0 else torch.zeros_like(s, dtype=torch.bool)
+    v = vh[keep]                                                    # [r, F] the span's basis
+    dw = layer.weight.double() - weight_before.double().to(layer.weight.device)
+    kept = dw @ (v.T @ v).to(dw.device)
+    layer.weight.copy_((weight_before.double().to(kept.device) + kept).to(layer.weight.dtype))
+    layer.bias.add_(((dw - kept) @ mu.to(dw.device)).to(layer.bias.dtype))
 
 
 # ---- pretraining --------------------------------------------------------------------------

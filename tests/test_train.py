@@ -390,6 +390,62 @@ def test_a_features_scope_refit_moves_only_the_paths_from_the_side_inputs(rng):
         refit_heads(model, tasks, scope="mlp")
 
 
+def test_confine_to_span_keeps_a_refits_change_where_the_training_features_vary():
+    # Prepare: features (a, b, 3): the third never varies, as log2(antennas) on 8-antenna sites
+    from fedfm.train import confine_to_span
+
+    x = torch.tensor([[0.0, 1.0, 3.0], [1.0, -1.0, 3.0], [2.0, 0.5, 3.0], [-1.0, 2.0, 3.0]])
+    layer = torch.nn.Linear(3, 1)
+    w0, b0 = torch.tensor([[1.0, 2.0, 0.5]]), torch.tensor([0.1])
+    with torch.no_grad():  # what a refit left: ΔW = (0.5, 0, 1.0), Δb = 0.1
+        layer.weight.copy_(torch.tensor([[1.5, 2.0, 1.5]]))
+        layer.bias.copy_(torch.tensor([0.2]))
+    refitted = layer(x).detach().clone()
+    # Execute
+    confine_to_span(layer, w0, b0, x)
+    # Assert: by hand, P = diag(1, 1, 0): W = (1.5, 2, 0.5), b = 0.2 + 1.0·3 = 3.2
+    assert torch.allclose(layer.weight, torch.tensor([[1.5, 2.0, 0.5]]), atol=1e-6)
+    assert float(layer.bias.detach()) == pytest.approx(3.2, abs=1e-6)
+    assert torch.allclose(layer(x), refitted, atol=1e-5)   # every training sample: the same output
+    x16 = torch.tensor([[0.0, 1.0, 4.0]])                  # the never-seen value: the pre-refit slope 0.5 holds
+    assert float(layer(x16) - layer(x[:1])) == pytest.approx(0.5, abs=1e-5)
+
+
+def test_a_refit_leaves_a_layers_weights_on_features_the_sites_share_as_they_were(rng, monkeypatch):
+    # A site context the same on every sample (one site): the refit may shift the heads' outputs
+    # through the bias, but not their weights on that context, which no sample can tell apart.
+    import fedfm.train as train
+
+    base = fake_tasks(rng, samples=40)
+    from fedfm.tasks import CONTEXT_SIZE
+
+    context = np.linspace(-1.0, 2.0, CONTEXT_SIZE).astype(np.float32)
+    tasks = {t: FakeTaskData(**{**td.__dict__, "extras": {"context": context}}) for t, td in base.items()}
+
+    def refit(confine: bool):
+        model = build_model(tiny_cfg())
+        if not confine:
+            monkeypatch.setattr(train, "confine_to_span", lambda *a, **k: None)
+        info = refit_heads(model, tasks, epochs=6, lr=1e-2, batch_size=8, val_fraction=0.25, seed=3, check_every=1,
+                           scope="features")
+        monkeypatch.undo()
+        return model, info
+
+    start, (free, info_free), (kept, info) = build_model(tiny_cfg()), refit(False), refit(True)
+    assert info == info_free and all(r["epoch"] > 0 for r in info.values())
+    ctx = slice(-CONTEXT_SIZE, None)  # the side features are (profile [5], context)
+    for t in ("BF", "LoS"):
+        heads = [train.base_model(m).heads[t] for m in (start, free, kept)]
+        w0, w_free, w_kept = (h.modules_to_save["default"].skip.weight[:, ctx] for h in heads)
+        assert not torch.allclose(w_free, w0, atol=1e-4)   # unconfined, the refit moved them
+        assert torch.allclose(w_kept, w0, atol=1e-6)       # confined, they are where they were
+        # and on the training samples the two refits give the same outputs
+        x = train.as_real(tasks[t].inputs)
+        known, c = torch.as_tensor(tasks[t].known), torch.as_tensor(context)
+        with torch.no_grad():
+            assert torch.allclose(free(t, x, known, c), kept(t, x, known, c), atol=1e-4)
+
+
 def test_a_refit_prior_holds_the_heads_near_where_fine_tuning_left_them(rng):
     tasks = fake_tasks(rng, samples=40)
 
