@@ -145,13 +145,22 @@ def test_bf_head_starts_at_the_capon_beam_and_pooled_heads_see_the_profile_featu
     assert not torch.allclose(model("DE", x, known, inh), model("DE", x, known, uma))
 
 
-def test_comb_matrix_by_hand():
-    from fedfm.model.prior import _comb_matrix
+def test_comb_weights_by_hand_and_against_numpy_interp():
+    from fedfm.model.prior import comb_weights
 
-    w = _comb_matrix(np.array([1, 0, 0, 1, 0], bool).tobytes(), 5)
-    expected = np.array([[1, 0, 0, 0, 0], [2 / 3, 0, 0, 1 / 3, 0], [1 / 3, 0, 0, 2 / 3, 0],
-                         [0, 0, 0, 1, 0], [0, 0, 0, 1, 0]], np.float32)
-    np.testing.assert_allclose(w, expected, rtol=1e-6)
+    w = comb_weights(torch.tensor([0, 1, 0, 0, 1, 0], dtype=torch.bool))
+    expected = np.array([[0, 1, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0], [0, 2 / 3, 0, 0, 1 / 3, 0],
+                         [0, 1 / 3, 0, 0, 2 / 3, 0], [0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 1, 0]], np.float32)
+    np.testing.assert_allclose(w.numpy(), expected, rtol=1e-6)
+    assert torch.equal(comb_weights(torch.ones(4, dtype=torch.bool)), torch.eye(4))  # every sub-band known
+    assert torch.equal(comb_weights(torch.zeros(4, dtype=torch.bool)) @ torch.zeros(4), torch.zeros(4))
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # np.interp holds the end values beyond the first/last pilot, as the CE prior does
+        comb = rng.random(16) < 0.3
+        comb[rng.integers(16)] = True
+        x = rng.standard_normal(16)
+        want = np.interp(np.arange(16), np.flatnonzero(comb), x[comb])
+        np.testing.assert_allclose(comb_weights(torch.from_numpy(comb)).double().numpy() @ x, want, atol=1e-6)
 
 
 def test_lora_targets_only_backbone_projections():

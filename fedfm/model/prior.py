@@ -19,8 +19,6 @@ flows into the input) and cost a host copy on GPU.
 """
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import torch
 
@@ -44,25 +42,22 @@ SPECTRUM_METHODS = ("bartlett", "capon")
 SPECTRUM_FLOOR = 1e-4       # log-spectra clipped at -40 dB below the peak
 
 
-@functools.lru_cache(maxsize=64)
-def _comb_matrix(pattern: bytes, num_k: int) -> np.ndarray:
-    """W [K, K] with y[k] = Σ_j W[k, j] x[j]: linear interpolation between the known
-    sub-bands (nearest known one beyond the first/last)."""
-    known = np.frombuffer(pattern, dtype=bool)
-    pilots = np.flatnonzero(known)
-    w = np.zeros((num_k, num_k), np.float32)
-    for k in range(num_k):
-        right = np.searchsorted(pilots, k)
-        if right < len(pilots) and pilots[right] == k:
-            w[k, k] = 1.0
-        elif right == 0:
-            w[k, pilots[0]] = 1.0
-        elif right == len(pilots):
-            w[k, pilots[-1]] = 1.0
-        else:
-            p0, p1 = pilots[right - 1], pilots[right]
-            w[k, p0], w[k, p1] = (p1 - k) / (p1 - p0), (k - p0) / (p1 - p0)
-    return w
+def comb_weights(comb: torch.Tensor) -> torch.Tensor:
+    """W [K, K] with y[k] = Σ_j W[k, j] x[j]: linear interpolation between the known sub-bands
+    ``comb`` (bool [K]; nearest known one beyond the first/last; W = I where every sub-band is
+    known). Built with tensor ops on ``comb``'s device: nothing is read back to the host, so on a
+    GPU the CE head does not wait for the device at every call (it did through numpy)."""
+    K = comb.numel()
+    k = torch.arange(K, device=comb.device)
+    left = torch.where(comb, k, -1).cummax(0).values                             # last pilot <= k, -1: none
+    right = K - 1 - torch.where(comb.flip(0), k, -1).cummax(0).values.flip(0)    # first pilot >= k, K: none
+    left, right = torch.where(left < 0, right, left), torch.where(right >= K, left, right)
+    left, right = left.clamp(0, K - 1), right.clamp(0, K - 1)   # no pilot at all: the input is zeros anyway
+    span = (right - left).float()
+    w_left = torch.where(span > 0, (right - k).float() / span.clamp(min=1), torch.ones_like(span))
+    w_right = torch.where(span > 0, (k - left).float() / span.clamp(min=1), torch.zeros_like(span))
+    w = torch.zeros(K, K, device=comb.device)
+    return w.scatter_add(1, left[:, None], w_left[:, None]).scatter_add(1, right[:, None], w_right[:, None])
 
 
 def classical_prior(kind: str, x: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
@@ -72,10 +67,7 @@ def classical_prior(kind: str, x: torch.Tensor, known: torch.Tensor) -> torch.Te
         return observed
     if kind == "comb":
         comb = known.any(dim=(0, 2))                               # (K,) sub-bands carrying pilots
-        if not comb.any() or comb.all():
-            return observed
-        w = torch.from_numpy(_comb_matrix(comb.cpu().numpy().tobytes(), comb.numel())).to(x)
-        return torch.einsum("jk,bgknc->bgjnc", w, observed)
+        return torch.einsum("jk,bgknc->bgjnc", comb_weights(comb).to(x), observed)
     if kind == "ar":
         bands = known.any(dim=(0, 2))                              # (K,) observed sub-bands
         k0 = int(bands.sum())
