@@ -523,10 +523,9 @@ def confine_to_span(layer: nn.Linear, weight_before: torch.Tensor, bias_before: 
     offset no training sample ever checked. Here ΔW becomes ΔW·P, P the projection onto the span
     of the centred training features, and the bias takes (ΔW − ΔW·P)·μ, μ their mean: on every
     training sample the layer's output is unchanged (x − μ lies in the span), while on a new site
-    the refit acts only on the part of its features the training sites span — the change a
-    refit of the centred-input layer (y = W(x − μ) + b) would have made.
-    Hand-written: this is the minimum-norm reading of an underdetermined least-squares update
-    (the pseudo-inverse's), which no training library applies to one layer after the fact.
+    the refit acts only on the part of its features the training sites span.
+    Hand-written: the minimum-norm choice among the updates the training data cannot tell
+    apart (the pseudo-inverse's), which no training library applies to one layer after the fact.
     """
     x = features.double().reshape(-1, features.shape[-1])
     mu = x.mean(0)
