@@ -504,9 +504,8 @@ def _refit(model, heads, tasks, epochs, lr, batch_size, val_fraction, seed, devi
 
 def _feature_layers(head: nn.Module) -> list[nn.Linear]:
     """A pooled head's linear layers that read its side features [B, F] and nothing else."""
-    mlp = getattr(head, "feature_mlp", None)
-    return [m for m in (getattr(head, "skip", None), getattr(head, "gate", None), mlp[0] if mlp is not None else None)
-            if isinstance(m, nn.Linear)]
+    first = head.feature_mlp[0] if head.feature_mlp is not None else None
+    return [m for m in (head.skip, head.gate, first) if m is not None]
 
 
 @torch.no_grad()
