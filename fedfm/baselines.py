@@ -7,8 +7,10 @@
 BASELINES[task] lists a task's baselines, headline first:
   CE   CE-interp    linear interpolation of the LS pilots across the comb
        CE-LMMSE     frequency LMMSE with the site's channel covariance (fitted on train)
+       CE-LMMSE3D   time × frequency × antenna LMMSE, the site's Kronecker covariance (train)
   CP   CP-hold      last observed slot held over the horizon
        CP-linear    linear extrapolation from the last two slots
+       CP-LMMSE3D   the same Kronecker LMMSE over history and horizon: a Wiener predictor
   PF   PF-AR        least-squares AR across subcarriers, fitted per sample on the lower half
                     (order chosen on train); a plain line is a poor predictor over half a band
        PF-linear    least-squares line over the last L observed subcarriers (L chosen on train)
@@ -31,13 +33,13 @@ from typing import Callable
 
 import numpy as np
 
-from fedfm.estimators import angular_spectrum, ar_extrapolate
+from fedfm.estimators import angular_spectrum, ar_extrapolate, kron_covariances, kron_lmmse, kron_observed
 from fedfm.metrics import error_for_score, nmse, score
 from fedfm.scenarios import SiteSpec
 from fedfm.tasks import TASKS, build_tasks
 from fedfm.tasks.sensing import peak_power_ratio, profile_features
 
-BASELINES = {"CE": ("CE-interp", "CE-LMMSE"), "CP": ("CP-hold", "CP-linear"), "PF": ("PF-AR", "PF-linear"),
+BASELINES = {"CE": ("CE-interp", "CE-LMMSE", "CE-LMMSE3D"), "CP": ("CP-hold", "CP-linear", "CP-LMMSE3D"), "PF": ("PF-AR", "PF-linear"),
              "BF": ("BF-AoA",), "DE": ("DE-kNN", "DE-logdist"), "PE": ("PE-kNN", "PE-logdist"),
              "LoS": ("LoS-Kfactor",)}
 
@@ -94,6 +96,22 @@ def _ce_lmmse(td, cov) -> np.ndarray:
     A = cov[np.ix_(p, p)][None] + np.eye(len(p))[None] / snr[:, None, None]   # [S, K_p, K_p]
     W = (cov[:, p][None] @ np.linalg.inv(A)).astype(np.complex64)           # [S, K, K_p]
     return np.einsum("skp,sgpn->sgkn", W, td.inputs[:, :, p]).astype(np.complex64)
+
+
+def _fit_lmmse3d(td, spec) -> dict:
+    """Slot, subcarrier and antenna covariances of the true channels of the train split."""
+    return {"covs": kron_covariances(td.targets)}
+
+
+def _lmmse3d(td, covs) -> np.ndarray:
+    """Kronecker LMMSE of the task's grid from what it observes (CE: the pilot comb of every
+    slot; CP: every sub-band of the history slots), at each sample's own SNR."""
+    obs = kron_observed(td.known)
+    if obs is None:
+        raise ValueError(f"{td.task}-LMMSE3D: the known entries of {td.site} are not a slots × subcarriers × antennas set")
+    y = td.inputs[:, obs[0]][:, :, obs[1]][:, :, :, obs[2]]
+    snr = 10.0 ** (np.asarray(td.extras["snr_db"], np.float64) / 10.0)
+    return kron_lmmse(y, covs, obs, snr, td.known.shape[0])
 
 
 # ---- CP: hold and linear extrapolation in time -----------------------------------------
@@ -246,7 +264,8 @@ def _no_fit(td, spec) -> dict:
 
 _METHODS: dict[str, tuple[Callable, Callable]] = {
     "CE-interp": (_no_fit, _ce_interp), "CE-LMMSE": (_fit_ce_lmmse, _ce_lmmse),
-    "CP-hold": (_no_fit, _cp_hold), "CP-linear": (_no_fit, _cp_linear),
+    "CE-LMMSE3D": (_fit_lmmse3d, _lmmse3d),
+    "CP-hold": (_no_fit, _cp_hold), "CP-linear": (_no_fit, _cp_linear), "CP-LMMSE3D": (_fit_lmmse3d, _lmmse3d),
     "PF-AR": (_fit_pf_ar, _pf_ar), "PF-linear": (_fit_pf_line, _pf_line),
     "BF-AoA": (_fit_bf, _bf_aoa),
     "DE-kNN": (_fit_knn, _knn), "DE-logdist": (_fit_logdist, _logdist),

@@ -98,3 +98,86 @@ def angular_spectrum(x: np.ndarray, num_beams: int, method: str = "bartlett") ->
     else:  # Bartlett: aᴴRa
         p = quadratic_form(A, R)
     return (p / np.maximum(p.max(axis=1, keepdims=True), 1e-30)).astype(np.float32)
+
+
+# ---- Kronecker time × frequency × antenna LMMSE (CE, CP) ----------------------------------
+# Written here, not taken from a library: Sionna's LMMSE interpolator is TensorFlow (fedfm's
+# Sionna is the PyTorch one, without it), and this one is three small eigendecompositions.
+def kron_covariances(h: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(R_t, R_f, R_s): the site's slot, subcarrier and antenna covariances of channels
+    h complex [S, G, K, N], each complex128 with unit mean diagonal, so R_t ⊗ R_f ⊗ R_s is a
+    unit-power covariance of the whole grid (the Kronecker model of a channel whose time,
+    frequency and space correlations separate; TR 38.901 channels nearly do: Doppler, delays
+    and angles are drawn per path). Chunked over samples to bound memory at 10k samples."""
+    S, G, K, N = h.shape
+    Rt, Rf, Rs = (np.zeros((n, n), np.complex128) for n in (G, K, N))
+    for s0 in range(0, S, chunk):
+        x = np.asarray(h[s0:s0 + chunk], np.complex128)
+        Rt += np.einsum("sgkn,shkn->gh", x, x.conj())
+        Rf += np.einsum("sgkn,sgln->kl", x, x.conj())
+        Rs += np.einsum("sgkn,sgkm->nm", x, x.conj())
+    return tuple(R / max(np.trace(R).real / R.shape[0], 1e-30) for R in (Rt, Rf, Rs))
+
+
+def kron_lmmse(y: np.ndarray, covs: tuple[np.ndarray, np.ndarray, np.ndarray], observed: tuple,
+               snr: np.ndarray | float, out_slots: int | None = None) -> np.ndarray:
+    """LMMSE estimate of the whole grid from y = h + n seen on a Kronecker set of entries.
+
+    y: complex [S, t, k, n], the observation on slots ``observed[0]``, subcarriers
+    ``observed[1]``, antennas ``observed[2]`` (index arrays into the grid of ``covs``);
+    covs: (R_t, R_f, R_s) of :func:`kron_covariances`; snr: linear, scalar or [S] (noise
+    power 1/snr against unit channel power). Returns complex64 [S, G, K, N], G = out_slots
+    (default R_t's size): ĥ = R_ho (R_oo + I/snr)⁻¹ y, with R_oo's inverse read off the
+    eigendecompositions of the three observed blocks (R_oo = ⊗ U_i Λ_i U_iᴴ), so the cost is
+    three small einsums, not an inverse of a (t·k·n)² matrix. The scale of y cancels."""
+    A, L, B = kron_lmmse_factors(covs, observed, out_slots)
+    snr = np.asarray(snr, np.float64).reshape(-1, 1, 1, 1)
+    z = np.einsum("at,bk,cn,stkn->sabc", A[0], A[1], A[2], np.asarray(y, np.complex128))
+    z = z / (L[None] + 1.0 / snr)
+    return np.einsum("ga,kb,nc,sabc->sgkn", B[0], B[1], B[2], z).astype(np.complex64)
+
+
+def kron_lmmse_factors(covs: tuple, observed: tuple, out_slots: int | None = None):
+    """(A, Λ, B) of :func:`kron_lmmse`: A_i = U_iᴴ [r_i, o_i] (into the eigenbasis of the observed
+    block), Λ [r_t, r_k, r_n] the products of the blocks' eigenvalues, B_i = R_i[:, o_i] U_i
+    [n_i, r_i] (back to the whole grid). ``fedfm.model.prior`` applies the same factors in torch."""
+    Rt, Rf, Rs = covs
+    G = Rt.shape[0] if out_slots is None else int(out_slots)
+    if not 0 < G <= Rt.shape[0]:
+        raise ValueError(f"kron_lmmse: {G} output slots, but the time covariance covers {Rt.shape[0]}")
+    A, lams, B = [], [], []
+    for R, o in zip((Rt[:G, :G], Rf, Rs), observed):
+        o = np.asarray(o, np.int64)
+        lam, U = np.linalg.eigh(R[np.ix_(o, o)])
+        lams.append(np.clip(lam, 0.0, None))       # a sample covariance: tiny negative round-off
+        A.append(U.conj().T)
+        B.append(R[:, o] @ U)
+    L = lams[0][:, None, None] * lams[1][None, :, None] * lams[2][None, None, :]
+    return A, L, B
+
+
+def kron_observed(known: np.ndarray) -> tuple | None:
+    """(slots, subcarriers, antennas) index arrays when bool ``known`` [G, K, N] is their
+    Kronecker product (CE's pilot comb, CP's history), else None (the random masks of
+    pretraining, which this estimator does not serve)."""
+    known = np.asarray(known, bool)
+    idx = tuple(np.flatnonzero(known.any(axis=a)) for a in ((1, 2), (0, 2), (0, 1)))
+    if not all(len(i) for i in idx) or known.sum() != np.prod([len(i) for i in idx]):
+        return None
+    return idx
+
+
+class ChannelStats:
+    """A site's Kronecker channel covariances (:func:`kron_covariances` over history and horizon
+    slots) and its nominal SNR: what the CE and CP heads' LMMSE prior needs. Fitted where the
+    site's channels are (``fedfm.federated.load_site_tasks``) and never sent anywhere.
+    ``factors`` caches the prior's torch factors per known pattern and device."""
+
+    def __init__(self, covs: tuple[np.ndarray, np.ndarray, np.ndarray], snr_db: float):
+        self.covs = tuple(np.asarray(c, np.complex128) for c in covs)
+        self.snr_db = float(snr_db)
+        self.factors: dict = {}
+
+    @classmethod
+    def fit(cls, h: np.ndarray, snr_db: float) -> "ChannelStats":
+        return cls(kron_covariances(h), snr_db)

@@ -32,7 +32,7 @@ def predict(model: nn.Module, td, batch_size: int = 64, device=None) -> np.ndarr
     outs = []
     for i in range(0, x.shape[0], batch_size):
         with autocast(device):
-            out = model(td.task, x[i:i + batch_size].to(device), known, context)
+            out = model(td.task, x[i:i + batch_size].to(device), known, context, td.extras.get("stats"))
         outs.append(out.float().cpu())
     out = torch.cat(outs)
     model.train()

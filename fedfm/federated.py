@@ -73,12 +73,36 @@ def state_bytes(state: dict[str, np.ndarray]) -> int:
     return int(sum(np.asarray(v).nbytes for v in state.values()))
 
 
+_STATS: dict = {}  # (spec hash, cache folder, samples) → ChannelStats: fitted once per process
+
+
+def site_channel_stats(spec: SiteSpec, cache_dir: str = "", samples: int = 0, arrays: dict | None = None):
+    """The site's ``ChannelStats`` (Kronecker slot/subcarrier/antenna covariances of its
+    train channels, nominal SNR = the middle of its estimation SNR range in dB), from the
+    first ``samples`` of its train split (0 = all): the samples it trains on, so a run with
+    250 labels a site fits them on those 250. ``arrays`` = that train split, already loaded."""
+    from fedfm.estimators import ChannelStats
+    from fedfm.scenarios import spec_hash
+
+    if samples < 0:
+        raise ValueError(f"samples {samples} is not allowed; expected an integer >= 0 (0 = all)")
+    key = (spec_hash(spec), str(cache_dir), int(samples))
+    if key not in _STATS:
+        h = (arrays if arrays is not None else load_split(spec, "train", cache_dir or None))["h_sub6"]
+        snr_db = 0.5 * (spec.estimation.snr_db_min + spec.estimation.snr_db_max)
+        _STATS[key] = ChannelStats.fit(h[:samples] if samples else h, snr_db)
+    return _STATS[key]
+
+
 def load_site_tasks(spec: SiteSpec, split: str, cache_dir: str = "", max_samples: int = 0,
-                    tasks: tuple[str, ...] | None = None) -> dict:
+                    tasks: tuple[str, ...] | None = None, stats_samples: int | None = None) -> dict:
     """``{task: TaskData}`` of one split of a site, generated or loaded from its own cache.
 
     ``max_samples`` > 0 keeps the first samples only (central evaluation budget); ``tasks``
-    builds only those views (default: all seven)."""
+    builds only those views (default: all seven). CE and CP carry the site's
+    ``ChannelStats`` in ``extras["stats"]`` (their heads' LMMSE prior), fitted on the first
+    ``stats_samples`` train samples (0 = all; None = ``max_samples`` for the train split,
+    all for the others)."""
     from fedfm.tasks import TASKS, build_tasks
 
     if max_samples < 0:
@@ -86,7 +110,15 @@ def load_site_tasks(spec: SiteSpec, split: str, cache_dir: str = "", max_samples
     arrays = load_split(spec, split, cache_dir or None)
     if max_samples:
         arrays = {k: (v[:max_samples] if k in _PER_SAMPLE else v) for k, v in arrays.items()}
-    return build_tasks(arrays, spec, split, TASKS if tasks is None else tuple(tasks))
+    tds = build_tasks(arrays, spec, split, TASKS if tasks is None else tuple(tasks))
+    if any(t in tds for t in ("CE", "CP")):
+        if stats_samples is None:
+            stats_samples = max_samples if split == "train" else 0
+        stats = site_channel_stats(spec, cache_dir, stats_samples, arrays if split == "train" else None)
+        for t in ("CE", "CP"):
+            if t in tds:
+                tds[t].extras["stats"] = stats
+    return tds
 
 
 _HASHED: dict = {}  # (path, size, mtime) → sha256: a site hashes its backbone once, not every round
@@ -459,7 +491,7 @@ def evaluate_site(cfg: RunConfig, spec: SiteSpec, state: dict[str, np.ndarray], 
     model = build_run_model(cfg, num_beams, backbone, resolve_device(cfg.device))
     set_adapter_state(model, torch_state(state))
     model.eval()
-    tds = load_site_tasks(spec, split, cfg.cache_dir)
+    tds = load_site_tasks(spec, split, cfg.cache_dir, stats_samples=cfg.train_max_samples)
     out = {}
     for task, td in tds.items():
         pred = predict(model, td, device=resolve_device(cfg.device))

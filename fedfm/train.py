@@ -145,6 +145,7 @@ class TaskSampler:
         self.region = [torch.as_tensor(np.asarray(td.region, dtype=bool)).to(device)
                        if self.task in DENSE_TASKS else None for td in self.tds]
         self.context = [_context(td, device) for td in self.tds]
+        self.stats = [td.extras.get("stats") for td in self.tds]   # ChannelStats of CE/CP, or None
         self.sizes = torch.tensor([float(x.shape[0]) for x in self.x])
         self.device = device
 
@@ -156,7 +157,7 @@ class TaskSampler:
         i = int(torch.multinomial(self.sizes, 1, generator=gen)) if len(self.x) > 1 else 0
         idx = torch.randint(self.x[i].shape[0], (batch_size,), generator=gen)
         return (self.x[i][idx].to(self.device, non_blocking=True), self.known[i],
-                self.y[i][idx].to(self.device, non_blocking=True), self.region[i], self.context[i])
+                self.y[i][idx].to(self.device, non_blocking=True), self.region[i], self.context[i], self.stats[i])
 
 
 # ---- Dynamic Weight Averaging ------------------------------------------------------------
@@ -246,9 +247,9 @@ def finetune(model: nn.Module, tasks: dict, steps: int, batch_size: int = 32, lr
                 group["lr"] = lr_at(offset + step, total, lr) * group["scale"]
             opt.zero_grad(set_to_none=True)
             for t, sampler in samplers.items():  # one backward per task: one graph in memory at a time
-                x, known, y, region, context = sampler.batch(batch_size, gen)
+                x, known, y, region, context, stats = sampler.batch(batch_size, gen)
                 with autocast(device):
-                    loss = task_loss(t, model(t, x, known, context), y, region)
+                    loss = task_loss(t, model(t, x, known, context, stats), y, region)
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise ValueError(f"finetune: the {t} loss is {value} at step {offset + step + 1} (training "
@@ -363,11 +364,11 @@ def task_losses(model: nn.Module, tasks: dict, batch_size: int = 64, device=None
     for t, td in tasks.items():
         s = TaskSampler(td, device)
         total, count = 0.0, 0
-        for x, y, known, region, context in zip(s.x, s.y, s.known, s.region, s.context):
+        for x, y, known, region, context, stats in zip(s.x, s.y, s.known, s.region, s.context, s.stats):
             for i in range(0, x.shape[0], batch_size):
                 xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
                 with autocast(device):
-                    total += float(task_loss(t, model(t, xb, known, context), yb, region)) * xb.shape[0]
+                    total += float(task_loss(t, model(t, xb, known, context, stats), yb, region)) * xb.shape[0]
                 count += xb.shape[0]
         out[t] = total / count
     model.train()

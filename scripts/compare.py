@@ -84,7 +84,7 @@ def local_and_central(run_dir: Path, centralized: bool = True) -> dict:
     out = {"local_only": {}, "centralized": {},
            "steps": {"per_site": budget, **({"centralized": budget * len(sites)} if centralized else {})}}
     train = {e.name: _site_tasks(e, "train", cfg.cache_dir, cfg.train_max_samples) for e in sites}
-    test = {e.name: _site_tasks(e, "test", cfg.cache_dir, cfg.eval_max_samples) for e in sites}
+    test = {e.name: _site_tasks(e, "test", cfg.cache_dir, cfg.eval_max_samples, cfg.train_max_samples) for e in sites}
     model = build_run_model(cfg, num_beams, backbone)
     errors = {arm: {} for arm in ARMS}
     for e in sites:
@@ -145,14 +145,14 @@ def bootstrap_arms(run_dir: Path, result: dict) -> dict:
     return out
 
 
-def _site_tasks(entry, split: str, cache_dir: str, max_samples: int) -> dict:
+def _site_tasks(entry, split: str, cache_dir: str, max_samples: int, stats_samples: int | None = None) -> dict:
     """A training site's task views, or ValueError naming the site: the arms train and score
     every training site, so one whose data cannot be made (a full disk, a corrupt cache the
     generator cannot replace) stops the comparison with one line instead of a traceback."""
     from fedfm.federated import load_site_tasks
 
     try:
-        return load_site_tasks(entry.spec, split, cache_dir, max_samples)
+        return load_site_tasks(entry.spec, split, cache_dir, max_samples, stats_samples=stats_samples)
     except (OSError, ValueError) as e:
         raise ValueError(f"site {entry.name} ({entry.path}): cannot load its {split} split ({e}); "
                          f"local-only and centralized need every training site") from None

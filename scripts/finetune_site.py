@@ -73,7 +73,7 @@ def finetune_site(run_dir: str, site_path: str, fraction: float = 1.0, steps: in
     available = min(spec.samples.train, cfg.train_max_samples) if cfg.train_max_samples else spec.samples.train
     labelled = max(1, math.ceil(fraction * available))
     train = load_site_tasks(spec, "train", cfg.cache_dir, max_samples=labelled)
-    test = {spec.name: load_site_tasks(spec, "test", cfg.cache_dir, cfg.eval_max_samples)}
+    test = {spec.name: load_site_tasks(spec, "test", cfg.cache_dir, cfg.eval_max_samples, stats_samples=labelled)}
     baselines = {spec.name: {t: fit_baseline(t, td, spec) for t, td in train.items()}}
     model = build_run_model(cfg, num_beams, backbone)
     set_adapter_state(model, torch_state(adapter))

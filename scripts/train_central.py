@@ -49,14 +49,16 @@ class SiteViews(Mapping):
     benchmark site's 2 000 test samples take ~1.4 GB as seven task views, six sites would not
     fit in this machine's memory together. ``max_samples`` > 0: the first N samples only."""
 
-    def __init__(self, specs, split: str, cache_dir=None, max_samples: int = 0, tasks: tuple[str, ...] | None = None):
+    def __init__(self, specs, split: str, cache_dir=None, max_samples: int = 0, tasks: tuple[str, ...] | None = None,
+                 stats_samples: int | None = None):
         self.specs, self.split, self.cache_dir, self.max_samples = {s.name: s for s in specs}, split, cache_dir, max_samples
-        self.tasks = tasks
+        self.tasks, self.stats_samples = tasks, stats_samples
 
     def __getitem__(self, name: str) -> dict:
         from fedfm.federated import load_site_tasks
 
-        return load_site_tasks(self.specs[name], self.split, self.cache_dir, self.max_samples, self.tasks)
+        return load_site_tasks(self.specs[name], self.split, self.cache_dir, self.max_samples, self.tasks,
+                               self.stats_samples)
 
     def __iter__(self):
         return iter(self.specs)
@@ -158,7 +160,7 @@ def run_central(federation: str, out: str, preset: str = "tiny", steps: int = 30
     log("loading the train splits and fitting every site's baselines ...")
     train, baselines = load_train_views(fed, cache_dir, max_train)
     log(f"loaded and fitted in {time.perf_counter() - t_load:.0f} s")
-    test = SiteViews(fed.sites, "test", cache_dir, max_test)
+    test = SiteViews(fed.sites, "test", cache_dir, max_test, stats_samples=max_train)
     roles = {s.name: "train" for s in fed.train_sites} | {s.name: "heldout" for s in fed.heldout_sites}
     pooled = {t: [train[s.name][t] for s in fed.train_sites] for t in train[fed.train_sites[0].name]}
     kw = dict(steps=steps, batch_size=batch_size, lr=lr, dwa_temperature=dwa_temperature, seed=seed,

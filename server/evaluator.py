@@ -61,8 +61,8 @@ class CentralEvaluator:
 
     def test_tasks(self, entry: SiteEntry) -> dict:
         if entry.name not in self._tds:
-            self._tds[entry.name] = load_site_tasks(entry.spec, "test", self.cfg.cache_dir,
-                                                     self.cfg.eval_max_samples)
+            self._tds[entry.name] = load_site_tasks(entry.spec, "test", self.cfg.cache_dir, self.cfg.eval_max_samples,
+                                                     stats_samples=self.cfg.train_max_samples)
         return self._tds[entry.name]
 
     def _load_or_fit_baselines(self) -> dict[str, dict[str, dict[str, float]]]:

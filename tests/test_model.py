@@ -350,3 +350,31 @@ def test_backbone_files_a_user_gets_wrong_are_one_line(tmp_path):
     path.with_suffix(".json").write_bytes(b"\x96\xff")
     with pytest.raises(ValueError, match=rf"^{path.with_suffix('.json')}: unreadable backbone sidecar"):
         load_backbone(path)
+
+
+def test_dense_heads_start_from_the_sites_kronecker_lmmse():
+    # With the site's ChannelStats, an untrained CE/CP head returns the Kronecker LMMSE of what
+    # it sees at the site's nominal SNR (numpy's kron_lmmse, checked against the full-matrix
+    # formula in test_baselines); a mask that is no slots × subcarriers × antennas set falls
+    # back to the classical prior.
+    from fedfm.estimators import ChannelStats, kron_lmmse, kron_observed
+
+    model = build_model(tiny_cfg())
+    G, K, N = SHAPES[0]
+    rng = np.random.default_rng(3)
+    h = (rng.standard_normal((64, G, K, N)) + 1j * rng.standard_normal((64, G, K, N))).astype(np.complex64)
+    h = h + np.roll(h, 1, axis=2) + np.roll(h, 1, axis=1)          # some time/frequency correlation
+    stats = ChannelStats.fit(h, snr_db=7.0)
+    x = grid(SHAPES[0])
+    for task, known in (("CE", np.arange(K)[None, :, None] % 4 == 0), ("CP", np.arange(G)[:, None, None] < G - 2)):
+        known = torch.from_numpy(np.broadcast_to(known, (G, K, N)).copy())
+        obs = kron_observed(known.numpy())
+        y = torch.view_as_complex((x * known[..., None]).contiguous()).numpy()[:, obs[0]][:, :, obs[1]][:, :, :, obs[2]]
+        want = kron_lmmse(y, stats.covs, obs, 10 ** 0.7, G)
+        out = model(task, x * known[..., None], known, None, stats)
+        np.testing.assert_allclose(torch.view_as_complex(out.contiguous()).detach().numpy(), want, rtol=1e-4, atol=1e-4)
+    scattered = torch.zeros(G, K, N, dtype=torch.bool)
+    scattered[0, ::4] = True
+    scattered[1, 2] = True                                          # no Kronecker set: comb interpolation
+    torch.testing.assert_close(model("CE", x * scattered[..., None], scattered, None, stats),
+                               model("CE", x * scattered[..., None], scattered))

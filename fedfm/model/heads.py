@@ -41,7 +41,8 @@ class DenseHead(nn.Module):
 
     Per-token bottleneck MLP to a patch, un-patchified and cropped, plus a classical first
     guess built from the observed input (``fedfm.model.prior``: comb interpolation for CE,
-    last slot held for CP, observed half for PF), so the head learns a correction; then a small
+    last slot held for CP, observed half for PF; the site's Kronecker LMMSE for CE and CP where
+    its ``ChannelStats`` are given), so the head learns a correction; then a small
     residual 3-D conv over (slot, subcarrier, antenna): LLM4WM's CNN head, which smooths
     across patch borders that a per-token linear map cannot see.
     """
@@ -59,11 +60,12 @@ class DenseHead(nn.Module):
             self.conv = nn.Sequential(nn.Conv3d(2, conv_channels, 3, padding=1), nn.GELU(),
                                       nn.Conv3d(conv_channels, 2, 3, padding=1))
 
-    def forward(self, h: torch.Tensor, x: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
-        """h: [B, L, d]; x: [B, G, K, N, 2]; known: bool [G, K, N] or [B, G, K, N] → [B, G, K, N, 2]."""
+    def forward(self, h: torch.Tensor, x: torch.Tensor, known: torch.Tensor, stats=None) -> torch.Tensor:
+        """h: [B, L, d]; x: [B, G, K, N, 2]; known: bool [G, K, N] or [B, G, K, N]; stats: the
+        site's ``ChannelStats`` or None → [B, G, K, N, 2]."""
         B, G, K, N, _ = x.shape
         y = unpatchify(self.proj(F.gelu(self.fc(self.ln(h)))), (G, K, N), self.patch)  # (B, G, K, N, 2)
-        y = y.float() + classical_prior(self.prior, x.float(), known)
+        y = y.float() + classical_prior(self.prior, x.float(), known, stats)
         if self.conv is not None:
             c = y.permute(0, 4, 1, 2, 3)                                    # (B, 2, G, K, N)
             y = y + self.conv(c.to(self.conv[0].weight.dtype)).permute(0, 2, 3, 4, 1).float()

@@ -1,9 +1,11 @@
 """FedFM: backbone + per-task adapters and heads; one forward for all seven tasks.
 
-    model(task, x, known, context=None)
+    model(task, x, known, context=None, stats=None)
       x: float32 [B, G, K, N, 2] (real/imag, unknown elements zero); known: bool [G, K, N]
       context: float32 [C] or [B, C] site context (fedfm.tasks.site_context), read by the
         pooled heads; None = zeros (a site that says nothing about itself)
+      stats: the site's fedfm.estimators.ChannelStats, read by the CE and CP heads' LMMSE
+        prior; None = comb interpolation / last slot held
       → dense (CE/CP/PF): [B, G, K, N, 2] on the normalised scale of the targets
         BF: logits [B, num_beams]; DE/PE: [B] normalised target; LoS: logits [B, 2]
 """
@@ -87,12 +89,12 @@ class FedFM(nn.Module):
         self.backbone_hash: str | None = None  # sha256 of the loaded checkpoint, None = random init
 
     def forward(self, task: str, x: torch.Tensor, known: torch.Tensor,
-                context: torch.Tensor | None = None) -> torch.Tensor:
+                context: torch.Tensor | None = None, stats=None) -> torch.Tensor:
         if task not in self.heads:
             raise ValueError(f"FedFM: task {task!r} has no head; this model serves {', '.join(self.heads)}")
         if task in DENSE_TASKS:
             h = self.backbone.encode(self.adapters[task](self.backbone.tokeniser(x, known)))  # (B, L, d)
-            return self.heads[task](h, x, known)                          # (B, G, K, N, 2)
+            return self.heads[task](h, x, known, stats)                   # (B, G, K, N, 2)
         return pooled_output(task, self.heads[task](*self.pooled_inputs(task, x, known, context)))
 
     def pooled_inputs(self, task: str, x: torch.Tensor, known: torch.Tensor,
