@@ -132,9 +132,18 @@ def kron_lmmse(y: np.ndarray, covs: tuple[np.ndarray, np.ndarray, np.ndarray], o
     three small einsums, not an inverse of a (t·k·n)² matrix. The scale of y cancels."""
     A, L, B = kron_lmmse_factors(covs, observed, out_slots)
     snr = np.asarray(snr, np.float64).reshape(-1, 1, 1, 1)
-    z = np.einsum("at,bk,cn,stkn->sabc", A[0], A[1], A[2], np.asarray(y, np.complex128))
-    z = z / (L[None] + 1.0 / snr)
-    return np.einsum("ga,kb,nc,sabc->sgkn", B[0], B[1], B[2], z).astype(np.complex64)
+    z = kron_apply(A, np.asarray(y, np.complex128)) / (L[None] + 1.0 / snr)
+    return kron_apply(B, z).astype(np.complex64)
+
+
+def kron_apply(mats, y):
+    """(M_t ⊗ M_f ⊗ M_s) applied to every sample of y [S, t, k, n] → [S, t', k', n'], one axis at a
+    time (three small matrix products; one einsum over all four operands would loop over every
+    index combination). numpy or torch alike."""
+    lib = np if isinstance(y, np.ndarray) else __import__("torch")
+    y = lib.einsum("at,stkn->sakn", mats[0], y)
+    y = lib.einsum("bk,sakn->sabn", mats[1], y)
+    return lib.einsum("cn,sabn->sabc", mats[2], y)
 
 
 def kron_lmmse_factors(covs: tuple, observed: tuple, out_slots: int | None = None):

@@ -27,7 +27,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fedfm.estimators import ChannelStats, angular_spectrum, ar_extrapolate, kron_lmmse_factors, kron_observed
+from fedfm.estimators import (ChannelStats, angular_spectrum, ar_extrapolate, kron_apply, kron_lmmse_factors,
+                              kron_observed)
 from fedfm.tasks import CONTEXT_SIZE
 from fedfm.tasks.sensing import profile_features
 
@@ -93,8 +94,7 @@ def kron_prior(stats: ChannelStats, x: torch.Tensor, known: torch.Tensor) -> tor
     obs, A, d, B = f
     y = torch.view_as_complex(x.float().contiguous())
     y = y.index_select(1, obs[0]).index_select(2, obs[1]).index_select(3, obs[2])
-    z = torch.einsum("at,bk,cn,stkn->sabc", A[0], A[1], A[2], y) * d
-    return torch.view_as_real(torch.einsum("ga,kb,nc,sabc->sgkn", B[0], B[1], B[2], z).contiguous()).to(x.dtype)
+    return torch.view_as_real(kron_apply(B, kron_apply(A, y) * d).contiguous()).to(x.dtype)
 
 
 def classical_prior(kind: str, x: torch.Tensor, known: torch.Tensor,
