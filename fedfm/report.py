@@ -212,7 +212,12 @@ def _site_table(summary: dict, role: str) -> list[str]:
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {avg} |")
     cols = " / ".join(["federated", "baseline", *(a.replace("_", "-") for a in arms)])
     return lines + ["", f"Cells: {cols}. Avg score: mean over tasks of model error ÷ baseline error "
-                        "(lower is better, 1.0 = baseline).", ""]
+                        "(lower is better, 1.0 = baseline). " + CE_CP_PRIOR_NOTE, ""]
+
+
+CE_CP_PRIOR_NOTE = ("The baselines are the headline ones (CE: comb interpolation, CP: last slot held); the CE and CP "
+                    "heads start from the site's Kronecker LMMSE, a stronger classical estimator whose own scores "
+                    "(CE-LMMSE3D, CP-LMMSE3D) `scripts/baselines.py` prints.")
 
 
 def bootstrap_lines(boot: dict) -> list[str]:

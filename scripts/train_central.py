@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedfm.evaluate import evaluate_sites, markdown_table, predict, summarise  # noqa: E402
 from fedfm.metrics import BOOTSTRAP_DRAWS, BOOTSTRAP_SEED  # noqa: E402
+from fedfm.report import CE_CP_PRIOR_NOTE  # noqa: E402
 from fedfm.model import (ModelConfig, backbone_hash, build_model, get_adapter_state, load_adapter,  # noqa: E402
                          parameter_summary, save_adapter, set_adapter_state)
 from fedfm.runlog import check_fresh_output  # noqa: E402
@@ -232,7 +233,7 @@ def render_markdown(r: dict) -> str:
              + f"({r['finetune_seconds']:.0f} s); train samples per site: {r.get('max_train') or 'all'}, "
              f"test samples per site: {r.get('max_test') or 'all'}.", "",
              "Error ratio = model error / baseline error (NMSE linear for CE/CP/PF, MAE for DE/PE, "
-             "1 − top-1 for BF, 1 − accuracy for LoS); < 1 beats the baseline.", "",
+             "1 − top-1 for BF, 1 − accuracy for LoS); < 1 beats the baseline. " + CE_CP_PRIOR_NOTE, "",
              markdown_table(r["rows"]), "",
              "| site | average score |", "| --- | ---: |"]
     lines += [f"| {site} | {v:.3f} |" for site, v in s["per_site"].items() if v is not None]

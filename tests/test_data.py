@@ -79,3 +79,25 @@ def test_a_cache_that_cannot_be_used_is_one_line(tmp_path, capfd):
     blocker.write_text("")
     with pytest.raises(ValueError, match=rf"^{blocker}/sidecar-\w+: cannot write the site's data cache"):
         load_split(spec, "val", blocker, samples=8)
+
+
+def test_site_tasks_carry_the_channel_stats_of_the_samples_the_site_trains_on(tmp_path):
+    # CE and CP views carry the site's ChannelStats, fitted on the first `stats_samples` train
+    # channels (by default: the train split's own max_samples; all for the other splits); the
+    # other tasks carry none.
+    from fedfm.estimators import kron_covariances
+    from fedfm.federated import load_site_tasks
+
+    spec = tiny_site("stats", samples={"train": 24, "val": 8, "test": 8})
+    h = load_split(spec, "train", tmp_path)["h_sub6"]
+    train = load_site_tasks(spec, "train", str(tmp_path), max_samples=10)
+    test = load_site_tasks(spec, "test", str(tmp_path), stats_samples=10)
+    everything = load_site_tasks(spec, "val", str(tmp_path))
+    assert train["CE"].extras["stats"] is train["CP"].extras["stats"] is test["CE"].extras["stats"]
+    for R, want in zip(train["CE"].extras["stats"].covs, kron_covariances(h[:10])):
+        np.testing.assert_allclose(R, want, rtol=1e-10, atol=1e-12)
+    for R, want in zip(everything["CP"].extras["stats"].covs, kron_covariances(h)):
+        np.testing.assert_allclose(R, want, rtol=1e-10, atol=1e-12)
+    assert not np.allclose(everything["CP"].extras["stats"].covs[1], train["CE"].extras["stats"].covs[1])
+    assert train["CE"].extras["stats"].snr_db == 0.5 * (spec.estimation.snr_db_min + spec.estimation.snr_db_max)
+    assert all("stats" not in train[t].extras for t in ("PF", "BF", "DE", "PE", "LoS"))
