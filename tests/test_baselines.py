@@ -137,7 +137,7 @@ def test_evaluate_baselines_reports_headline_and_variants(site):
     assert set(head) == {"CP", "LoS"} and head["CP"]["error"] == pytest.approx(err["CP-hold"])
     assert set(head["LoS"]) >= {"accuracy", "f1"}
     every = evaluate_baselines(data, spec, "test", variants=True, tasks=("CP",))
-    assert set(every) == {"CP-hold", "CP-linear"} and every["CP-linear"]["error"] == pytest.approx(err["CP-linear"])
+    assert set(every) == {"CP-hold", "CP-linear", "CP-LMMSE3D"} and every["CP-linear"]["error"] == pytest.approx(err["CP-linear"])
 
 
 def test_kron_lmmse_against_the_full_matrix_formula():
