@@ -108,11 +108,15 @@ def kron_covariances(h: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, np.nd
     h complex [S, G, K, N], each complex128 with unit mean diagonal, so R_t ⊗ R_f ⊗ R_s is a
     unit-power covariance of the whole grid (the Kronecker model of a channel whose time,
     frequency and space correlations separate; TR 38.901 channels nearly do: Doppler, delays
-    and angles are drawn per path). Chunked over samples to bound memory at 10k samples."""
+    and angles are drawn per path). Each sample is scaled to unit mean power first, so every
+    sample weighs the same: a site's raw channels carry their path loss, seven decades of
+    power across a cell, and would leave the covariances to the few UEs nearest the mast (the
+    models' inputs are scaled per sample too). Chunked over samples to bound memory."""
     S, G, K, N = h.shape
     Rt, Rf, Rs = (np.zeros((n, n), np.complex128) for n in (G, K, N))
     for s0 in range(0, S, chunk):
         x = np.asarray(h[s0:s0 + chunk], np.complex128)
+        x = x / np.sqrt(np.maximum(np.mean(np.abs(x) ** 2, axis=(1, 2, 3), keepdims=True), 1e-300))
         Rt += np.einsum("sgkn,shkn->gh", x, x.conj())
         Rf += np.einsum("sgkn,sgln->kl", x, x.conj())
         Rs += np.einsum("sgkn,sgkm->nm", x, x.conj())

@@ -180,6 +180,10 @@ def test_kron_covariances_of_a_separable_channel():
     for R, L in zip(kron_covariances(h), (Lt, Lf, Ls)):
         want = L @ L.T
         np.testing.assert_allclose(R, want / (np.trace(want) / len(want)), atol=0.05)
+    # raw channels carry path loss: every sample weighs the same whatever its power
+    gain = 10.0 ** rng.uniform(-7, 0, (S, 1, 1, 1))
+    for R, want in zip(kron_covariances(h * np.sqrt(gain)), kron_covariances(h)):
+        np.testing.assert_allclose(R, want, rtol=1e-9, atol=1e-12)
 
 
 def test_kronecker_lmmse_beats_interpolation_and_hold(site):

@@ -94,6 +94,7 @@ def test_site_tasks_carry_the_channel_stats_of_the_samples_the_site_trains_on(tm
     test = load_site_tasks(spec, "test", str(tmp_path), stats_samples=10)
     everything = load_site_tasks(spec, "val", str(tmp_path))
     assert train["CE"].extras["stats"] is train["CP"].extras["stats"] is test["CE"].extras["stats"]
+    assert np.ptp(np.log10(np.mean(np.abs(h) ** 2, axis=(1, 2, 3)))) > 1        # raw channels: path loss
     for R, want in zip(train["CE"].extras["stats"].covs, kron_covariances(h[:10])):
         np.testing.assert_allclose(R, want, rtol=1e-10, atol=1e-12)
     for R, want in zip(everything["CP"].extras["stats"].covs, kron_covariances(h)):
