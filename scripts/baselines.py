@@ -1,6 +1,7 @@
 """Classical baseline scores of every task on every site of a federation, in one table.
 
     python scripts/baselines.py scenarios/federations/default.yaml [--split test] [--cache-dir DIR]
+        [--max-train N] [--tasks CE,CP]
 
 Each baseline is fitted on the site's own train split and scored on ``--split``; held-out
 sites too (a baseline has no federation to be held out from). Rows: task, baseline and
@@ -17,9 +18,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedfm.baselines import BASELINES, evaluate_baselines  # noqa: E402
-from fedfm.data import load_site_data  # noqa: E402
+from fedfm.data import ARRAY_NAMES, load_site_data  # noqa: E402
 from fedfm.metrics import HEADLINE  # noqa: E402
 from fedfm.scenarios import SPLITS, ConfigError, load_federation  # noqa: E402
+from fedfm.tasks import TASKS  # noqa: E402
 
 # headline metric → (label with unit, how to print it)
 SHOWN = {"nmse_db": ("NMSE [dB]", "{:.1f}"), "top1": ("top-1 [%]", "{:.1%}"), "mae_m": ("MAE [m]", "{:.1f}"),
@@ -27,12 +29,16 @@ SHOWN = {"nmse_db": ("NMSE [dB]", "{:.1f}"), "top1": ("top-1 [%]", "{:.1%}"), "m
 EXTRA = {"BF": ("top3", "top-3 [%]", "{:.1%}"), "LoS": ("f1", "F1", "{:.3f}")}
 
 
-def baseline_scores(fed, split: str, cache_dir=None) -> dict[str, dict[str, dict[str, float]]]:
-    """{site: {baseline name: metrics}} for every site of the federation."""
+def baseline_scores(fed, split: str, cache_dir=None, max_train: int = 0,
+                    tasks: tuple[str, ...] = TASKS) -> dict[str, dict[str, dict[str, float]]]:
+    """{site: {baseline name: metrics}} for every site of the federation, fitted on the first
+    ``max_train`` train samples (0 = all: what a model trained on that many labels had)."""
     out = {}
     for spec in fed.sites:
         data = load_site_data(spec, ("train", split), cache_dir)
-        out[spec.name] = evaluate_baselines(data, spec, split, variants=True)
+        if max_train:
+            data.splits["train"] = {k: (v[:max_train] if k in ARRAY_NAMES else v) for k, v in data.splits["train"].items()}
+        out[spec.name] = evaluate_baselines(data, spec, split, variants=True, tasks=tasks)
     return out
 
 
@@ -42,6 +48,8 @@ def format_table(fed, scores: dict) -> str:
     lines = ["| task | baseline | metric | " + " | ".join(f"{s} ({roles[s]})" for s in sites) + " |",
              "|---|---|---|" + "---:|" * len(sites)]
     for task, names in BASELINES.items():
+        if names[0] not in scores[sites[0]]:
+            continue  # a task left out by --tasks
         key = HEADLINE[task]
         label, fmt = SHOWN[key]
         rows = [(name, key, label, fmt) for name in names]
@@ -58,16 +66,28 @@ def main(argv=None) -> int:
     ap.add_argument("federation", nargs="?", default="scenarios/federations/default.yaml")
     ap.add_argument("--split", default="test", choices=[s for s in SPLITS if s != "train"])
     ap.add_argument("--cache-dir", default=None, help="default: $FEDFM_CACHE_DIR or ~/.cache/fedfm")
+    ap.add_argument("--max-train", type=int, default=0, help="fit on the first N train samples (default 0 = all)")
+    ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
     args = ap.parse_args(argv)
+    tasks = tuple(t for t in args.tasks.split(",") if t)
+    bad = [t for t in tasks if t not in TASKS]
+    if bad or not tasks:
+        print(f"error: --tasks {args.tasks!r}: {', '.join(bad) or 'empty'} not allowed; expected a comma-separated "
+              f"subset of {','.join(TASKS)}", file=sys.stderr)
+        return 2
+    if args.max_train < 0:
+        print(f"error: --max-train {args.max_train} is not allowed; expected an integer >= 0 (0 = all)", file=sys.stderr)
+        return 2
     try:
         fed = load_federation(args.federation)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    scores = baseline_scores(fed, args.split, args.cache_dir)
+    scores = baseline_scores(fed, args.split, args.cache_dir, args.max_train, tasks)
+    fitted = f"the first {args.max_train} samples of its own train split" if args.max_train else "its own train split"
     print(f"Classical baselines, federation {fed.name!r}, {args.split} split; every site's baselines "
-          f"(held-out sites included) fitted on its own train split ({time.perf_counter() - t0:.0f} s).")
+          f"(held-out sites included) fitted on {fitted} ({time.perf_counter() - t0:.0f} s).")
     print(format_table(fed, scores))
     print("NMSE = mean over samples of ‖Ĥ−H‖²/‖H‖² in dB; the first row of each task is the baseline of the "
           "average score. DE/PE-logdist see received power (a reference, not a structure-only baseline).")

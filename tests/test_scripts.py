@@ -847,3 +847,30 @@ def test_report_gives_each_cell_its_interval_against_the_baseline(fed_run, tmp_p
     md = write_report(run).read_text()
     assert "Intervals against the baseline: not computed (no per-sample errors of round 2" in md
     assert "beats the baseline on" not in md
+
+
+def test_baselines_script_fits_on_the_first_train_samples_and_takes_a_task_subset(tmp_path, cache_dir, capsys):
+    # --max-train N fits every baseline on the first N train samples (the Kronecker LMMSE's
+    # covariances then differ from the full split's), --tasks prints only those rows; a bad
+    # task is one line and exit 2.
+    from fedfm.data import load_site_data
+    from fedfm.baselines import evaluate_baselines
+    from fedfm.scenarios import load_federation
+
+    fed_path = write_federation(tmp_path / "fed")
+    script = _load_script("baselines")
+    fed = load_federation(fed_path)
+    few = script.baseline_scores(fed, "test", str(cache_dir), max_train=8, tasks=("CE",))
+    spec = fed.sites[0]
+    data = load_site_data(spec, ("train", "test"), str(cache_dir))
+    data.splits["train"] = {k: (v[:8] if k != "codebook" else v) for k, v in data.splits["train"].items()}
+    assert few[spec.name]["CE-LMMSE3D"]["nmse_db"] == pytest.approx(
+        evaluate_baselines(data, spec, "test", variants=True, tasks=("CE",))["CE-LMMSE3D"]["nmse_db"])
+    full = script.baseline_scores(fed, "test", str(cache_dir), tasks=("CE",))
+    assert few[spec.name]["CE-LMMSE3D"]["nmse_db"] != pytest.approx(full[spec.name]["CE-LMMSE3D"]["nmse_db"], abs=1e-6)
+    assert set(full[spec.name]) == {"CE-interp", "CE-LMMSE", "CE-LMMSE3D"}
+    assert script.main([str(fed_path), "--cache-dir", str(cache_dir), "--tasks", "CP", "--max-train", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "| CP | CP-LMMSE3D |" in out and "| CE |" not in out and "first 8 samples" in out
+    assert script.main([str(fed_path), "--tasks", "CE,XX"]) == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0
