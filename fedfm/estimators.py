@@ -2,6 +2,7 @@
 
     pred = ar_extrapolate(x, k0=32, order=16)           # PF: AR across subcarriers, per sample
     p = angular_spectrum(x, num_beams=256, method="capon")  # BF: sub-6 spectrum at the beams' u
+    h = kron_lmmse(y, kron_covariances(train_h), observed, snr)  # CE/CP: Kronecker LMMSE
 
 numpy only (complex arrays [S, G, K, N]); ``fedfm.baselines`` fits their hyper-parameters on
 a site's train split and ``fedfm.model.prior`` / ``fedfm.model.heads`` start from them.
@@ -140,14 +141,14 @@ def kron_lmmse(y: np.ndarray, covs: tuple[np.ndarray, np.ndarray, np.ndarray], o
     return kron_apply(B, z).astype(np.complex64)
 
 
-def kron_apply(mats, y):
+def kron_apply(mats, y, einsum=np.einsum):
     """(M_t ⊗ M_f ⊗ M_s) applied to every sample of y [S, t, k, n] → [S, t', k', n'], one axis at a
     time (three small matrix products; one einsum over all four operands would loop over every
-    index combination). numpy or torch alike."""
-    lib = np if isinstance(y, np.ndarray) else __import__("torch")
-    y = lib.einsum("at,stkn->sakn", mats[0], y)
-    y = lib.einsum("bk,sakn->sabn", mats[1], y)
-    return lib.einsum("cn,sabn->sabc", mats[2], y)
+    index combination: 111 ms instead of 1 ms per batch of 16 in torch). ``einsum``: np.einsum,
+    or torch.einsum for tensors (``fedfm.model.prior``)."""
+    y = einsum("at,stkn->sakn", mats[0], y)
+    y = einsum("bk,sakn->sabn", mats[1], y)
+    return einsum("cn,sabn->sabc", mats[2], y)
 
 
 def kron_lmmse_factors(covs: tuple, observed: tuple, out_slots: int | None = None):

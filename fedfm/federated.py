@@ -114,7 +114,8 @@ def load_site_tasks(spec: SiteSpec, split: str, cache_dir: str = "", max_samples
     if any(t in tds for t in ("CE", "CP")):
         if stats_samples is None:
             stats_samples = max_samples if split == "train" else 0
-        stats = site_channel_stats(spec, cache_dir, stats_samples, arrays if split == "train" else None)
+        loaded = arrays if split == "train" and stats_samples == max_samples else None   # exactly those samples
+        stats = site_channel_stats(spec, cache_dir, stats_samples, loaded)
         for t in ("CE", "CP"):
             if t in tds:
                 tds[t].extras["stats"] = stats

@@ -100,5 +100,8 @@ def test_site_tasks_carry_the_channel_stats_of_the_samples_the_site_trains_on(tm
     for R, want in zip(everything["CP"].extras["stats"].covs, kron_covariances(h)):
         np.testing.assert_allclose(R, want, rtol=1e-10, atol=1e-12)
     assert not np.allclose(everything["CP"].extras["stats"].covs[1], train["CE"].extras["stats"].covs[1])
+    wider = load_site_tasks(spec, "train", str(tmp_path), max_samples=5, stats_samples=12)   # not the 5 loaded
+    for R, want in zip(wider["CE"].extras["stats"].covs, kron_covariances(h[:12])):
+        np.testing.assert_allclose(R, want, rtol=1e-10, atol=1e-12)
     assert train["CE"].extras["stats"].snr_db == 0.5 * (spec.estimation.snr_db_min + spec.estimation.snr_db_max)
     assert all("stats" not in train[t].extras for t in ("PF", "BF", "DE", "PE", "LoS"))

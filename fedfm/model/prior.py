@@ -94,7 +94,8 @@ def kron_prior(stats: ChannelStats, x: torch.Tensor, known: torch.Tensor) -> tor
     obs, A, d, B = f
     y = torch.view_as_complex(x.float().contiguous())
     y = y.index_select(1, obs[0]).index_select(2, obs[1]).index_select(3, obs[2])
-    return torch.view_as_real(kron_apply(B, kron_apply(A, y) * d).contiguous()).to(x.dtype)
+    z = kron_apply(A, y, torch.einsum) * d
+    return torch.view_as_real(kron_apply(B, z, torch.einsum).contiguous()).to(x.dtype)
 
 
 def classical_prior(kind: str, x: torch.Tensor, known: torch.Tensor,
