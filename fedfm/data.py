@@ -25,6 +25,11 @@ ARRAY_NAMES = ("h_sub6", "h_mmwave", "distance_m", "pathloss_db", "los", "speed_
 CHUNK = 256  # samples per Sionna call; each chunk has its own derived seed
 
 
+def first_samples(arrays: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    """One split's arrays cut to the first ``n`` samples (the per-site codebook kept whole)."""
+    return {k: (v[:n] if k in ARRAY_NAMES else v) for k, v in arrays.items()}
+
+
 def default_cache_dir() -> Path:
     env = os.environ.get("FEDFM_CACHE_DIR")
     if env:

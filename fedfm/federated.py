@@ -21,11 +21,10 @@ import numpy as np
 import torch
 
 from fedfm.config import RunConfig
-from fedfm.data import cache_root, load_split
+from fedfm.data import cache_root, first_samples, load_split
 from fedfm.scenarios import SiteSpec, derive_seed, spec_hash
 
 # Per-sample arrays of a split (first axis = sample); `codebook` is per site.
-_PER_SAMPLE = ("h_sub6", "h_mmwave", "distance_m", "pathloss_db", "los", "speed_mps", "best_beam")
 
 
 def resolve_device(name: str) -> str:
@@ -109,7 +108,7 @@ def load_site_tasks(spec: SiteSpec, split: str, cache_dir: str = "", max_samples
         raise ValueError(f"max_samples {max_samples} is not allowed; expected an integer >= 0 (0 = all)")
     arrays = load_split(spec, split, cache_dir or None)
     if max_samples:
-        arrays = {k: (v[:max_samples] if k in _PER_SAMPLE else v) for k, v in arrays.items()}
+        arrays = first_samples(arrays, max_samples)
     tds = build_tasks(arrays, spec, split, TASKS if tasks is None else tuple(tasks))
     if any(t in tds for t in ("CE", "CP")):
         if stats_samples is None:

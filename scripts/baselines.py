@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedfm.baselines import BASELINES, evaluate_baselines  # noqa: E402
-from fedfm.data import ARRAY_NAMES, load_site_data  # noqa: E402
+from fedfm.data import first_samples, load_site_data  # noqa: E402
 from fedfm.metrics import HEADLINE  # noqa: E402
 from fedfm.scenarios import SPLITS, ConfigError, load_federation  # noqa: E402
 from fedfm.tasks import TASKS  # noqa: E402
@@ -37,7 +37,7 @@ def baseline_scores(fed, split: str, cache_dir=None, max_train: int = 0,
     for spec in fed.sites:
         data = load_site_data(spec, ("train", split), cache_dir)
         if max_train:
-            data.splits["train"] = {k: (v[:max_train] if k in ARRAY_NAMES else v) for k, v in data.splits["train"].items()}
+            data.splits["train"] = first_samples(data.splits["train"], max_train)
         out[spec.name] = evaluate_baselines(data, spec, split, variants=True, tasks=tasks)
     return out
 
