@@ -141,6 +141,21 @@ def kron_lmmse(y: np.ndarray, covs: tuple[np.ndarray, np.ndarray, np.ndarray], o
     return kron_apply(B, z).astype(np.complex64)
 
 
+def kron_error_variance(covs: tuple, observed: tuple, snr: float, out_slots: int | None = None) -> np.ndarray:
+    """Per-entry error variance of :func:`kron_lmmse` under its own model: float64 [G, K, N],
+    the diagonal of R − R_ho (R_oo + I/snr)⁻¹ R_oh (unit channel power), i.e.
+    diag(R_t) ⊗ diag(R_f) ⊗ diag(R_s) − Σ_j |B_j|² / (Λ_j + 1/snr) with the factors of
+    :func:`kron_lmmse_factors` (B = B_t ⊗ B_f ⊗ B_s, so |B|² factors too). Where the estimate
+    is sure (a pilot at high SNR, a strongly correlated channel) this is small; the dense heads
+    scale their learned correction by its square root (``fedfm.model.prior``)."""
+    A, L, B = kron_lmmse_factors(covs, observed, out_slots)
+    G = B[0].shape[0]
+    d = [np.real(np.diagonal(R))[:n] for R, n in zip(covs, (G, None, None))]
+    prior = d[0][:, None, None] * d[1][None, :, None] * d[2][None, None, :]
+    explained = kron_apply([np.abs(b) ** 2 for b in B], (1.0 / (L + 1.0 / float(snr)))[None])[0]
+    return np.maximum(prior - explained, 0.0)
+
+
 def kron_apply(mats, y, einsum=np.einsum):
     """(M_t ⊗ M_f ⊗ M_s) applied to every sample of y [S, t, k, n] → [S, t', k', n'], one axis at a
     time (three small matrix products; one einsum over all four operands would loop over every

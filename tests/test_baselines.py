@@ -142,8 +142,9 @@ def test_evaluate_baselines_reports_headline_and_variants(site):
 
 def test_kron_lmmse_against_the_full_matrix_formula():
     # ĥ = R_ho (R_oo + I/snr)⁻¹ y with R = R_t ⊗ R_f ⊗ R_s written out as a (G·K·N)² matrix: the
-    # eigen-factored estimator must give the same numbers (CE's comb and CP's history sets).
-    from fedfm.estimators import kron_lmmse, kron_observed
+    # eigen-factored estimator and its error variance must give the same numbers (CE's comb
+    # and CP's history sets).
+    from fedfm.estimators import kron_error_variance, kron_lmmse, kron_observed
 
     rng = np.random.default_rng(0)
     G, K, N = 5, 8, 3
@@ -164,6 +165,11 @@ def test_kron_lmmse_against_the_full_matrix_formula():
         want = np.stack([R[:, o] @ np.linalg.solve(R[np.ix_(o, o)] + np.eye(o.size) / s, v) for v, s in zip(y, snr)])
         got = kron_lmmse(y.reshape(2, len(obs[0]), len(obs[1]), len(obs[2])), covs, obs, snr)
         np.testing.assert_allclose(got.reshape(2, -1), want, rtol=2e-4, atol=2e-4)
+        for s in snr:   # its error variance: the diagonal of R − R_ho (R_oo + I/snr)⁻¹ R_oh
+            post = R - R[:, o] @ np.linalg.solve(R[np.ix_(o, o)] + np.eye(o.size) / s, R[o, :])
+            var = kron_error_variance(covs, obs, s)
+            np.testing.assert_allclose(var.reshape(-1), np.real(np.diagonal(post)), rtol=1e-6, atol=1e-9)
+            assert var.reshape(-1)[np.setdiff1d(np.arange(R.shape[0]), o)].min() > 1e-3   # unseen entries stay uncertain
     assert kron_observed(np.eye(4, dtype=bool)[:, :, None]) is None           # a diagonal: no Kronecker set
 
 

@@ -356,8 +356,8 @@ def test_dense_heads_start_from_the_sites_kronecker_lmmse():
     # With the site's ChannelStats, an untrained CE/CP head returns the Kronecker LMMSE of what
     # it sees at the site's nominal SNR (numpy's kron_lmmse, checked against the full-matrix
     # formula in test_baselines); a mask that is no slots × subcarriers × antennas set falls
-    # back to the classical prior.
-    from fedfm.estimators import ChannelStats, kron_lmmse, kron_observed
+    # back to the classical prior (and its correction is not scaled).
+    from fedfm.estimators import ChannelStats, kron_error_variance, kron_lmmse, kron_observed
 
     model = build_model(tiny_cfg())
     G, K, N = SHAPES[0]
@@ -373,8 +373,21 @@ def test_dense_heads_start_from_the_sites_kronecker_lmmse():
         want = kron_lmmse(y, stats.covs, obs, 10 ** 0.7, G)
         out = model(task, x * known[..., None], known, None, stats)
         np.testing.assert_allclose(torch.view_as_complex(out.contiguous()).detach().numpy(), want, rtol=1e-4, atol=1e-4)
+        # a correction of 0.5 on every entry arrives multiplied by the LMMSE's own error std there
+        std = np.sqrt(np.maximum(kron_error_variance(stats.covs, obs, 10 ** 0.7, G), 1e-6))
+        with torch.no_grad():
+            model.heads[task].proj.bias.fill_(0.5)
+            moved = model(task, x * known[..., None], known, None, stats) - out
+            model.heads[task].proj.bias.zero_()
+        np.testing.assert_allclose(moved.numpy(), np.broadcast_to(0.5 * std[None, ..., None], moved.shape), rtol=1e-4, atol=1e-5)
+        assert std[known.numpy()].mean() < std[~known.numpy()].mean()      # surer where it saw the channel
     scattered = torch.zeros(G, K, N, dtype=torch.bool)
     scattered[0, ::4] = True
     scattered[1, 2] = True                                          # no Kronecker set: comb interpolation
     torch.testing.assert_close(model("CE", x * scattered[..., None], scattered, None, stats),
                                model("CE", x * scattered[..., None], scattered))
+    with torch.no_grad():
+        before = model("CE", x * scattered[..., None], scattered, None, stats)
+        model.heads["CE"].proj.bias.fill_(0.5)
+        moved = model("CE", x * scattered[..., None], scattered, None, stats) - before
+    torch.testing.assert_close(moved, torch.full_like(moved, 0.5))

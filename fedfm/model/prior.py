@@ -27,8 +27,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fedfm.estimators import (ChannelStats, angular_spectrum, ar_extrapolate, kron_apply, kron_lmmse_factors,
-                              kron_observed)
+from fedfm.estimators import (ChannelStats, angular_spectrum, ar_extrapolate, kron_apply, kron_error_variance,
+                              kron_lmmse_factors, kron_observed)
 from fedfm.tasks import CONTEXT_SIZE
 from fedfm.tasks.sensing import profile_features
 
@@ -46,6 +46,7 @@ PROFILE_SCALE = (0.15, 0.25, 0.5, 0.35, 0.6)
 PEAK_SHARE_FEATURE = 4      # index of log(delay-angle peak share), the K-factor proxy
 SPECTRUM_METHODS = ("bartlett", "capon")
 SPECTRUM_FLOOR = 1e-4       # log-spectra clipped at -40 dB below the peak
+ERROR_STD_FLOOR = 1e-3      # the LMMSE error scale of the CE/CP correction, at least -60 dB of the channel
 
 
 def comb_weights(comb: torch.Tensor) -> torch.Tensor:
@@ -66,12 +67,14 @@ def comb_weights(comb: torch.Tensor) -> torch.Tensor:
     return w.scatter_add(1, left[:, None], w_left[:, None]).scatter_add(1, right[:, None], w_right[:, None])
 
 
-def kron_prior(stats: ChannelStats, x: torch.Tensor, known: torch.Tensor) -> torch.Tensor | None:
+def kron_prior(stats: ChannelStats, x: torch.Tensor,
+               known: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The site's Kronecker LMMSE (``fedfm.estimators.kron_lmmse``) of the grid from what ``known``
-    shows, in torch on x's device: x [B, G, K, N, 2] → [B, G, K, N, 2]; None where ``known`` is
-    not a slots × subcarriers × antennas set or the site's covariances do not fit the grid.
-    The factors are built once per known pattern and device (one host read of ``known`` per
-    call to find them) at the site's nominal SNR."""
+    shows, in torch on x's device, and the square root of its own error variance per entry
+    (``fedfm.estimators.kron_error_variance``): x [B, G, K, N, 2] → ([B, G, K, N, 2], [G, K, N]);
+    None where ``known`` is not a slots × subcarriers × antennas set or the site's covariances
+    do not fit the grid. The factors are built once per known pattern and device (one host read
+    of ``known`` per call to find them) at the site's nominal SNR."""
     G, K, N = known.shape
     Rt, Rf, Rs = stats.covs
     if Rt.shape[0] < G or Rf.shape[0] != K or Rs.shape[0] != N:
@@ -87,28 +90,43 @@ def kron_prior(stats: ChannelStats, x: torch.Tensor, known: torch.Tensor) -> tor
             A, L, B = kron_lmmse_factors(stats.covs, obs, G)
             c = lambda a: torch.as_tensor(a, dtype=torch.complex64, device=x.device)
             d = torch.as_tensor(1.0 / (L + 10.0 ** (-stats.snr_db / 10.0)), dtype=torch.float32, device=x.device)
-            f = ([torch.as_tensor(o, device=x.device) for o in obs], [c(a) for a in A], d, [c(b) for b in B])
+            std = np.sqrt(np.maximum(kron_error_variance(stats.covs, obs, 10.0 ** (stats.snr_db / 10.0), G),
+                                     ERROR_STD_FLOOR ** 2))
+            f = ([torch.as_tensor(o, device=x.device) for o in obs], [c(a) for a in A], d, [c(b) for b in B],
+                 torch.as_tensor(std, dtype=torch.float32, device=x.device))
         stats.factors[key] = f
     if f is None:
         return None
-    obs, A, d, B = f
+    obs, A, d, B, std = f
     y = torch.view_as_complex(x.float().contiguous())
     y = y.index_select(1, obs[0]).index_select(2, obs[1]).index_select(3, obs[2])
     z = kron_apply(A, y, torch.einsum) * d
-    return torch.view_as_real(kron_apply(B, z, torch.einsum).contiguous()).to(x.dtype)
+    return torch.view_as_real(kron_apply(B, z, torch.einsum).contiguous()).to(x.dtype), std
 
 
 def classical_prior(kind: str, x: torch.Tensor, known: torch.Tensor,
                     stats: ChannelStats | None = None) -> torch.Tensor:
     """x: [B, G, K, N, 2] with zeros where unknown; known: bool [G, K, N] → [B, G, K, N, 2].
     With the site's ``stats``, CE ("comb") and CP ("hold") start from its Kronecker LMMSE."""
+    return prior_and_scale(kind, x, known, stats)[0]
+
+
+def prior_and_scale(kind: str, x: torch.Tensor, known: torch.Tensor,
+                    stats: ChannelStats | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(:func:`classical_prior`, its error's standard deviation [G, K, N] or None). The scale is
+    known only for the Kronecker LMMSE (its own posterior error, unit channel power); None
+    elsewhere, where the dense head adds its correction unscaled."""
     observed = x * known.to(x.dtype)[..., None]
     if kind == "observed" or known.dim() != 3:
-        return observed
+        return observed, None
     if stats is not None and kind in ("comb", "hold"):
         lmmse = kron_prior(stats, observed, known)
         if lmmse is not None:
             return lmmse
+    return _plain_prior(kind, x, known, observed), None
+
+
+def _plain_prior(kind: str, x: torch.Tensor, known: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
     if kind == "comb":
         comb = known.any(dim=(0, 2))                               # (K,) sub-bands carrying pilots
         return torch.einsum("jk,bgknc->bgjnc", comb_weights(comb).to(x), observed)
