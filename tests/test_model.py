@@ -381,6 +381,15 @@ def test_dense_heads_start_from_the_sites_kronecker_lmmse():
             model.heads[task].proj.bias.zero_()
         np.testing.assert_allclose(moved.numpy(), np.broadcast_to(0.5 * std[None, ..., None], moved.shape), rtol=1e-4, atol=1e-5)
         assert std[known.numpy()].mean() < std[~known.numpy()].mean()      # surer where it saw the channel
+    # the mask's pattern is remembered on the tensor: changed in place, it must be read again
+    known = torch.from_numpy(np.broadcast_to(np.arange(K)[None, :, None] % 4 == 0, (G, K, N)).copy())
+    model("CE", x * known[..., None], known, None, stats)
+    known[:] = torch.from_numpy(np.broadcast_to(np.arange(K)[None, :, None] % 2 == 0, (G, K, N)).copy())
+    obs = kron_observed(known.numpy())
+    y = torch.view_as_complex((x * known[..., None]).contiguous()).numpy()[:, obs[0]][:, :, obs[1]][:, :, :, obs[2]]
+    out = model("CE", x * known[..., None], known, None, stats)
+    np.testing.assert_allclose(torch.view_as_complex(out.contiguous()).detach().numpy(),
+                               kron_lmmse(y, stats.covs, obs, 10 ** 0.7, G), rtol=1e-4, atol=1e-4)
     scattered = torch.zeros(G, K, N, dtype=torch.bool)
     scattered[0, ::4] = True
     scattered[1, 2] = True                                          # no Kronecker set: comb interpolation

@@ -73,17 +73,24 @@ def kron_prior(stats: ChannelStats, x: torch.Tensor,
     shows, in torch on x's device, and the square root of its own error variance per entry
     (``fedfm.estimators.kron_error_variance``): x [B, G, K, N, 2] → ([B, G, K, N, 2], [G, K, N]);
     None where ``known`` is not a slots × subcarriers × antennas set or the site's covariances
-    do not fit the grid. The factors are built once per known pattern and device (one host read
-    of ``known`` per call to find them) at the site's nominal SNR."""
+    do not fit the grid. The factors are built once per known pattern and device at the site's
+    nominal SNR."""
     G, K, N = known.shape
     Rt, Rf, Rs = stats.covs
     if Rt.shape[0] < G or Rf.shape[0] != K or Rs.shape[0] != N:
         return None
-    mask = known.detach().cpu().numpy()
-    key = (mask.shape, np.packbits(mask).tobytes(), str(x.device))
+    # The pattern's key is read off the host once per mask tensor and kept on the tensor (with its
+    # version counter, so an in-place change is seen): a training loop passes the same mask tensor
+    # at every step, and on a GPU a host read per call would wait for the device.
+    tag = getattr(known, "_fedfm_pattern", None)
+    if tag is None or tag[0] != known._version:
+        mask = known.detach().cpu().numpy()
+        tag = (known._version, (mask.shape, np.packbits(mask).tobytes()))
+        known._fedfm_pattern = tag
+    key = (*tag[1], str(x.device))
     f = stats.factors.get(key, False)
     if f is False:
-        obs = kron_observed(mask)
+        obs = kron_observed(known.detach().cpu().numpy())
         if obs is None:
             f = None
         else:
