@@ -13,6 +13,8 @@ BASELINES[task] lists a task's baselines, headline first:
        CP-LMMSE3D   the same Kronecker LMMSE over history and horizon: a Wiener predictor
   PF   PF-AR        least-squares AR across subcarriers, fitted per sample on the lower half
                     (order chosen on train); a plain line is a poor predictor over half a band
+       PF-ARLMMSE   the same AR on the lower half denoised first by the Kronecker LMMSE
+                    (the site's train covariances, each sample's SNR)
        PF-linear    least-squares line over the last L observed subcarriers (L chosen on train)
   BF   BF-AoA       sub-6 angular spectrum (Bartlett or Capon, chosen on train) at the
                     mmWave beams' directions: AoA → nearest DFT beam
@@ -33,13 +35,14 @@ from typing import Callable
 
 import numpy as np
 
-from fedfm.estimators import angular_spectrum, ar_extrapolate, kron_covariances, kron_lmmse, kron_observed
+from fedfm.estimators import (angular_spectrum, ar_extrapolate, kron_covariances, kron_lmmse, kron_observed,
+                              lmmse_ar_extrapolate)
 from fedfm.metrics import error_for_score, nmse, score
 from fedfm.scenarios import SiteSpec
 from fedfm.tasks import TASKS, build_tasks
 from fedfm.tasks.sensing import peak_power_ratio, profile_features
 
-BASELINES = {"CE": ("CE-interp", "CE-LMMSE", "CE-LMMSE3D"), "CP": ("CP-hold", "CP-linear", "CP-LMMSE3D"), "PF": ("PF-AR", "PF-linear"),
+BASELINES = {"CE": ("CE-interp", "CE-LMMSE", "CE-LMMSE3D"), "CP": ("CP-hold", "CP-linear", "CP-LMMSE3D"), "PF": ("PF-AR", "PF-linear", "PF-ARLMMSE"),
              "BF": ("BF-AoA",), "DE": ("DE-kNN", "DE-logdist"), "PE": ("PE-kNN", "PE-logdist"),
              "LoS": ("LoS-Kfactor",)}
 
@@ -172,6 +175,17 @@ def _fit_pf_ar(td, spec) -> dict:
     return _fit_by_train(td, _pf_ar, [{"order": p} for p in (2, 4, 8, 12, 16) if p <= _lower_band(td) // 2])
 
 
+def _pf_ar_lmmse(td, order: int, covs: tuple) -> np.ndarray:
+    snr = 10.0 ** (np.asarray(td.extras["snr_db"], np.float64) / 10.0)
+    return lmmse_ar_extrapolate(td.inputs, _lower_band(td), order, covs, snr)
+
+
+def _fit_pf_ar_lmmse(td, spec) -> dict:
+    covs = kron_covariances(td.targets)
+    return _fit_by_train(td, _pf_ar_lmmse, [{"order": p, "covs": covs} for p in (4, 8, 12, 16)
+                                            if p <= _lower_band(td) // 2])
+
+
 def _fit_pf_line(td, spec) -> dict:
     K0 = _lower_band(td)
     return _fit_by_train(td, _pf_line, [{"window": w} for w in (2, 4, 8, 16, 32, 64) if w <= K0])
@@ -267,6 +281,7 @@ _METHODS: dict[str, tuple[Callable, Callable]] = {
     "CE-LMMSE3D": (_fit_lmmse3d, _lmmse3d),
     "CP-hold": (_no_fit, _cp_hold), "CP-linear": (_no_fit, _cp_linear), "CP-LMMSE3D": (_fit_lmmse3d, _lmmse3d),
     "PF-AR": (_fit_pf_ar, _pf_ar), "PF-linear": (_fit_pf_line, _pf_line),
+    "PF-ARLMMSE": (_fit_pf_ar_lmmse, _pf_ar_lmmse),
     "BF-AoA": (_fit_bf, _bf_aoa),
     "DE-kNN": (_fit_knn, _knn), "DE-logdist": (_fit_logdist, _logdist),
     "PE-kNN": (_fit_knn, _knn), "PE-logdist": (_fit_logdist, _logdist),

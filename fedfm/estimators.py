@@ -1,6 +1,7 @@
 """Classical estimators shared by the baselines and the model's priors (one implementation).
 
     pred = ar_extrapolate(x, k0=32, order=16)           # PF: AR across subcarriers, per sample
+    pred = lmmse_ar_extrapolate(x, 32, 16, covs, snr)   # PF: the same on the LMMSE-denoised band
     p = angular_spectrum(x, num_beams=256, method="capon")  # BF: sub-6 spectrum at the beams' u
     h = kron_lmmse(y, kron_covariances(train_h), observed, snr)  # CE/CP: Kronecker LMMSE
 
@@ -67,6 +68,19 @@ def ar_extrapolate(x: np.ndarray, k0: int, order: int) -> np.ndarray:
         past = pred[:, :, k - order:k][:, :, ::-1]                           # x_{k-1}, …, x_{k-p}
         pred[:, :, k] = np.matmul(a[:, None, None, :], past)[:, :, 0]           # Σ_i a_i x_{k-i}
     return pred
+
+
+def lmmse_ar_extrapolate(x: np.ndarray, k0: int, order: int, covs: tuple, snr: np.ndarray | float) -> np.ndarray:
+    """:func:`ar_extrapolate` of the lower band after the site's Kronecker LMMSE has denoised it
+    (:func:`kron_lmmse` of the observed k < k0 from themselves, at linear ``snr``, scalar or [S]):
+    the predictor runs on estimates, not on noisy samples whose noise it would carry across the
+    upper band. x: complex [S, G, K, N]; covs: :func:`kron_covariances` over at least G slots and
+    all K subcarriers → complex64 [S, G, K, N] (first k0: the denoised band)."""
+    S, G, K, N = x.shape
+    low = (covs[0][:G, :G], covs[1][:k0, :k0], covs[2])
+    den = np.array(x, dtype=np.complex64, copy=True)
+    den[:, :, :k0] = kron_lmmse(x[:, :, :k0], low, (np.arange(G), np.arange(k0), np.arange(N)), snr)
+    return ar_extrapolate(den, k0, order)
 
 
 def spatial_covariance(x: np.ndarray) -> np.ndarray:

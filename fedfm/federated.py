@@ -98,7 +98,7 @@ def load_site_tasks(spec: SiteSpec, split: str, cache_dir: str = "", max_samples
     """``{task: TaskData}`` of one split of a site, generated or loaded from its own cache.
 
     ``max_samples`` > 0 keeps the first samples only (central evaluation budget); ``tasks``
-    builds only those views (default: all seven). CE and CP carry the site's
+    builds only those views (default: all seven). CE, CP and PF carry the site's
     ``ChannelStats`` in ``extras["stats"]`` (their heads' LMMSE prior), fitted on the first
     ``stats_samples`` train samples (0 = all; None = ``max_samples`` for the train split,
     all for the others)."""
@@ -110,12 +110,12 @@ def load_site_tasks(spec: SiteSpec, split: str, cache_dir: str = "", max_samples
     if max_samples:
         arrays = first_samples(arrays, max_samples)
     tds = build_tasks(arrays, spec, split, TASKS if tasks is None else tuple(tasks))
-    if any(t in tds for t in ("CE", "CP")):
+    if any(t in tds for t in ("CE", "CP", "PF")):
         if stats_samples is None:
             stats_samples = max_samples if split == "train" else 0
         loaded = arrays if split == "train" and stats_samples == max_samples else None   # exactly those samples
         stats = site_channel_stats(spec, cache_dir, stats_samples, loaded)
-        for t in ("CE", "CP"):
+        for t in ("CE", "CP", "PF"):
             if t in tds:
                 tds[t].extras["stats"] = stats
     return tds

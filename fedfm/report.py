@@ -215,9 +215,10 @@ def _site_table(summary: dict, role: str) -> list[str]:
                         "(lower is better, 1.0 = baseline). " + CE_CP_PRIOR_NOTE, ""]
 
 
-CE_CP_PRIOR_NOTE = ("The baselines are the headline ones (CE: comb interpolation, CP: last slot held); the CE and CP "
-                    "heads start from the site's Kronecker LMMSE, a stronger classical estimator whose own scores "
-                    "(CE-LMMSE3D, CP-LMMSE3D) `scripts/baselines.py` prints.")
+CE_CP_PRIOR_NOTE = ("The baselines are the headline ones (CE: comb interpolation, CP: last slot held, PF: per-sample "
+                    "AR); the CE and CP heads start from the site's Kronecker LMMSE and PF from AR on the band that "
+                    "LMMSE denoises, stronger classical estimators whose own scores (CE-LMMSE3D, CP-LMMSE3D, "
+                    "PF-ARLMMSE) `scripts/baselines.py` prints.")
 
 
 def bootstrap_lines(boot: dict) -> list[str]:

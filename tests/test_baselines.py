@@ -192,7 +192,8 @@ def test_kron_covariances_of_a_separable_channel():
         np.testing.assert_allclose(R, want, rtol=1e-9, atol=1e-12)
 
 
-def test_kronecker_lmmse_beats_interpolation_and_hold(site):
+def test_kronecker_lmmse_beats_interpolation_hold_and_plain_ar(site):
     _, _, err = site
     assert err["CE-LMMSE3D"] < err["CE-LMMSE"] < err["CE-interp"]     # time and antennas help beyond frequency
     assert err["CP-LMMSE3D"] < err["CP-hold"]
+    assert err["PF-ARLMMSE"] < err["PF-AR"]                            # AR on a denoised band carries less noise

@@ -82,7 +82,7 @@ def test_a_cache_that_cannot_be_used_is_one_line(tmp_path, capfd):
 
 
 def test_site_tasks_carry_the_channel_stats_of_the_samples_the_site_trains_on(tmp_path):
-    # CE and CP views carry the site's ChannelStats, fitted on the first `stats_samples` train
+    # CE, CP and PF views carry the site's ChannelStats, fitted on the first `stats_samples` train
     # channels (by default: the train split's own max_samples; all for the other splits); the
     # other tasks carry none.
     from fedfm.estimators import kron_covariances
@@ -93,7 +93,7 @@ def test_site_tasks_carry_the_channel_stats_of_the_samples_the_site_trains_on(tm
     train = load_site_tasks(spec, "train", str(tmp_path), max_samples=10)
     test = load_site_tasks(spec, "test", str(tmp_path), stats_samples=10)
     everything = load_site_tasks(spec, "val", str(tmp_path))
-    assert train["CE"].extras["stats"] is train["CP"].extras["stats"] is test["CE"].extras["stats"]
+    assert train["CE"].extras["stats"] is train["CP"].extras["stats"] is train["PF"].extras["stats"] is test["CE"].extras["stats"]
     assert np.ptp(np.log10(np.mean(np.abs(h) ** 2, axis=(1, 2, 3)))) > 1        # raw channels: path loss
     for R, want in zip(train["CE"].extras["stats"].covs, kron_covariances(h[:10])):
         np.testing.assert_allclose(R, want, rtol=1e-10, atol=1e-12)
@@ -104,4 +104,4 @@ def test_site_tasks_carry_the_channel_stats_of_the_samples_the_site_trains_on(tm
     for R, want in zip(wider["CE"].extras["stats"].covs, kron_covariances(h[:12])):
         np.testing.assert_allclose(R, want, rtol=1e-10, atol=1e-12)
     assert train["CE"].extras["stats"].snr_db == 0.5 * (spec.estimation.snr_db_min + spec.estimation.snr_db_max)
-    assert all("stats" not in train[t].extras for t in ("PF", "BF", "DE", "PE", "LoS"))
+    assert all("stats" not in train[t].extras for t in ("BF", "DE", "PE", "LoS"))

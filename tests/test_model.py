@@ -357,7 +357,7 @@ def test_dense_heads_start_from_the_sites_kronecker_lmmse():
     # it sees at the site's nominal SNR (numpy's kron_lmmse, checked against the full-matrix
     # formula in test_baselines); a mask that is no slots × subcarriers × antennas set falls
     # back to the classical prior (and its correction is not scaled).
-    from fedfm.estimators import ChannelStats, kron_error_variance, kron_lmmse, kron_observed
+    from fedfm.estimators import ChannelStats, kron_error_variance, kron_lmmse, kron_observed, lmmse_ar_extrapolate
 
     model = build_model(tiny_cfg())
     G, K, N = SHAPES[0]
@@ -390,6 +390,14 @@ def test_dense_heads_start_from_the_sites_kronecker_lmmse():
     out = model("CE", x * known[..., None], known, None, stats)
     np.testing.assert_allclose(torch.view_as_complex(out.contiguous()).detach().numpy(),
                                kron_lmmse(y, stats.covs, obs, 10 ** 0.7, G), rtol=1e-4, atol=1e-4)
+    # PF: the untrained head is numpy's AR on the LMMSE-denoised lower band (PF-ARLMMSE), not plain AR
+    lower = torch.zeros(G, K, N, dtype=torch.bool)
+    lower[:, : K // 2] = True
+    xc = torch.view_as_complex((x * lower[..., None]).contiguous()).numpy()
+    want = lmmse_ar_extrapolate(xc, K // 2, min(16, K // 4), stats.covs, 10 ** 0.7)
+    pf = torch.view_as_complex(model("PF", x * lower[..., None], lower, None, stats).contiguous()).detach().numpy()
+    np.testing.assert_allclose(pf[:, :, K // 2:], want[:, :, K // 2:], rtol=1e-3, atol=1e-3)
+    assert not np.allclose(want[:, :, K // 2:], ar_extrapolate(xc, K // 2, min(16, K // 4))[:, :, K // 2:], atol=1e-2)
     scattered = torch.zeros(G, K, N, dtype=torch.bool)
     scattered[0, ::4] = True
     scattered[1, 2] = True                                          # no Kronecker set: comb interpolation
