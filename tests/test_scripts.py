@@ -874,3 +874,21 @@ def test_baselines_script_fits_on_the_first_train_samples_and_takes_a_task_subse
     assert "| CP | CP-LMMSE3D |" in out and "| CE |" not in out and "first 8 samples" in out
     assert script.main([str(fed_path), "--tasks", "CE,XX"]) == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+def test_lmmse_calibration_predicted_error_matches_the_measured_one(tmp_path, cache_dir, capsys):
+    # The Kronecker LMMSE's own error variance (what the CE/CP heads scale their correction by)
+    # against the squared error it makes on real generated test channels: within a factor of 2
+    # on every site and task (benchmark.yaml: within 20 %; here the covariances come from a
+    # tiny train split). A variance that left out the noise or the prior term would miss by far more.
+    script = _load_script("lmmse_calibration")
+    from fedfm.scenarios import load_federation
+
+    fed_path = write_federation(tmp_path / "fed")
+    for spec in load_federation(fed_path).sites:
+        for task, (predicted, measured) in script.calibration(spec, str(cache_dir)).items():
+            assert 0.5 < measured / predicted < 2.0, (spec.name, task, predicted, measured)
+    assert script.main([str(fed_path), "--cache-dir", str(cache_dir), "--max-test", "8"]) == 0
+    assert capsys.readouterr().out.count("| CP |") == len(load_federation(fed_path).sites)
+    assert script.main([str(fed_path), "--max-train", "-1"]) == 2
+    assert capsys.readouterr().out.strip().count("\n") == 0
