@@ -182,8 +182,16 @@ def _pf_ar_lmmse(td, order: int, covs: tuple) -> np.ndarray:
 
 def _fit_pf_ar_lmmse(td, spec) -> dict:
     covs = kron_covariances(td.targets)
-    return _fit_by_train(td, _pf_ar_lmmse, [{"order": p, "covs": covs} for p in (4, 8, 12, 16)
-                                            if p <= _lower_band(td) // 2])
+    return {"order": pf_ar_lmmse_order(td, covs), "covs": covs}
+
+
+def pf_ar_lmmse_order(td, covs: tuple) -> int | None:
+    """PF-ARLMMSE's AR order: of 4, 8, 12, 16 (at most half the lower band), the one with the
+    lowest NMSE on the first samples of the PF train view ``td``, with the Kronecker
+    covariances ``covs``; None when the lower band is too short for any. The PF head's start
+    (``fedfm.model.prior``) takes the same order from the site's ``ChannelStats``."""
+    grid = [{"order": p, "covs": covs} for p in (4, 8, 12, 16) if p <= _lower_band(td) // 2]
+    return _fit_by_train(td, _pf_ar_lmmse, grid)["order"] if grid else None
 
 
 def _fit_pf_line(td, spec) -> dict:

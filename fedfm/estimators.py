@@ -212,13 +212,17 @@ def kron_observed(known: np.ndarray) -> tuple | None:
 
 class ChannelStats:
     """A site's Kronecker channel covariances (:func:`kron_covariances` over history and horizon
-    slots) and its nominal SNR: what the CE and CP heads' LMMSE prior needs. Fitted where the
-    site's channels are (``fedfm.federated.load_site_tasks``) and never sent anywhere.
-    ``factors`` caches the prior's torch factors per known pattern and device."""
+    slots), its nominal SNR and the AR order of its PF predictor (chosen on its train channels
+    as the PF-ARLMMSE baseline chooses it; None = the prior's default): what the CE, CP and PF
+    heads' classical start needs. Fitted where the site's channels are
+    (``fedfm.federated.site_channel_stats``) and never sent anywhere. ``factors`` caches the
+    prior's torch factors per known pattern and device."""
 
-    def __init__(self, covs: tuple[np.ndarray, np.ndarray, np.ndarray], snr_db: float):
+    def __init__(self, covs: tuple[np.ndarray, np.ndarray, np.ndarray], snr_db: float,
+                 pf_order: int | None = None):
         self.covs = tuple(np.asarray(c, np.complex128) for c in covs)
         self.snr_db = float(snr_db)
+        self.pf_order = None if pf_order is None else int(pf_order)
         self.factors: dict = {}
 
     @classmethod

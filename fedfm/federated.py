@@ -77,19 +77,25 @@ _STATS: dict = {}  # (spec hash, cache folder, samples) → ChannelStats: fitted
 
 def site_channel_stats(spec: SiteSpec, cache_dir: str = "", samples: int = 0, arrays: dict | None = None):
     """The site's ``ChannelStats`` (Kronecker slot/subcarrier/antenna covariances of its
-    train channels, nominal SNR = the middle of its estimation SNR range in dB), from the
-    first ``samples`` of its train split (0 = all): the samples it trains on, so a run with
-    250 labels a site fits them on those 250. ``arrays`` = that train split, already loaded."""
+    train channels, nominal SNR = the middle of its estimation SNR range in dB, and the PF
+    predictor's AR order chosen on its PF train view as the PF-ARLMMSE baseline chooses it),
+    from the first ``samples`` of its train split (0 = all): the samples it trains on, so a run
+    with 250 labels a site fits them on those 250. ``arrays`` = that train split, already loaded."""
+    from fedfm.baselines import pf_ar_lmmse_order
     from fedfm.estimators import ChannelStats
     from fedfm.scenarios import spec_hash
+    from fedfm.tasks import build_tasks
 
     if samples < 0:
         raise ValueError(f"samples {samples} is not allowed; expected an integer >= 0 (0 = all)")
     key = (spec_hash(spec), str(cache_dir), int(samples))
     if key not in _STATS:
-        h = (arrays if arrays is not None else load_split(spec, "train", cache_dir or None))["h_sub6"]
+        train = arrays if arrays is not None else load_split(spec, "train", cache_dir or None)
+        train = first_samples(train, samples) if samples else train
         snr_db = 0.5 * (spec.estimation.snr_db_min + spec.estimation.snr_db_max)
-        _STATS[key] = ChannelStats.fit(h[:samples] if samples else h, snr_db)
+        stats = ChannelStats.fit(train["h_sub6"], snr_db)
+        stats.pf_order = pf_ar_lmmse_order(build_tasks(train, spec, "train", ("PF",))["PF"], stats.covs)
+        _STATS[key] = stats
     return _STATS[key]
 
 

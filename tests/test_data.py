@@ -104,4 +104,8 @@ def test_site_tasks_carry_the_channel_stats_of_the_samples_the_site_trains_on(tm
     for R, want in zip(wider["CE"].extras["stats"].covs, kron_covariances(h[:12])):
         np.testing.assert_allclose(R, want, rtol=1e-10, atol=1e-12)
     assert train["CE"].extras["stats"].snr_db == 0.5 * (spec.estimation.snr_db_min + spec.estimation.snr_db_max)
+    # the PF head's AR order: chosen on the same train samples as PF-ARLMMSE chooses it
+    from fedfm.baselines import pf_ar_lmmse_order
+    view = load_site_tasks(spec, "train", str(tmp_path), max_samples=10, tasks=("PF",))["PF"]
+    assert train["PF"].extras["stats"].pf_order == pf_ar_lmmse_order(view, kron_covariances(h[:10])) is not None
     assert all("stats" not in train[t].extras for t in ("BF", "DE", "PE", "LoS"))

@@ -398,6 +398,12 @@ def test_dense_heads_start_from_the_sites_kronecker_lmmse():
     pf = torch.view_as_complex(model("PF", x * lower[..., None], lower, None, stats).contiguous()).detach().numpy()
     np.testing.assert_allclose(pf[:, :, K // 2:], want[:, :, K // 2:], rtol=1e-3, atol=1e-3)
     assert not np.allclose(want[:, :, K // 2:], ar_extrapolate(xc, K // 2, min(16, K // 4))[:, :, K // 2:], atol=1e-2)
+    # with the site's chosen AR order (ChannelStats.pf_order) the head runs that order
+    stats.pf_order = 2
+    want2 = lmmse_ar_extrapolate(xc, K // 2, 2, stats.covs, 10 ** 0.7)
+    pf2 = torch.view_as_complex(model("PF", x * lower[..., None], lower, None, stats).contiguous()).detach().numpy()
+    np.testing.assert_allclose(pf2[:, :, K // 2:], want2[:, :, K // 2:], rtol=1e-3, atol=1e-3)
+    assert not np.allclose(want2[:, :, K // 2:], want[:, :, K // 2:], atol=1e-2)
     scattered = torch.zeros(G, K, N, dtype=torch.bool)
     scattered[0, ::4] = True
     scattered[1, 2] = True                                          # no Kronecker set: comb interpolation
