@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedfm.metrics import BOOTSTRAP_DRAWS, BOOTSTRAP_SEED, HEADLINE, average_score
+from fedfm.metrics import BOOTSTRAP_DRAWS, BOOTSTRAP_SEED, HEADLINE, average_score, error_for_score, error_ratio
 from fedfm.runlog import read_json, read_jsonl, read_run_config, write_json
 
 TASK_ORDER = ("CE", "CP", "PF", "BF", "DE", "PE", "LoS")
@@ -80,6 +80,8 @@ def summarize(run: dict) -> dict:
             vals = [_avg(m, run["baselines"].get(s, {})) for s, m in by_round[rnd].items() if roles.get(s) == role]
             vals = [v for v in vals if v is not None and math.isfinite(v)]  # ∞ sites listed in the table
             row[f"avg_score_{role}"] = float(np.mean(vals)) if vals else None
+            row[f"task_ratio_{role}"] = task_ratios({s: m for s, m in by_round[rnd].items() if roles.get(s) == role},
+                                                    run["baselines"])
         per_round.append(row)
     cells_95 = _intervals_vs_baseline(run["dir"], final, sites)
     comm = _communication(run)
@@ -111,7 +113,7 @@ def _intervals_vs_baseline(run_dir: Path, final: int | None, sites: dict) -> dic
     bootstrap interval over the test samples, from ``samples/`` (what the central evaluator
     wrote), added to ``sites[site]["tasks"][task]["ratio_ci"]``; returns per role the cells
     beaten and lost at 95 % ({"missing": why} when the files are absent or unreadable)."""
-    from fedfm.metrics import ratio_interval
+    from fedfm.metrics import mean_ratio_interval, ratio_interval
     from fedfm.runlog import read_samples, samples_path
 
     if final is None:
@@ -125,12 +127,14 @@ def _intervals_vs_baseline(run_dir: Path, final: int | None, sites: dict) -> dic
         return {"missing": f"no per-sample errors of round {final} and the baselines under "
                            f"{Path(run_dir) / 'samples'} (a run of an earlier fedfm)"}
     out: dict = {}
+    pairs: dict = {}   # role → task → [(model errors, baseline errors) per site]
     for site, entry in sites.items():
         role = out.setdefault(entry["role"], {"cells": 0, "beaten": [], "lost": []})
         for task in TASK_ORDER:
             m, b = model.get(site, {}).get(task), base.get(site, {}).get(task)
             if m is None or b is None or len(m) != len(b):
                 continue
+            pairs.setdefault(entry["role"], {}).setdefault(task, []).append((m, b))
             ci = ratio_interval(task, m, b)
             lo, hi = ci["lo"], ci["hi"]
             entry["tasks"].setdefault(task, {})["ratio_ci"] = [lo, hi]
@@ -140,6 +144,14 @@ def _intervals_vs_baseline(run_dir: Path, final: int | None, sites: dict) -> dic
                 role["beaten"].append(cell)
             elif lo > 1:
                 role["lost"].append(cell)
+    for role, by_task in pairs.items():   # each task averaged over the role's sites (the per-task table)
+        means = {}
+        for task, p in by_task.items():
+            try:
+                means[task] = mean_ratio_interval(task, p)
+            except ValueError:            # every site's baseline error-free on it: no finite mean
+                pass
+        out[role]["task_means"] = means
     return out
 
 
@@ -163,6 +175,50 @@ def _cells_line(cells_95: dict | None, role: str, say_missing: bool = True) -> l
 
 def _metrics_only(row: dict) -> dict:
     return {k: v for k, v in row.items() if k not in ("round", "site", "role", "task", "source", "baseline", "head")}
+
+
+def task_ratios(models: dict[str, dict], baselines: dict[str, dict]) -> dict[str, float]:
+    """Per task, the mean over sites of model error ÷ that site's baseline error
+    (``error_ratio``): {task: ratio} over the sites that have both, finite ratios only (a site
+    whose baseline is error-free on a task is left out of that task's mean, as from the
+    average score). What "beats the baseline on a task, averaged over sites" reads (issue 3)."""
+    out = {}
+    for task in TASK_ORDER:
+        vals = [error_ratio(task, error_for_score(task, _metrics_only(m[task])),
+                            error_for_score(task, _metrics_only(baselines[s][task])))
+                for s, m in models.items() if task in m and task in baselines.get(s, {})]
+        vals = [v for v in vals if math.isfinite(v)]
+        if vals:
+            out[task] = float(np.mean(vals))
+    return out
+
+
+def _task_ratio_table(s: dict) -> list[str]:
+    """Per task averaged over sites, at round 0 (the untrained heads) and the final round."""
+    rows = [r for r in s["per_round"] if r["round"] in {0, s["final_round"]}]
+    cells = [(role, r) for role in ("train", "heldout") for r in rows if r.get(f"task_ratio_{role}")]
+    if not cells:
+        return []
+    lines = ["## Per task, averaged over sites", "",
+             "| sites | round | " + " | ".join(TASK_ORDER) + " | tasks beaten |", "|" + "---|" * (len(TASK_ORDER) + 3)]
+    c95 = s.get("cells_95") or {}
+    for role, r in cells:
+        t = r[f"task_ratio_{role}"]
+        ci = (c95.get(role) or {}).get("task_means", {}) if r["round"] == s["final_round"] else {}
+        beaten = f"{sum(v < 1 for v in t.values())} of {len(t)}"
+        if ci:
+            beaten += f" ({sum(ci[k]['hi'] < 1 for k in ci)} at 95 %)"
+
+        def cell(k):
+            v = _ratio(t.get(k), 3)
+            return v + (f" [{ci[k]['lo']:.3f}, {ci[k]['hi']:.3f}]" if k in ci and k in t else "")
+        lines.append(f"| {'training' if role == 'train' else 'held-out'} | {r['round']} | "
+                     + " | ".join(cell(k) for k in TASK_ORDER) + f" | {beaten} |")
+    return lines + ["", "Cells: the mean over the sites of model error ÷ baseline error (below 1: the model is "
+                        "better on average; round 0 is the untrained model, i.e. its heads' classical start); "
+                        f"at the final round with its 95 % interval ({BOOTSTRAP_DRAWS} draws of each site's test "
+                        "samples, the sites drawn independently; `fedfm.metrics.mean_ratio_interval`). A mean "
+                        "below 1 is not a win on every site; the 95 % lines above say which cells are.", ""]
 
 
 def _avg(model: dict, base: dict) -> float | None:
@@ -299,6 +355,7 @@ def _markdown(s: dict) -> str:
     lines += ["## Held-out sites (never trained on)", ""]
     lines += _site_table(s, "heldout")
     lines += _cells_line(s.get("cells_95"), "heldout", say_missing=False)  # said once, under the training sites
+    lines += _task_ratio_table(s)
     lines += ["BF/LoS error rates are floored at 1 % before dividing (`fedfm.metrics.ERROR_FLOOR`).", "",
               "## Average score per round", "", "| round | train sites | held-out sites |", "|---|---|---|"]
     for r in s["per_round"]:

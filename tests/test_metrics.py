@@ -203,3 +203,28 @@ def test_summarise_counts_sites_beaten_and_lost_at_95_percent():
             {"site": "d", "role": "train", "task": "PE", "ratio": 1.0, "ratio_ci": None}]           # no interval
     assert summarise(rows)["per_task"]["PE"] == {"ratio": pytest.approx(0.9925), "wins": 2, "sites": 4,
                                                  "wins_95": 1, "losses_95": 1}
+
+
+def test_mean_ratio_interval_averages_sites_and_draws_each_site_on_its_own():
+    from fedfm.metrics import mean_ratio_interval
+
+    rng = np.random.default_rng(3)
+    b1, b2 = rng.uniform(0.1, 1.0, 50), rng.uniform(0.1, 1.0, 80)
+    # model errors a fixed multiple of the baseline's on each site: every draw gives the same
+    # ratios, 0.5 and 1.5, so the mean is 1.0 and the interval has no width
+    ci = mean_ratio_interval("CE", [(0.5 * b1, b1), (1.5 * b2, b2)])
+    assert ci["ratio"] == pytest.approx(1.0) and ci["lo"] == pytest.approx(1.0) and ci["hi"] == pytest.approx(1.0)
+    assert ci["sites"] == 2
+    # a site whose baseline is error-free (ratio ∞) is left out of the mean
+    ci = mean_ratio_interval("DE", [(0.5 * b1, b1), (b2, np.zeros_like(b2))])
+    assert ci["ratio"] == pytest.approx(0.5) and ci["sites"] == 1
+    # LoS error rates floored at 1 %: an error-free model and baseline are level (1.0), a model
+    # with 4 errors in 100 against an error-free baseline is at 4 %/1 % = 4
+    hits = np.zeros(100)
+    four = np.r_[np.ones(4), np.zeros(96)]
+    assert mean_ratio_interval("LoS", [(hits, hits)])["ratio"] == pytest.approx(1.0)
+    ci = mean_ratio_interval("LoS", [(four, hits), (hits, hits)])
+    assert ci["ratio"] == pytest.approx((4.0 + 1.0) / 2)
+    assert ci["lo"] < ci["ratio"] < ci["hi"]         # resampled: some draws hold fewer or more of the 4
+    with pytest.raises(ValueError, match="same test samples"):
+        mean_ratio_interval("CE", [(b1, b2)])

@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from fedfm.runlog import RunLog, read_jsonl
 
@@ -154,3 +155,34 @@ def test_a_checkpoint_holding_nan_is_refused_naming_file_and_key(tmp_path):
     log.save_checkpoint(1, {"lora.A": np.array([1.0, np.nan], np.float32)}, {}, {})
     with pytest.raises(ValueError, match=r"adapter.safetensors: `lora.A` holds NaN or inf values; the checkpoint is damaged"):
         log.load_checkpoint(1)
+
+
+def test_report_averages_each_task_over_sites_at_round_0_and_the_last(tmp_path):
+    from fedfm.report import _markdown, load_run, summarize
+    from fedfm.runlog import write_json
+
+    write_json(tmp_path / "config.json", {"run_config": {"strategy": "fedavg"}, "federation": {"sites": [
+        {"name": "a", "role": "train"}, {"name": "b", "role": "train"}, {"name": "c", "role": "train"},
+        {"name": "h", "role": "heldout"}]}})
+    # baselines: c's CE is error-free (its ratio is ∞ and left out of CE's mean)
+    write_json(tmp_path / "baselines.json", {
+        "a": {"CE": {"nmse": 0.4}, "LoS": {"accuracy": 0.8}}, "b": {"CE": {"nmse": 0.6}, "LoS": {"accuracy": 0.995}},
+        "c": {"CE": {"nmse": 0.0}}, "h": {"CE": {"nmse": 0.5}}})
+    fed = {"source": "federated"}
+    RunLog(tmp_path).append_metrics(
+        [{**fed, "round": 0, "site": s, "task": "CE", "nmse": 0.4} for s in ("a", "b", "c", "h")]
+        + [{**fed, "round": 0, "site": s, "task": "LoS", "accuracy": 0.8} for s in ("a", "b")]
+        + [{**fed, "round": 1, "site": "a", "task": "CE", "nmse": 0.2}, {**fed, "round": 1, "site": "b", "task": "CE", "nmse": 0.9},
+           {**fed, "round": 1, "site": "c", "task": "CE", "nmse": 0.1}, {**fed, "round": 1, "site": "h", "task": "CE", "nmse": 0.25},
+           {**fed, "round": 1, "site": "a", "task": "LoS", "accuracy": 0.9},
+           {**fed, "round": 1, "site": "b", "task": "LoS", "accuracy": 1.0}])
+    s = summarize(load_run(tmp_path))
+    r0, r1 = s["per_round"]
+    # round 0: CE (0.4/0.4 + 0.4/0.6) / 2; LoS (0.2/0.2 + 0.2/0.01) / 2 (b's 0.5 % error floored at 1 %)
+    assert r0["task_ratio_train"] == pytest.approx({"CE": (1 + 2 / 3) / 2, "LoS": (1 + 20) / 2})
+    # round 1: CE (0.5 + 1.5) / 2 = 1.0, not below 1; LoS (0.1/0.2 + 0.01/0.01) / 2 = 0.75
+    assert r1["task_ratio_train"] == pytest.approx({"CE": 1.0, "LoS": 0.75})
+    assert r1["task_ratio_heldout"] == pytest.approx({"CE": 0.5})
+    md = _markdown(s)
+    assert "| training | 1 | 1.000 | – | – | – | – | – | 0.750 | 1 of 2 |" in md
+    assert "| held-out | 0 | 0.800 | – | – | – | – | – | – | 1 of 1 |" in md

@@ -71,6 +71,13 @@ def test_report_files(full_run):
     md = (log.dir / "report.md").read_text()
     assert md.index("## Training sites") < md.index("## Held-out sites") < md.index("## Communication")
     assert "| alpha |" in md and "| gamma |" in md
+    # each task averaged over the training sites, at round 0 and the final round with intervals
+    # from the run's per-sample errors, and the same means as the per-round summary
+    means = report["cells_95"]["train"]["task_means"]
+    final = report["per_round"][-1]["task_ratio_train"]
+    assert set(means) == set(final) and all(means[t]["lo"] <= means[t]["hi"] for t in means)
+    assert all(means[t]["ratio"] == pytest.approx(final[t], rel=1e-4) for t in means)
+    assert "| training | 0 |" in md and "| training | 2 |" in md and " at 95 %) |" in md
     assert {"CE_vs_round.png", "final_vs_baseline.png", "bytes_per_round.png"} <= set(report["plots"])
     assert all((log.dir / "plots" / p).stat().st_size > 1000 for p in report["plots"])
 
