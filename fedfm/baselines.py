@@ -239,6 +239,53 @@ def _knn(td, features, labels, mu, sd, k) -> np.ndarray:
     return (10.0 ** y if td.task == "DE" else y).astype(np.float32)
 
 
+# The distance below which a query's fingerprint is taken to be a table row itself (standardised
+# units squared): a training sample's own row is left out of its neighbours (leave-one-out), as
+# the fit's choice of k is; two different channels never come this close.
+SELF_MATCH_D2 = 1e-8
+
+
+@dataclass
+class KnnPrior:
+    """A site's DE-/PE-kNN fitted on its own labelled train samples, as the model's heads read
+    it (``fedfm.model.network``: an untrained DE/PE head outputs this estimate where the site
+    has one). Kept at the site like its ``ChannelStats``; never sent anywhere.
+
+    ``estimate`` gives the normalised target (``fedfm.tasks.normalise_target``) the DE-kNN /
+    PE-kNN baseline predicts — the median of the k neighbours' normalised labels equals the
+    normalised median, the normalisation being monotone — except that a query whose
+    fingerprint is a table row (a training sample) leaves that row out, so the estimate a head
+    trains on is the leave-one-out one, no better than what it gets on a new sample."""
+
+    task: str
+    features: np.ndarray   # float64 [n, F]: standardised train fingerprints
+    labels: np.ndarray     # float64 [n]: normalised train targets
+    mu: np.ndarray
+    sd: np.ndarray
+    k: int
+
+    @classmethod
+    def fit(cls, td) -> "KnnPrior":
+        from fedfm.tasks import normalise_target
+
+        if td.task not in ("DE", "PE"):
+            raise ValueError(f"KnnPrior: task {td.task!r} is not allowed; expected DE or PE")
+        if td.num_samples < 2:
+            raise ValueError(f"KnnPrior: {td.site} {td.task} has {td.num_samples} train samples; needs at least 2")
+        fit = _fit_knn(td, None)
+        return cls(td.task, fit["features"], normalise_target(td.task, td.targets).astype(np.float64),
+                   fit["mu"], fit["sd"], int(fit["k"]))
+
+    def estimate(self, inputs: np.ndarray) -> np.ndarray:
+        """complex [B, G, K, N] (unit-power observations) → float32 [B] normalised estimates."""
+        q = (profile_features(inputs) - self.mu) / self.sd
+        d2 = (q ** 2).sum(1)[:, None] - 2 * q @ self.features.T + (self.features ** 2).sum(1)[None]
+        d2 = np.where(d2 < SELF_MATCH_D2, np.inf, d2)
+        k = min(self.k, self.features.shape[0] - 1)
+        nearest = np.argpartition(d2, k - 1, axis=1)[:, :k]
+        return np.median(self.labels[nearest], 1).astype(np.float32)
+
+
 def _rx_power_db(td) -> np.ndarray:
     """Received channel power [dB]: inputs have unit power, so it is 20 log10(scale), less the
     share the estimation noise added (10 log10(1 + 1/snr))."""

@@ -99,15 +99,40 @@ def site_channel_stats(spec: SiteSpec, cache_dir: str = "", samples: int = 0, ar
     return _STATS[key]
 
 
+_KNN: dict = {}  # (spec hash, cache folder, samples, task) → KnnPrior: fitted once per process
+
+
+def site_knn_prior(spec: SiteSpec, task: str, cache_dir: str = "", samples: int = 0, arrays: dict | None = None):
+    """The site's ``KnnPrior`` of DE or PE (its DE-/PE-kNN baseline, which the heads start
+    from), fitted on the labels of the first ``samples`` of its train split (0 = all), as
+    ``site_channel_stats`` is on their channels. ``arrays`` = that train split, already loaded."""
+    from fedfm.baselines import KnnPrior
+    from fedfm.scenarios import spec_hash
+    from fedfm.tasks import build_tasks
+
+    if samples < 0:
+        raise ValueError(f"samples {samples} is not allowed; expected an integer >= 0 (0 = all)")
+    key = (spec_hash(spec), str(cache_dir), int(samples), task)
+    if key not in _KNN:
+        train = arrays if arrays is not None else load_split(spec, "train", cache_dir or None)
+        train = first_samples(train, samples) if samples else train
+        _KNN[key] = KnnPrior.fit(build_tasks(train, spec, "train", (task,))[task])
+    return _KNN[key]
+
+
 def load_site_tasks(spec: SiteSpec, split: str, cache_dir: str = "", max_samples: int = 0,
-                    tasks: tuple[str, ...] | None = None, stats_samples: int | None = None) -> dict:
+                    tasks: tuple[str, ...] | None = None, stats_samples: int | None = None,
+                    labels: bool = True) -> dict:
     """``{task: TaskData}`` of one split of a site, generated or loaded from its own cache.
 
     ``max_samples`` > 0 keeps the first samples only (central evaluation budget); ``tasks``
     builds only those views (default: all seven). CE, CP and PF carry the site's
     ``ChannelStats`` in ``extras["stats"]`` (their heads' LMMSE prior), fitted on the first
     ``stats_samples`` train samples (0 = all; None = ``max_samples`` for the train split,
-    all for the others)."""
+    all for the others). With ``labels`` (a site whose train labels the model may use: a
+    training site, or the site ``finetune_site.py`` personalises), DE and PE carry its
+    ``KnnPrior`` there, fitted on the same train samples; ``labels=False`` (a held-out site,
+    never trained on) leaves their heads at the deployment prior."""
     from fedfm.tasks import TASKS, build_tasks
 
     if max_samples < 0:
@@ -124,6 +149,13 @@ def load_site_tasks(spec: SiteSpec, split: str, cache_dir: str = "", max_samples
         for t in ("CE", "CP", "PF"):
             if t in tds:
                 tds[t].extras["stats"] = stats
+    if labels and any(t in tds for t in ("DE", "PE")):
+        if stats_samples is None:
+            stats_samples = max_samples if split == "train" else 0
+        loaded = arrays if split == "train" and stats_samples == max_samples else None
+        for t in ("DE", "PE"):
+            if t in tds:
+                tds[t].extras["stats"] = site_knn_prior(spec, t, cache_dir, stats_samples, loaded)
     return tds
 
 

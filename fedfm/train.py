@@ -389,7 +389,7 @@ def _head_inputs(model: nn.Module, task: str, tds: list, device: torch.device, b
         for i in range(0, x.shape[0], batch_size):
             with autocast(device):
                 parts.append(tuple(v.float().cpu() for v in net.pooled_inputs(task, x[i:i + batch_size].to(device),
-                                                                              known, context)))
+                                                                              known, context, td.extras.get("stats"))))
         targets.append(task_targets(td))
     return tuple(torch.cat([p[j] for p in parts]) for j in range(len(parts[0]))), torch.cat(targets)
 

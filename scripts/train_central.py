@@ -51,15 +51,16 @@ class SiteViews(Mapping):
     fit in this machine's memory together. ``max_samples`` > 0: the first N samples only."""
 
     def __init__(self, specs, split: str, cache_dir=None, max_samples: int = 0, tasks: tuple[str, ...] | None = None,
-                 stats_samples: int | None = None):
+                 stats_samples: int | None = None, labelled=()):
         self.specs, self.split, self.cache_dir, self.max_samples = {s.name: s for s in specs}, split, cache_dir, max_samples
         self.tasks, self.stats_samples = tasks, stats_samples
+        self.labelled = {s.name for s in labelled}   # sites whose train labels the model may read (DE/PE kNN prior)
 
     def __getitem__(self, name: str) -> dict:
         from fedfm.federated import load_site_tasks
 
         return load_site_tasks(self.specs[name], self.split, self.cache_dir, self.max_samples, self.tasks,
-                               self.stats_samples)
+                               self.stats_samples, labels=name in self.labelled)
 
     def __iter__(self):
         return iter(self.specs)
@@ -76,7 +77,7 @@ def load_train_views(fed, cache_dir=None, max_train: int = 0) -> tuple[dict, dic
 
     train, baselines = {}, {}
     for spec in fed.sites:
-        views = load_site_tasks(spec, "train", cache_dir, max_train)
+        views = load_site_tasks(spec, "train", cache_dir, max_train, labels=spec in fed.train_sites)
         baselines[spec.name] = {t: fit_baseline(t, td, spec) for t, td in views.items()}
         if spec in fed.train_sites:
             train[spec.name] = views
@@ -161,7 +162,7 @@ def run_central(federation: str, out: str, preset: str = "tiny", steps: int = 30
     log("loading the train splits and fitting every site's baselines ...")
     train, baselines = load_train_views(fed, cache_dir, max_train)
     log(f"loaded and fitted in {time.perf_counter() - t_load:.0f} s")
-    test = SiteViews(fed.sites, "test", cache_dir, max_test, stats_samples=max_train)
+    test = SiteViews(fed.sites, "test", cache_dir, max_test, stats_samples=max_train, labelled=fed.train_sites)
     roles = {s.name: "train" for s in fed.train_sites} | {s.name: "heldout" for s in fed.heldout_sites}
     pooled = {t: [train[s.name][t] for s in fed.train_sites] for t in train[fed.train_sites[0].name]}
     kw = dict(steps=steps, batch_size=batch_size, lr=lr, dwa_temperature=dwa_temperature, seed=seed,
@@ -193,7 +194,8 @@ def run_central(federation: str, out: str, preset: str = "tiny", steps: int = 30
             log(f"fine-tuned state loaded from {adapter} ({loaded['meta'].get('steps', '?')} steps); no fine-tuning")
         if refit_epochs:
             log(f"scoring the pooled heads before refitting them ({time.perf_counter() - t0:.0f} s so far) ...")
-            before = summarise(evaluate_sites(model, SiteViews(fed.sites, "test", cache_dir, max_test, POOLED_TASKS),
+            before = summarise(evaluate_sites(model, SiteViews(fed.sites, "test", cache_dir, max_test, POOLED_TASKS, max_train,
+                                                        fed.train_sites),
                                               baselines, roles, device=device))
             refit = refit_heads(model, pooled, epochs=refit_epochs, seed=seed, device=device, scope=refit_scope)
             log("refitted the pooled heads: " + ", ".join(

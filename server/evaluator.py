@@ -37,7 +37,8 @@ def fit_site_baselines(cfg: RunConfig, entry: SiteEntry, test_tds: dict
     from fedfm.baselines import fit_baseline
     from fedfm.metrics import sample_errors, score
 
-    train_tds = load_site_tasks(entry.spec, "train", cfg.cache_dir, cfg.train_max_samples)
+    # the baselines fit their own kNN tables: the heads' KnnPrior (labels=True) is not needed here
+    train_tds = load_site_tasks(entry.spec, "train", cfg.cache_dir, cfg.train_max_samples, labels=False)
     out, errors = {}, {}
     for task, td in test_tds.items():
         baseline = fit_baseline(task, train_tds[task], entry.spec)
@@ -61,8 +62,10 @@ class CentralEvaluator:
 
     def test_tasks(self, entry: SiteEntry) -> dict:
         if entry.name not in self._tds:
+            # a held-out site's labels are never the model's: its DE/PE heads read no kNN prior
             self._tds[entry.name] = load_site_tasks(entry.spec, "test", self.cfg.cache_dir, self.cfg.eval_max_samples,
-                                                     stats_samples=self.cfg.train_max_samples)
+                                                     stats_samples=self.cfg.train_max_samples,
+                                                     labels=entry.role == "train")
         return self._tds[entry.name]
 
     def _load_or_fit_baselines(self) -> dict[str, dict[str, dict[str, float]]]:

@@ -138,7 +138,7 @@ def test_bf_head_starts_at_the_capon_beam_and_pooled_heads_see_the_profile_featu
         model.heads["DE"].proj.weight.normal_(generator=torch.Generator().manual_seed(0))
     head = model.heads["DE"]
     h = torch.randn(2, 5, model.cfg.d_model)
-    f = torch.cat([torch.from_numpy(scaled_profile_features(xc)), torch.zeros(2, CONTEXT_SIZE)], 1)
+    f = torch.cat([torch.from_numpy(scaled_profile_features(xc)), torch.zeros(2, CONTEXT_SIZE + 1)], 1)  # + kNN residual
     assert not torch.allclose(head(h, f), head(h, f + torch.eye(f.shape[1])[0]))
     inh, uma = torch.zeros(CONTEXT_SIZE), torch.zeros(CONTEXT_SIZE)
     inh[3], uma[0] = 1.0, 1.0
@@ -414,3 +414,49 @@ def test_dense_heads_start_from_the_sites_kronecker_lmmse():
         model.heads["CE"].proj.bias.fill_(0.5)
         moved = model("CE", x * scattered[..., None], scattered, None, stats) - before
     torch.testing.assert_close(moved, torch.full_like(moved, 0.5))
+
+
+def test_de_pe_heads_start_at_the_sites_knn_and_train_on_its_leave_one_out_estimate():
+    # With the site's KnnPrior an untrained DE/PE head outputs the DE-/PE-kNN baseline's
+    # prediction (normalised); without one, its deployment-prior start (the residual column is 0).
+    # A training sample's own row is left out of its neighbours.
+    from fedfm.baselines import KnnPrior, _fit_knn, _knn, _neighbours
+    from fedfm.model.network import KNN_RESIDUAL_FEATURE
+    from fedfm.tasks import TaskData, normalise_target
+
+    G, K, N = 4, 16, 4
+    rng = np.random.default_rng(5)
+
+    def view(task, S, seed):
+        r = np.random.default_rng(seed)
+        h = (r.standard_normal((S, G, K, N)) + 1j * r.standard_normal((S, G, K, N))).astype(np.complex64)
+        h[:, :, : 1 + seed % 3] *= 4.0                      # some variety in the delay profile
+        y = (r.uniform(20, 500, S) if task == "DE" else r.uniform(70, 140, S)).astype(np.float32)
+        ctx = rng.standard_normal(CONTEXT_SIZE).astype(np.float32)
+        return TaskData(task, "s", h, np.ones((G, K, N), bool), np.ones((G, K, N), bool), y,
+                        np.ones(S, np.float32), {"context": ctx})
+
+    model = build_model(tiny_cfg())
+    model.eval()
+    for task in ("DE", "PE"):
+        train, test = view(task, 60, 1), view(task, 12, 2)
+        test.extras["context"] = train.extras["context"]
+        prior = KnnPrior.fit(train)
+        fit = _fit_knn(train, None)
+        want = normalise_target(task, _knn(test, **fit))
+        x = torch.view_as_real(torch.from_numpy(test.inputs))
+        known = torch.from_numpy(test.known)
+        ctx = torch.from_numpy(test.extras["context"])
+        with torch.no_grad():
+            out = model(task, x, known, ctx, prior)
+            plain = model(task, x, known, ctx)
+            feats = model.pooled_inputs(task, x, known, ctx)[1]
+        np.testing.assert_allclose(out.numpy(), want, rtol=1e-4, atol=1e-4)
+        assert feats.shape[1] == KNN_RESIDUAL_FEATURE + 1 and torch.all(feats[:, KNN_RESIDUAL_FEATURE] == 0)
+        assert not np.allclose(plain.numpy(), want, atol=1e-2)
+        # on its own train samples: the median of the k nearest *other* rows
+        loo = np.median(prior.labels[_neighbours(prior.features, prior.features, prior.k, exclude_self=True)], 1)
+        np.testing.assert_allclose(prior.estimate(train.inputs), loo, rtol=1e-5, atol=1e-5)
+        assert not np.allclose(prior.estimate(train.inputs), normalise_target(task, _knn(train, **fit)), atol=1e-3)
+    with pytest.raises(ValueError, match="the DE head was given the site's PE kNN prior"):
+        model("DE", x, known, ctx, prior)

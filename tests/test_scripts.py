@@ -147,8 +147,9 @@ def test_finetune_site_heldout_fraction(fed_run, capsys, monkeypatch):
     before = task_losses(model, train_tasks)
     set_adapter_state(model, torch_state(call["res"].state))
     after_loss = task_losses(model, train_tasks)
-    # (measured: summed task loss 5.27 → 3.70 in 12 steps; 0.95 leaves a wide margin)
-    assert sum(after_loss.values()) < 0.95 * sum(before.values()), (before, after_loss)
+    # (measured: summed task loss 3.66 → 3.50 in 12 steps since the DE/PE heads start at the
+    # site's kNN, 5.27 → 3.70 before; 0.98 leaves a margin above the noise of 32 samples)
+    assert sum(after_loss.values()) < 0.98 * sum(before.values()), (before, after_loss)
 
 
 def test_finetune_site_refits_the_pooled_heads_on_the_labelled_fraction(fed_run, capsys):

@@ -5,7 +5,8 @@
       context: float32 [C] or [B, C] site context (fedfm.tasks.site_context), read by the
         pooled heads; None = zeros (a site that says nothing about itself)
       stats: the site's fedfm.estimators.ChannelStats, read by the CE and CP heads' LMMSE
-        prior; None = comb interpolation / last slot held
+        prior (None = comb interpolation / last slot held); for DE/PE the site's
+        fedfm.baselines.KnnPrior, fitted on its own labels (None = the deployment prior alone)
       → dense (CE/CP/PF): [B, G, K, N, 2] on the normalised scale of the targets
         BF: logits [B, num_beams]; DE/PE: [B] normalised target; LoS: logits [B, 2]
 """
@@ -18,7 +19,7 @@ from fedfm.model.backbone import Backbone, init_weights
 from fedfm.model.config import DENSE_TASKS, POOLED_OUTPUTS, ModelConfig
 from fedfm.model.heads import DenseHead, LinearStart, PooledHead, TokenAdapter
 from fedfm.model.prior import (CONTEXT_SIZE, NUM_PROFILE_FEATURES, PEAK_SHARE_FEATURE, PRIORS, PROFILE_CENTER,
-                               PROFILE_SCALE, SPECTRUM_METHODS, side_inputs)
+                               PROFILE_SCALE, SPECTRUM_METHODS, _complex, side_inputs)
 from fedfm.tasks import context_index
 
 # Where an untrained sample's LoS log-odds start: a·ln(peak share) + b + c·(the cell's prior
@@ -46,8 +47,41 @@ def los_logit_start() -> LinearStart:
 # Pooled heads that start at a classical reading: {task: {output: LinearStart}}: DE at the
 # cell's median distance (site context), LoS's logit (output 1; output 0 stays 0) at LOS_RULE.
 # PE mixes the cell's LoS and NLoS path-loss priors by a learned LoS gate that starts at LOS_RULE.
-_HEAD_PRIORS = {"DE": {0: LinearStart(((_index("DE"), 1.0),))}, "LoS": {1: los_logit_start()}}
+# The last side feature of every pooled head: for DE/PE at a site that has labels, its own kNN
+# estimate minus what the head's classical start reads from the other features (the
+# deployment prior; for PE gated by LOS_RULE), so a head that starts with weight 1 on it starts
+# at the site's DE-/PE-kNN baseline exactly, and at the deployment prior (the feature 0)
+# where the site has no labels (a held-out site) or the task is not DE/PE. Before 2026-12-05
+# the DE/PE heads started at the deployment prior everywhere: 1.040 / 1.153 of the kNN's error
+# on default.yaml's training sites, which 60 local steps a site did not close (1.015 / 1.152).
+KNN_RESIDUAL_FEATURE = NUM_PROFILE_FEATURES + CONTEXT_SIZE
+NUM_POOLED_FEATURES = KNN_RESIDUAL_FEATURE + 1
+_HEAD_PRIORS = {"DE": {0: LinearStart(((_index("DE"), 1.0), (KNN_RESIDUAL_FEATURE, 1.0)))},
+                "PE": {0: LinearStart(((KNN_RESIDUAL_FEATURE, 1.0),))},
+                "LoS": {1: los_logit_start()}}
 _LOS_GATED = {"PE": (los_logit_start(), _index("PE-LoS"), _index("PE-NLoS"))}
+
+
+def start_reading(task: str, features: torch.Tensor) -> torch.Tensor:
+    """What an untrained DE/PE head outputs from ``features`` [B, F] without the kNN residual: [B]."""
+    if task == "DE":
+        return features[:, _index("DE")]
+    gate, los, nlos = _LOS_GATED["PE"]
+    g = gate.bias + sum(w * features[:, f] for f, w in gate.weights)
+    return features[:, nlos] + torch.sigmoid(g) * (features[:, los] - features[:, nlos])
+
+
+def knn_residual(task: str, x: torch.Tensor, features: torch.Tensor, stats) -> torch.Tensor:
+    """The KNN_RESIDUAL_FEATURE column [B, 1]: ``stats`` (a KnnPrior) estimate − start_reading
+    for DE/PE at a site that has one, else zeros."""
+    from fedfm.baselines import KnnPrior
+
+    if task not in ("DE", "PE") or not isinstance(stats, KnnPrior):
+        return features.new_zeros(features.shape[0], 1)
+    if stats.task != task:
+        raise ValueError(f"FedFM: the {task} head was given the site's {stats.task} kNN prior")
+    est = torch.from_numpy(stats.estimate(_complex(x))).to(features.device, features.dtype)
+    return (est - start_reading(task, features)).unsqueeze(1)
 
 
 # The spectrum an untrained BF head reads its beam from. Capon (MVDR) resolves closer rays than
@@ -69,7 +103,7 @@ class FedFM(nn.Module):
                 heads[t] = DenseHead(cfg.d_model, cfg.head_hidden, cfg.patch, cfg.conv_channels, PRIORS[t])
             else:
                 heads[t] = PooledHead(cfg.d_model, cfg.head_hidden, POOLED_OUTPUTS.get(t, cfg.num_beams),
-                                      NUM_PROFILE_FEATURES + CONTEXT_SIZE, len(SPECTRUM_METHODS) if t == "BF" else 0,
+                                      NUM_POOLED_FEATURES, len(SPECTRUM_METHODS) if t == "BF" else 0,
                                       prior_features=_HEAD_PRIORS.get(t), los_gate=_LOS_GATED.get(t),
                                       spectrum_start=SPECTRUM_METHODS.index(BF_START_SPECTRUM),
                                       feature_mlp=t in cfg.feature_mlp_tasks)
@@ -95,15 +129,17 @@ class FedFM(nn.Module):
         if task in DENSE_TASKS:
             h = self.backbone.encode(self.adapters[task](self.backbone.tokeniser(x, known)))  # (B, L, d)
             return self.heads[task](h, x, known, stats)                   # (B, G, K, N, 2)
-        return pooled_output(task, self.heads[task](*self.pooled_inputs(task, x, known, context)))
+        return pooled_output(task, self.heads[task](*self.pooled_inputs(task, x, known, context, stats)))
 
     def pooled_inputs(self, task: str, x: torch.Tensor, known: torch.Tensor,
-                      context: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+                      context: torch.Tensor | None = None, stats=None) -> tuple[torch.Tensor, ...]:
         """Everything a pooled head (BF/DE/PE/LoS) reads: the token-mean embedding [B, 1, d] and
-        its side inputs (``side_inputs``). ``fedfm.train.refit_heads`` computes these once and
-        trains the head alone on them."""
+        its side inputs (``side_inputs``, then the kNN residual column). ``fedfm.train.refit_heads``
+        computes these once and trains the head alone on them."""
         h = self.backbone.encode(self.adapters[task](self.backbone.tokeniser(x, known)))  # (B, L, d)
-        return (h.mean(dim=1, keepdim=True), *side_inputs(task, x, self.cfg.num_beams, context))
+        features, *rest = side_inputs(task, x, self.cfg.num_beams, context)
+        features = torch.cat([features, knn_residual(task, x, features, stats)], 1)
+        return (h.mean(dim=1, keepdim=True), features, *rest)
 
 
 def pooled_output(task: str, out: torch.Tensor) -> torch.Tensor:
