@@ -11,7 +11,8 @@ re-installs the project for every run unless told not to, and `--stream` exits 0
 the run failed. So this script
 - uses a project-local FLWR_HOME (.flwr/) and its own free port, so it never talks to
   someone else's SuperLink, and disables runtime dependency installation / update checks;
-- starts the SuperLink itself and stops it by PID when done, also on failure or Ctrl-C;
+- starts the SuperLink itself and stops it by PID when done, also on failure or Ctrl-C,
+  with every process group under it (Ray's head runs in a session of its own);
 - passes absolute paths (the apps run from $FLWR_HOME/apps/... in a cwd nobody chooses);
 - sets one simulated SuperNode per training site and Ray resources per site;
 - reads the run status with `flwr ls --run-id ID --format json` and checks report.md exists
@@ -88,22 +89,65 @@ def start_superlink(flwr_home: Path, env: dict[str, str], port: int, timeout_s: 
     raise RuntimeError(f"flower-superlink did not become healthy on port {port} within {timeout_s:.0f} s")
 
 
-def stop_superlink(proc: subprocess.Popen, term_wait: float = 15.0) -> None:
-    """SIGTERM the SuperLink's process group (it and the SuperExec/simulation it spawned, Ray
-    included), then SIGKILL what is left of the group. The group, not the leader, decides:
-    the SuperLink exits on SIGTERM at once, but the `flwr-simulation` it spawned does not, and
-    once orphaned it runs the rest of the federation with its Ray workers (seen 2026-11-24)."""
-    for sig, wait in ((signal.SIGTERM, term_wait), (signal.SIGKILL, 5.0)):
+def _descendant_groups(pid: int) -> list[int]:
+    """Process groups of ``pid``'s live descendants other than its own: the simulation runtime
+    puts Ray's head (GCS, raylet, agents, actors) in a session of its own under the SuperLink,
+    so killing the SuperLink's group alone orphans them (seen 2026-12-06 on an interrupted
+    run: Ray's dashboard and runtime-env agents and two ClientApp actors left running).
+    psutil (a peft dependency) walks the process tree portably."""
+    import psutil
+
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    groups = set()
+    for c in children:
         try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
+            groups.add(os.getpgid(c.pid))
+        except OSError:
+            pass
+    groups.discard(pid)
+    return sorted(groups)
+
+
+def _alive(pgid: int) -> bool:
+    """Whether the group has a member that is not a zombie (a container's init may never reap
+    the orphans it inherits, and a zombie answers signal 0 but runs nothing)."""
+    import psutil
+
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    for p in psutil.process_iter(["status"]):
+        try:
+            if p.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(p.pid) == pgid:
+                return True
+        except (OSError, psutil.Error):
+            pass
+    return False
+
+
+def stop_superlink(proc: subprocess.Popen, term_wait: float = 15.0) -> None:
+    """SIGTERM the SuperLink's process group (it and the SuperExec/simulation it spawned) and
+    the groups of its descendants (Ray's head and workers, in a session of their own), then
+    SIGKILL what is left of them. The groups, not the leader, decide: the SuperLink exits on
+    SIGTERM at once, but the `flwr-simulation` it spawned does not, and once orphaned it runs
+    the rest of the federation with its Ray workers (seen 2026-11-24)."""
+    groups = [proc.pid, *_descendant_groups(proc.pid)]  # before any signal: the tree is intact now
+    for sig, wait in ((signal.SIGTERM, term_wait), (signal.SIGKILL, 5.0)):
+        for g in groups:
+            try:
+                os.killpg(g, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             proc.poll()  # reap the leader, so only live members keep the group
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
+            if not any(_alive(g) for g in groups):
                 return
             time.sleep(0.2)
     proc.poll()

@@ -75,6 +75,40 @@ def test_run_federation_stops_a_run_at_its_timeout_and_leaves_nothing_running(tm
     assert left.stdout.strip() == ""
 
 
+def test_stop_superlink_stops_descendants_in_a_session_of_their_own():
+    # as Ray's head and workers are: the simulation runtime starts them in their own session
+    # under the SuperLink, so its process group alone does not hold them (an interrupted
+    # `make run` of 2026-12-06 left Ray's agents and two ClientApp actors running)
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    from run_federation import stop_superlink
+
+    child = ("import subprocess, sys, time; p = subprocess.Popen(['sleep', '300'], start_new_session=True); "
+             "print(p.pid, flush=True); time.sleep(300)")
+    proc = subprocess.Popen([sys.executable, "-c", child], start_new_session=True, stdout=subprocess.PIPE, text=True)
+    grandchild = int(proc.stdout.readline())
+    try:
+        assert os.getpgid(grandchild) != proc.pid            # the premise: another group
+        t0 = time.monotonic()
+        stop_superlink(proc, term_wait=2.0)
+        try:
+            gone = psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            gone = True
+        assert gone, "a descendant in its own session survived stop_superlink"
+        assert time.monotonic() - t0 < 2.0                   # SIGTERM was enough: no wait for SIGKILL
+    finally:
+        for pid in (grandchild, proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def test_stop_superlink_stops_the_group_members_that_outlive_the_leader():
     # as flwr-simulation and its Ray workers do once the SuperLink exits on SIGTERM
     import os
@@ -88,12 +122,16 @@ def test_stop_superlink_stops_the_group_members_that_outlive_the_leader():
 
         time.sleep(0.5)
         stop_superlink(proc, term_wait=1.0)
-        gone = False
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            gone = True
-        assert gone, "a member of the SuperLink's process group survived"
+        import psutil
+
+        running = []   # members still running (a zombie, killed but not yet reaped by init, runs nothing)
+        for p in psutil.process_iter(["status"]):
+            try:
+                if os.getpgid(p.pid) == proc.pid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                    running.append(p.pid)
+            except (OSError, psutil.Error):
+                pass
+        assert not running, f"members {running} of the SuperLink's process group survived"
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
