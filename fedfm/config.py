@@ -54,6 +54,7 @@ class RunConfig:
     lora_alpha: int = 8
     dwa_temperature: float = 2.0    # Dynamic Weight Averaging of task losses (LLM4WM)
     head_prior_mu: float = 0.0      # L2-SP pull of the BF/DE/PE/LoS heads towards their classical start
+    head_lr_scale: float = 10.0     # the BF/DE/PE/LoS heads' learning rate as a multiple of lr
     head_refit_epochs: int = 0      # after its local steps a site refits its BF/DE/PE/LoS heads alone (0 = off)
     head_refit_scope: str = "head"  # what that refit moves: head (all of it) | features (paths from the classical inputs)
     strategy: str = "fedavg"
@@ -98,7 +99,7 @@ class RunConfig:
         for key in ("pretrain_steps", "eval_max_samples", "train_max_samples", "seed", "head_refit_epochs"):
             value = getattr(self, key)
             _check(_kebab(key), value, value >= 0, "an integer >= 0")
-        for key in ("lr", "dwa_temperature", "fedadam_eta", "server_lr", "round_timeout"):
+        for key in ("lr", "dwa_temperature", "fedadam_eta", "server_lr", "round_timeout", "head_lr_scale"):
             value = getattr(self, key)
             _check(_kebab(key), value, math.isfinite(value) and value > 0, "a finite number > 0")
         for key in ("fedprox_mu", "head_prior_mu"):

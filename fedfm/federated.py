@@ -298,7 +298,8 @@ def local_train(cfg: RunConfig, spec: SiteSpec, state: dict[str, np.ndarray], ro
     set_adapter_state(model, torch_state(state))
     seed = round_seed(cfg, spec.name, round_)
     kwargs = dict(steps=steps if steps is not None else cfg.local_steps, batch_size=cfg.batch_size,
-                  lr=cfg.lr, dwa_temperature=cfg.dwa_temperature, seed=seed, device=device)
+                  lr=cfg.lr, dwa_temperature=cfg.dwa_temperature, seed=seed, device=device,
+                  head_lr_scale=cfg.head_lr_scale)
     if cfg.lr_schedule == "run" and steps is None:
         kwargs["schedule"] = round_schedule(round_, cfg.local_steps, cfg.num_server_rounds)
     if cfg.head_prior_mu > 0:  # anchored at the heads as built, not as received: every round pulls

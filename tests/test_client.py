@@ -112,6 +112,29 @@ def test_head_prior_anchors_at_the_heads_as_built_not_as_received(setup, task_id
         assert (gap < 0.5).all() and (gap > 0).all(), k
 
 
+def test_head_lr_scale_reaches_the_sites_training(setup, task_identity):
+    # head-lr-scale: AdamW's first step moves each parameter by about lr_at(0) (times the scale
+    # for the BF/DE/PE/LoS heads), with the same sign whatever the scale, so one local step at
+    # scale 5 moves those heads 5x as far as at scale 1 and everything else the same.
+    root, backbone, digest, state, cache = setup
+    pooled = [k for k in state if any(f"heads.{t}." in k for t in ("BF", "DE", "PE", "LoS"))]
+    moved = {}
+    for scale in (1.0, 5.0):
+        rc = run_config(write_federation(root / f"lrs{scale:g}"), root / f"run-lrs{scale:g}", cache, backbone,
+                        **{"local-steps": 1, "head-lr-scale": scale})
+        reply = train(_message(state, backbone, digest), _context(rc))
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+        moved[scale] = {k: a.numpy() - state[k] for k, a in reply.content["arrays"].items()}
+    big = [k for k in pooled if np.abs(moved[1.0][k]).max() > 1e-7]
+    assert big
+    for k in big:
+        np.testing.assert_allclose(moved[5.0][k], 5.0 * moved[1.0][k], rtol=1e-3, atol=1e-8, err_msg=k)
+    others = [k for k in state if k not in pooled and np.abs(moved[1.0][k]).max() > 1e-7]
+    assert others
+    for k in others:
+        np.testing.assert_allclose(moved[5.0][k], moved[1.0][k], rtol=1e-3, atol=1e-8, err_msg=k)
+
+
 def test_local_optimizer_keep_continues_the_sites_adam_moments(setup, task_identity, capsys):
     # local-optimizer=keep: a site keeps its AdamW moments on its own disk under the server's
     # run key, continues them the next round (step counts add up), keeps its last two files,
