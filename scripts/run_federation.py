@@ -94,7 +94,7 @@ def _descendant_groups(pid: int) -> list[int]:
     puts Ray's head (GCS, raylet, agents, actors) in a session of its own under the SuperLink,
     so killing the SuperLink's group alone orphans them (seen 2026-12-06 on an interrupted
     run: Ray's dashboard and runtime-env agents and two ClientApp actors left running).
-    psutil (a peft dependency) walks the process tree portably."""
+    psutil (declared in pyproject.toml; peft needs it too) walks the process tree."""
     import psutil
 
     try:
