@@ -286,6 +286,42 @@ class KnnPrior:
         return np.median(self.labels[nearest], 1).astype(np.float32)
 
 
+@dataclass
+class LosPrior:
+    """A site's LoS-Kfactor threshold fitted on its own labelled train samples, as the LoS head
+    reads it (``fedfm.model.network``: an untrained LoS head at a site that has one calls LoS
+    exactly where this baseline does). Kept at the site; never sent anywhere."""
+
+    threshold: float   # on ln(peak delay-angle power share); ±inf: the train split had one class
+
+    @classmethod
+    def fit(cls, td) -> "LosPrior":
+        if td.task != "LoS":
+            raise ValueError(f"LosPrior: task {td.task!r} is not allowed; expected LoS")
+        return cls(_fit_los(td, None)["threshold"])
+
+    def logit(self, inputs: np.ndarray) -> np.ndarray:
+        """complex [B, G, K, N] → float32 [B]: the log-odds of LoS the baseline's p is the
+        sigmoid of (8 × the margin, clipped to ±10 of margin as ``_los`` clips it)."""
+        r = np.log(peak_power_ratio(inputs))
+        return (8.0 * np.clip(r - self.threshold, -10, 10)).astype(np.float32)
+
+
+@dataclass
+class BfPrior:
+    """The angular spectrum (Bartlett or Capon) the site's BF-AoA baseline chose on its own
+    labelled train samples; an untrained BF head at a site that has one reads its beam from
+    that spectrum, as the baseline does. Kept at the site; never sent anywhere."""
+
+    method: str
+
+    @classmethod
+    def fit(cls, td) -> "BfPrior":
+        if td.task != "BF":
+            raise ValueError(f"BfPrior: task {td.task!r} is not allowed; expected BF")
+        return cls(_fit_bf(td, None)["method"])
+
+
 def _rx_power_db(td) -> np.ndarray:
     """Received channel power [dB]: inputs have unit power, so it is 20 log10(scale), less the
     share the estimation noise added (10 log10(1 + 1/snr))."""

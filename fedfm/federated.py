@@ -99,16 +99,22 @@ def site_channel_stats(spec: SiteSpec, cache_dir: str = "", samples: int = 0, ar
     return _STATS[key]
 
 
-_KNN: dict = {}  # (spec hash, cache folder, samples, task) → KnnPrior: fitted once per process
+_KNN: dict = {}  # (spec hash, cache folder, samples, task) → its KnnPrior/BfPrior/LosPrior: fitted once per process
 
 
 def site_knn_prior(spec: SiteSpec, task: str, cache_dir: str = "", samples: int = 0, arrays: dict | None = None):
-    """The site's ``KnnPrior`` of DE or PE (its DE-/PE-kNN baseline, which the heads start
-    from), fitted on the labels of the first ``samples`` of its train split (0 = all), as
-    ``site_channel_stats`` is on their channels. ``arrays`` = that train split, already loaded."""
-    from fedfm.baselines import KnnPrior
+    """The site's label-fitted start of a pooled head: ``KnnPrior`` for DE or PE (its DE-/PE-kNN
+    baseline), ``BfPrior`` for BF (the spectrum BF-AoA chose), ``LosPrior`` for LoS (the
+    LoS-Kfactor threshold), fitted on the labels of the first ``samples`` of its train split
+    (0 = all), as ``site_channel_stats`` is on their channels. ``arrays`` = that train split,
+    already loaded."""
+    from fedfm.baselines import BfPrior, KnnPrior, LosPrior
     from fedfm.scenarios import spec_hash
     from fedfm.tasks import build_tasks
+
+    prior = {"DE": KnnPrior, "PE": KnnPrior, "BF": BfPrior, "LoS": LosPrior}.get(task)
+    if prior is None:
+        raise ValueError(f"site_knn_prior: task {task!r} is not allowed; expected one of BF, DE, PE, LoS")
 
     if samples < 0:
         raise ValueError(f"samples {samples} is not allowed; expected an integer >= 0 (0 = all)")
@@ -116,7 +122,7 @@ def site_knn_prior(spec: SiteSpec, task: str, cache_dir: str = "", samples: int 
     if key not in _KNN:
         train = arrays if arrays is not None else load_split(spec, "train", cache_dir or None)
         train = first_samples(train, samples) if samples else train
-        _KNN[key] = KnnPrior.fit(build_tasks(train, spec, "train", (task,))[task])
+        _KNN[key] = prior.fit(build_tasks(train, spec, "train", (task,))[task])
     return _KNN[key]
 
 
@@ -130,9 +136,10 @@ def load_site_tasks(spec: SiteSpec, split: str, cache_dir: str = "", max_samples
     ``ChannelStats`` in ``extras["stats"]`` (their heads' LMMSE prior), fitted on the first
     ``stats_samples`` train samples (0 = all; None = ``max_samples`` for the train split,
     all for the others). With ``labels`` (a site whose train labels the model may use: a
-    training site, or the site ``finetune_site.py`` personalises), DE and PE carry its
-    ``KnnPrior`` there, fitted on the same train samples; ``labels=False`` (a held-out site,
-    never trained on) leaves their heads at the deployment prior."""
+    training site, or the site ``finetune_site.py`` personalises), BF, DE, PE and LoS carry its
+    label-fitted baseline there (``site_knn_prior``), fitted on the same train samples;
+    ``labels=False`` (a held-out site, never trained on) leaves those heads at their shared
+    start: the Capon beam, the deployment prior, the K-factor rule."""
     from fedfm.tasks import TASKS, build_tasks
 
     if max_samples < 0:
@@ -149,11 +156,11 @@ def load_site_tasks(spec: SiteSpec, split: str, cache_dir: str = "", max_samples
         for t in ("CE", "CP", "PF"):
             if t in tds:
                 tds[t].extras["stats"] = stats
-    if labels and any(t in tds for t in ("DE", "PE")):
+    if labels and any(t in tds for t in ("BF", "DE", "PE", "LoS")):
         if stats_samples is None:
             stats_samples = max_samples if split == "train" else 0
         loaded = arrays if split == "train" and stats_samples == max_samples else None
-        for t in ("DE", "PE"):
+        for t in ("BF", "DE", "PE", "LoS"):
             if t in tds:
                 tds[t].extras["stats"] = site_knn_prior(spec, t, cache_dir, stats_samples, loaded)
     return tds

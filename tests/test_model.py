@@ -138,7 +138,7 @@ def test_bf_head_starts_at_the_capon_beam_and_pooled_heads_see_the_profile_featu
         model.heads["DE"].proj.weight.normal_(generator=torch.Generator().manual_seed(0))
     head = model.heads["DE"]
     h = torch.randn(2, 5, model.cfg.d_model)
-    f = torch.cat([torch.from_numpy(scaled_profile_features(xc)), torch.zeros(2, CONTEXT_SIZE + 1)], 1)  # + kNN residual
+    f = torch.cat([torch.from_numpy(scaled_profile_features(xc)), torch.zeros(2, CONTEXT_SIZE + 1)], 1)  # + site residual
     assert not torch.allclose(head(h, f), head(h, f + torch.eye(f.shape[1])[0]))
     inh, uma = torch.zeros(CONTEXT_SIZE), torch.zeros(CONTEXT_SIZE)
     inh[3], uma[0] = 1.0, 1.0
@@ -421,7 +421,7 @@ def test_de_pe_heads_start_at_the_sites_knn_and_train_on_its_leave_one_out_estim
     # prediction (normalised); without one, its deployment-prior start (the residual column is 0).
     # A training sample's own row is left out of its neighbours.
     from fedfm.baselines import KnnPrior, _fit_knn, _knn, _neighbours
-    from fedfm.model.network import KNN_RESIDUAL_FEATURE
+    from fedfm.model.network import SITE_RESIDUAL_FEATURE
     from fedfm.tasks import TaskData, normalise_target
 
     G, K, N = 4, 16, 4
@@ -452,7 +452,7 @@ def test_de_pe_heads_start_at_the_sites_knn_and_train_on_its_leave_one_out_estim
             plain = model(task, x, known, ctx)
             feats = model.pooled_inputs(task, x, known, ctx)[1]
         np.testing.assert_allclose(out.numpy(), want, rtol=1e-4, atol=1e-4)
-        assert feats.shape[1] == KNN_RESIDUAL_FEATURE + 1 and torch.all(feats[:, KNN_RESIDUAL_FEATURE] == 0)
+        assert feats.shape[1] == SITE_RESIDUAL_FEATURE + 1 and torch.all(feats[:, SITE_RESIDUAL_FEATURE] == 0)
         assert not np.allclose(plain.numpy(), want, atol=1e-2)
         # on its own train samples: the median of the k nearest *other* rows
         loo = np.median(prior.labels[_neighbours(prior.features, prior.features, prior.k, exclude_self=True)], 1)
@@ -460,3 +460,48 @@ def test_de_pe_heads_start_at_the_sites_knn_and_train_on_its_leave_one_out_estim
         assert not np.allclose(prior.estimate(train.inputs), normalise_target(task, _knn(train, **fit)), atol=1e-3)
     with pytest.raises(ValueError, match="the DE head was given the site's PE kNN prior"):
         model("DE", x, known, ctx, prior)
+
+
+def test_bf_and_los_heads_start_at_the_sites_own_fitted_baseline():
+    # With the site's BfPrior an untrained BF head reads its beam from the spectrum the site's
+    # BF-AoA chose (here Bartlett), without one from Capon; with its LosPrior the LoS head's
+    # log-odds are the LoS-Kfactor baseline's at the site's fitted threshold, without one the
+    # shared K-factor rule (the residual column is 0).
+    from fedfm.baselines import BfPrior, LosPrior, _fit_los, _los
+    from fedfm.model.network import SITE_RESIDUAL_FEATURE
+    from fedfm.tasks import TaskData
+
+    model = build_model(tiny_cfg())
+    model.eval()
+    shape = SHAPES[0]
+    known = torch.ones(shape, dtype=torch.bool)
+    x = grid(shape, batch=6, seed=3)
+    xc = torch.view_as_complex(x.contiguous()).numpy()
+    context = torch.linspace(-1.0, 1.0, CONTEXT_SIZE)
+    with torch.no_grad():
+        logits = {m: model("BF", x, known, context, BfPrior(m)) for m in ("bartlett", "capon")}
+        plain = model("BF", x, known, context)
+    for m in ("bartlett", "capon"):
+        spec = angular_spectrum(xc, plain.shape[1], m)
+        torch.testing.assert_close(logits[m], torch.from_numpy(np.log(np.maximum(spec, 1e-4))))
+    torch.testing.assert_close(plain, logits["capon"])
+    assert not torch.equal(logits["bartlett"], logits["capon"])
+    with pytest.raises(ValueError, match="BF spectrum 'music' is not allowed"):
+        model("BF", x, known, context, BfPrior("music"))
+
+    r = np.log(peak_power_ratio(xc))
+    labels = (r > np.median(r)).astype(np.int64)          # a threshold the shared rule does not use
+    td = TaskData("LoS", "s", xc, np.ones(shape, bool), np.ones(shape, bool), labels,
+                  np.ones(len(labels), np.float32), {"context": context.numpy()})
+    prior = LosPrior.fit(td)
+    assert prior.threshold == pytest.approx(_fit_los(td, None)["threshold"])
+    with torch.no_grad():
+        out = model("LoS", x, known, context, prior)
+        rule = model("LoS", x, known, context)
+        feats = model.pooled_inputs("LoS", x, known, context)[1]
+    p = torch.softmax(out, 1)[:, 1].numpy()
+    np.testing.assert_allclose(p, _los(td, prior.threshold), rtol=1e-5, atol=1e-6)
+    assert ((p >= 0.5) == labels.astype(bool)).all()       # the fitted threshold splits this split exactly
+    assert torch.all(feats[:, SITE_RESIDUAL_FEATURE] == 0)
+    p_rule = torch.sigmoid(8.0 * torch.from_numpy(r).float() + 16.0 + 0.6 * context[context_index("LoS")])
+    torch.testing.assert_close(torch.softmax(rule, 1)[:, 1], p_rule)

@@ -5,8 +5,9 @@
       context: float32 [C] or [B, C] site context (fedfm.tasks.site_context), read by the
         pooled heads; None = zeros (a site that says nothing about itself)
       stats: the site's fedfm.estimators.ChannelStats, read by the CE and CP heads' LMMSE
-        prior (None = comb interpolation / last slot held); for DE/PE the site's
-        fedfm.baselines.KnnPrior, fitted on its own labels (None = the deployment prior alone)
+        prior (None = comb interpolation / last slot held); for BF/DE/PE/LoS the site's own
+        baseline fitted on its labels, fedfm.baselines.BfPrior / KnnPrior / LosPrior, where the
+        head starts (None = the shared start: Capon beam, deployment prior, K-factor rule)
       → dense (CE/CP/PF): [B, G, K, N, 2] on the normalised scale of the targets
         BF: logits [B, num_beams]; DE/PE: [B] normalised target; LoS: logits [B, 2]
 """
@@ -47,48 +48,78 @@ def los_logit_start() -> LinearStart:
 # Pooled heads that start at a classical reading: {task: {output: LinearStart}}: DE at the
 # cell's median distance (site context), LoS's logit (output 1; output 0 stays 0) at LOS_RULE.
 # PE mixes the cell's LoS and NLoS path-loss priors by a learned LoS gate that starts at LOS_RULE.
-# The last side feature of every pooled head: for DE/PE at a site that has labels, its own kNN
-# estimate minus what the head's classical start reads from the other features (the
-# deployment prior; for PE gated by LOS_RULE), so a head that starts with weight 1 on it starts
-# at the site's DE-/PE-kNN baseline exactly, and at the deployment prior (the feature 0)
-# where the site has no labels (a held-out site) or the task is not DE/PE. Before 2026-12-05
-# the DE/PE heads started at the deployment prior everywhere: 1.040 / 1.153 of the kNN's error
-# on default.yaml's training sites, which 60 local steps a site did not close (1.015 / 1.152).
-KNN_RESIDUAL_FEATURE = NUM_PROFILE_FEATURES + CONTEXT_SIZE
-NUM_POOLED_FEATURES = KNN_RESIDUAL_FEATURE + 1
-_HEAD_PRIORS = {"DE": {0: LinearStart(((_index("DE"), 1.0), (KNN_RESIDUAL_FEATURE, 1.0)))},
-                "PE": {0: LinearStart(((KNN_RESIDUAL_FEATURE, 1.0),))},
-                "LoS": {1: los_logit_start()}}
+# The last side feature of every pooled head: for DE/PE/LoS at a site that has labels, its own
+# baseline's reading (DE-/PE-kNN estimate; LoS-Kfactor log-odds at its fitted threshold) minus
+# what the head's shared classical start reads from the other features (the deployment prior,
+# for PE gated by LOS_RULE; LOS_RULE), so a head that starts with weight 1 on it starts at the
+# site's baseline exactly, and at the shared start (the feature 0) where the site has no labels
+# (a held-out site). Before 2026-12-05 the DE/PE heads started at the deployment prior
+# everywhere: 1.040 / 1.153 of the kNN's error on default.yaml's training sites, which 60 local
+# steps a site did not close (1.015 / 1.152).
+SITE_RESIDUAL_FEATURE = NUM_PROFILE_FEATURES + CONTEXT_SIZE
+NUM_POOLED_FEATURES = SITE_RESIDUAL_FEATURE + 1
+
+
+def _with_residual(start: LinearStart) -> LinearStart:
+    return LinearStart((*start.weights, (SITE_RESIDUAL_FEATURE, 1.0)), start.bias)
+
+
+_HEAD_PRIORS = {"DE": {0: LinearStart(((_index("DE"), 1.0), (SITE_RESIDUAL_FEATURE, 1.0)))},
+                "PE": {0: LinearStart(((SITE_RESIDUAL_FEATURE, 1.0),))},
+                "LoS": {1: _with_residual(los_logit_start())}}
 _LOS_GATED = {"PE": (los_logit_start(), _index("PE-LoS"), _index("PE-NLoS"))}
 
 
 def start_reading(task: str, features: torch.Tensor) -> torch.Tensor:
-    """What an untrained DE/PE head outputs from ``features`` [B, F] without the kNN residual: [B]."""
+    """What an untrained DE/PE head (LoS: its LoS logit) outputs from ``features`` [B, F]
+    without the site residual: [B]."""
     if task == "DE":
         return features[:, _index("DE")]
-    gate, los, nlos = _LOS_GATED["PE"]
-    g = gate.bias + sum(w * features[:, f] for f, w in gate.weights)
+    rule = los_logit_start()
+    g = rule.bias + sum(w * features[:, f] for f, w in rule.weights)
+    if task == "LoS":
+        return g
+    _, los, nlos = _LOS_GATED["PE"]
     return features[:, nlos] + torch.sigmoid(g) * (features[:, los] - features[:, nlos])
 
 
-def knn_residual(task: str, x: torch.Tensor, features: torch.Tensor, stats) -> torch.Tensor:
-    """The KNN_RESIDUAL_FEATURE column [B, 1]: ``stats`` (a KnnPrior) estimate − start_reading
-    for DE/PE at a site that has one, else zeros."""
-    from fedfm.baselines import KnnPrior
+def site_residual(task: str, x: torch.Tensor, features: torch.Tensor, stats) -> torch.Tensor:
+    """The SITE_RESIDUAL_FEATURE column [B, 1]: the site's own baseline reading (``stats``: a
+    KnnPrior for DE/PE, a LosPrior for LoS) − start_reading at a site that has one, else zeros."""
+    from fedfm.baselines import KnnPrior, LosPrior
 
-    if task not in ("DE", "PE") or not isinstance(stats, KnnPrior):
+    if task in ("DE", "PE") and isinstance(stats, KnnPrior):
+        if stats.task != task:
+            raise ValueError(f"FedFM: the {task} head was given the site's {stats.task} kNN prior")
+        est = stats.estimate(_complex(x))
+    elif task == "LoS" and isinstance(stats, LosPrior):
+        est = stats.logit(_complex(x))
+    else:
         return features.new_zeros(features.shape[0], 1)
-    if stats.task != task:
-        raise ValueError(f"FedFM: the {task} head was given the site's {stats.task} kNN prior")
-    est = torch.from_numpy(stats.estimate(_complex(x))).to(features.device, features.dtype)
+    est = torch.from_numpy(est).to(features.device, features.dtype)
     return (est - start_reading(task, features)).unsqueeze(1)
 
 
-# The spectrum an untrained BF head reads its beam from. Capon (MVDR) resolves closer rays than
-# Bartlett with an 8-antenna array; the BF baseline, which picks the better one on each site's
-# train split, chose Capon on all four benchmark.yaml training sites (top-1 0.5-2 points above
-# Bartlett on 2 000 test samples each), so a head starting there starts at the baseline.
+# The spectrum an untrained BF head reads its beam from where the site has no labels (a held-out
+# site). Capon (MVDR) resolves closer rays than Bartlett with an 8-antenna array; the BF
+# baseline, which picks the better one on each site's train split, chose Capon on all four
+# benchmark.yaml training sites (top-1 0.5-2 points above Bartlett on 2 000 test samples each).
+# A site with labels (its BfPrior) gets the one its baseline chose (default.yaml's umi_3g5:
+# Bartlett), in a third spectrum channel after SPECTRUM_METHODS, where the head's start reads.
 BF_START_SPECTRUM = "capon"
+NUM_BF_SPECTRA = len(SPECTRUM_METHODS) + 1
+
+
+def site_spectrum(logs: torch.Tensor, stats) -> torch.Tensor:
+    """[B, S, beams] log-spectra (SPECTRUM_METHODS) → [B, S + 1, beams]: the site's chosen one
+    (``stats``: a BfPrior; else BF_START_SPECTRUM) appended."""
+    from fedfm.baselines import BfPrior
+
+    method = stats.method if isinstance(stats, BfPrior) else BF_START_SPECTRUM
+    if method not in SPECTRUM_METHODS:
+        raise ValueError(f"FedFM: BF spectrum {method!r} is not allowed; expected one of {', '.join(SPECTRUM_METHODS)}")
+    i = SPECTRUM_METHODS.index(method)
+    return torch.cat([logs, logs[:, i:i + 1]], 1)
 
 
 class FedFM(nn.Module):
@@ -103,9 +134,9 @@ class FedFM(nn.Module):
                 heads[t] = DenseHead(cfg.d_model, cfg.head_hidden, cfg.patch, cfg.conv_channels, PRIORS[t])
             else:
                 heads[t] = PooledHead(cfg.d_model, cfg.head_hidden, POOLED_OUTPUTS.get(t, cfg.num_beams),
-                                      NUM_POOLED_FEATURES, len(SPECTRUM_METHODS) if t == "BF" else 0,
+                                      NUM_POOLED_FEATURES, NUM_BF_SPECTRA if t == "BF" else 0,
                                       prior_features=_HEAD_PRIORS.get(t), los_gate=_LOS_GATED.get(t),
-                                      spectrum_start=SPECTRUM_METHODS.index(BF_START_SPECTRUM),
+                                      spectrum_start=NUM_BF_SPECTRA - 1,
                                       feature_mlp=t in cfg.feature_mlp_tasks)
         self.heads = nn.ModuleDict(heads)
         init_weights(self, cfg.seed, cfg.n_layers)
@@ -138,7 +169,9 @@ class FedFM(nn.Module):
         computes these once and trains the head alone on them."""
         h = self.backbone.encode(self.adapters[task](self.backbone.tokeniser(x, known)))  # (B, L, d)
         features, *rest = side_inputs(task, x, self.cfg.num_beams, context)
-        features = torch.cat([features, knn_residual(task, x, features, stats)], 1)
+        features = torch.cat([features, site_residual(task, x, features, stats)], 1)
+        if task == "BF":
+            rest = [site_spectrum(rest[0], stats)]
         return (h.mean(dim=1, keepdim=True), features, *rest)
 
 
