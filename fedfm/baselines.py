@@ -281,9 +281,12 @@ class KnnPrior:
         q = (profile_features(inputs) - self.mu) / self.sd
         d2 = (q ** 2).sum(1)[:, None] - 2 * q @ self.features.T + (self.features ** 2).sum(1)[None]
         d2 = np.where(d2 < SELF_MATCH_D2, np.inf, d2)
-        k = min(self.k, self.features.shape[0] - 1)
+        # k as the baseline takes it on a new sample (min(k, n)); a left-out self-match sits at
+        # inf and is dropped from the median, so a train sample gets its n - 1 others at most
+        k = min(self.k, self.features.shape[0])
         nearest = np.argpartition(d2, k - 1, axis=1)[:, :k]
-        return np.median(self.labels[nearest], 1).astype(np.float32)
+        labels = np.where(np.isfinite(np.take_along_axis(d2, nearest, 1)), self.labels[nearest], np.nan)
+        return np.nanmedian(labels, 1).astype(np.float32)
 
 
 @dataclass

@@ -8,7 +8,10 @@ of a run with ``site-model=local`` from its own last local model (as the evaluat
 The site may be a held-out one: with ``--fraction 0.1`` it fine-tunes on 10% of its
 train-split labels (of its first ``train-max-samples`` when the run capped them), as in
 LLM4WM's generalisation experiment. The classical baselines
-are fitted on the same labelled fraction. Scores are on the site's full test split.
+are fitted on the same labelled fraction, and so are the heads' site-specific starts (its
+channel statistics, BF spectrum, DE/PE kNN and LoS threshold): for a held-out site "before"
+is therefore not the score the federation's evaluator gave it, which used none of its labels.
+Scores are on the site's full test split.
 ``--refit-epochs N`` then refits the pooled heads (BF, DE, PE, LoS) alone on the same labels
 (``fedfm.train.refit_heads``; ``--refit-scope features`` moves only their paths from the classical
 side inputs). Writes ``<run>/finetune/<site>-<fraction>.json``.
@@ -72,6 +75,9 @@ def finetune_site(run_dir: str, site_path: str, fraction: float = 1.0, steps: in
     # capped the federation's sites (a benchmark's "250 labels per site")
     available = min(spec.samples.train, cfg.train_max_samples) if cfg.train_max_samples else spec.samples.train
     labelled = max(1, math.ceil(fraction * available))
+    if labelled < 2:  # the kNN start (fedfm.baselines.KnnPrior) and the baselines need two labels
+        raise ValueError(f"--fraction {fraction:g} gives {labelled} labelled sample of the site's {available}; "
+                         f"expected a fraction giving at least 2")
     train = load_site_tasks(spec, "train", cfg.cache_dir, max_samples=labelled)
     test = {spec.name: load_site_tasks(spec, "test", cfg.cache_dir, cfg.eval_max_samples, stats_samples=labelled)}
     baselines = {spec.name: {t: fit_baseline(t, td, spec) for t, td in train.items()}}
@@ -154,7 +160,9 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{out['site']}: fine-tuned on {out['labelled_samples']} labelled samples from round {out['from_round']}")
+    print(f"{out['site']}: fine-tuned on {out['labelled_samples']} labelled samples from round {out['from_round']}; "
+          f"before = that round's state with the site's own starts (channel statistics, BF spectrum, DE/PE kNN, "
+          f"LoS threshold) fitted on those samples")
     print("\n".join(table_lines(out["rows"])))
     return 0
 

@@ -139,6 +139,8 @@ def stop_superlink(proc: subprocess.Popen, term_wait: float = 15.0) -> None:
     the rest of the federation with its Ray workers (seen 2026-11-24)."""
     groups = [proc.pid, *_descendant_groups(proc.pid)]  # before any signal: the tree is intact now
     for sig, wait in ((signal.SIGTERM, term_wait), (signal.SIGKILL, 5.0)):
+        if sig == signal.SIGKILL:  # only groups still running: an emptied one's id may be reused by now
+            groups = [g for g in groups if _alive(g)]
         for g in groups:
             try:
                 os.killpg(g, sig)

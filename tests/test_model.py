@@ -460,6 +460,14 @@ def test_de_pe_heads_start_at_the_sites_knn_and_train_on_its_leave_one_out_estim
         assert not np.allclose(prior.estimate(train.inputs), normalise_target(task, _knn(train, **fit)), atol=1e-3)
     with pytest.raises(ValueError, match="the DE head was given the site's PE kNN prior"):
         model("DE", x, known, ctx, prior)
+    # k at least the table's size (a site with few labels): a new sample's estimate is the
+    # median of every row, as the baseline's; a train sample's the median of the others
+    small = view("PE", 6, 4)
+    few = KnnPrior.fit(small)
+    few = KnnPrior(few.task, few.features, few.labels, few.mu, few.sd, 40)
+    np.testing.assert_allclose(few.estimate(test.inputs), np.median(few.labels), rtol=1e-6)
+    others = [np.median(np.delete(few.labels, i)) for i in range(6)]
+    np.testing.assert_allclose(few.estimate(small.inputs), others, rtol=1e-6)
 
 
 def test_bf_and_los_heads_start_at_the_sites_own_fitted_baseline():
@@ -503,5 +511,12 @@ def test_bf_and_los_heads_start_at_the_sites_own_fitted_baseline():
     np.testing.assert_allclose(p, _los(td, prior.threshold), rtol=1e-5, atol=1e-6)
     assert ((p >= 0.5) == labels.astype(bool)).all()       # the fitted threshold splits this split exactly
     assert torch.all(feats[:, SITE_RESIDUAL_FEATURE] == 0)
+    # under bf16 autocast (the GPU path) the classical start still runs in float32: the residual
+    # cancels the rule's reading exactly and the beam is the chosen spectrum's
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out16 = model("LoS", x, known, context, prior)
+        bf16 = model("BF", x, known, context, BfPrior("bartlett"))
+    torch.testing.assert_close((out16[:, 1] - out16[:, 0]).float(), (out[:, 1] - out[:, 0]), rtol=0, atol=1e-4)
+    assert torch.equal(bf16.float().argmax(1), logits["bartlett"].argmax(1))
     p_rule = torch.sigmoid(8.0 * torch.from_numpy(r).float() + 16.0 + 0.6 * context[context_index("LoS")])
     torch.testing.assert_close(torch.softmax(rule, 1)[:, 1], p_rule)

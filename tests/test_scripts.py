@@ -181,6 +181,19 @@ def test_finetune_site_bad_fraction_one_line_error(fed_run, capsys, fraction):
     assert not (fed_run["run"] / "finetune" / f"gamma-{float(fraction):g}.json").exists()
 
 
+def test_finetune_site_fraction_giving_one_label_one_line_error(fed_run, capsys):
+    # the heads' kNN start and the baselines need two labels: a fraction that leaves one is
+    # refused before anything is trained or written
+    script = _load_script("finetune_site")
+    rc = script.main(["--run", str(fed_run["run"]), "--site", str(fed_run["root"] / "gamma.yaml"),
+                      "--fraction", "0.001"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == ""
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("error: --fraction 0.001 gives 1 labelled sample of the site's") and "at least 2" in err
+    assert not (fed_run["run"] / "finetune" / "gamma-0.001.json").exists()
+
+
 # ---- compare.py -------------------------------------------------------------------------
 def test_compare_equal_per_site_compute(fed_run, capsys):
     from fedfm.scenarios import derive_seed

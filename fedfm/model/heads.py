@@ -182,15 +182,21 @@ class PooledHead(nn.Module):
         if features is not None:
             z = torch.cat([z, features.to(z.dtype)], dim=-1)
         y = self.proj(F.gelu(self.fc(z)))
-        if features is not None and self.skip is not None:
-            y = y + self.skip(features.to(y.dtype))
         if features is not None and self.feature_mlp is not None:
             y = y + self.feature_mlp(features.to(y.dtype))
-        if features is not None and self.gate is not None:
-            f = features.to(y.dtype)
-            _, los, nlos = self.los_gate
-            y = y + f[:, nlos:nlos + 1] + torch.sigmoid(self.gate(f)) * (f[:, los:los + 1] - f[:, nlos:nlos + 1])
-        if spectra is not None and self.spectrum_weight is not None:
-            s = spectra.to(y.dtype)
-            y = y + torch.einsum("c,bcn->bn", self.spectrum_weight.to(y.dtype), s) + self.spectrum_conv(s)[:, 0]
+        # The classical start (linear path, PE's gate, the spectrum reading) in float32 even
+        # under bf16 autocast: the site-residual column cancels the shared start's reading
+        # (LoS log-odds up to ±20) and log-spectra of neighbouring beams differ by hundredths,
+        # below bf16's resolution there, so bf16 would move decisions off the baseline's.
+        with torch.autocast(device_type=y.device.type, enabled=False):
+            y = y.float()
+            if features is not None and self.skip is not None:
+                y = y + self.skip(features.float())
+            if features is not None and self.gate is not None:
+                f = features.float()
+                _, los, nlos = self.los_gate
+                y = y + f[:, nlos:nlos + 1] + torch.sigmoid(self.gate(f)) * (f[:, los:los + 1] - f[:, nlos:nlos + 1])
+            if spectra is not None and self.spectrum_weight is not None:
+                s = spectra.float()
+                y = y + torch.einsum("c,bcn->bn", self.spectrum_weight.float(), s) + self.spectrum_conv(s)[:, 0]
         return y
