@@ -99,31 +99,36 @@ def site_channel_stats(spec: SiteSpec, cache_dir: str = "", samples: int = 0, ar
     return _STATS[key]
 
 
-_KNN: dict = {}  # (spec hash, cache folder, samples, task) → its KnnPrior/BfPrior/LosPrior: fitted once per process
+LABEL_PRIOR_TASKS = ("BF", "DE", "PE", "LoS")
+_LABEL_PRIORS: dict = {}  # (spec hash, cache folder, samples, task) → its prior: fitted once per process
 
 
-def site_knn_prior(spec: SiteSpec, task: str, cache_dir: str = "", samples: int = 0, arrays: dict | None = None):
-    """The site's label-fitted start of a pooled head: ``KnnPrior`` for DE or PE (its DE-/PE-kNN
-    baseline), ``BfPrior`` for BF (the spectrum BF-AoA chose), ``LosPrior`` for LoS (the
-    LoS-Kfactor threshold), fitted on the labels of the first ``samples`` of its train split
-    (0 = all), as ``site_channel_stats`` is on their channels. ``arrays`` = that train split,
-    already loaded."""
+def site_label_priors(spec: SiteSpec, tasks: tuple[str, ...] = LABEL_PRIOR_TASKS, cache_dir: str = "",
+                      samples: int = 0, arrays: dict | None = None) -> dict:
+    """``{task: prior}``: the site's label-fitted start of each pooled head in ``tasks``,
+    ``KnnPrior`` for DE or PE (its DE-/PE-kNN baseline), ``BfPrior`` for BF (the spectrum BF-AoA
+    chose), ``LosPrior`` for LoS (the LoS-Kfactor threshold), fitted on the labels of the first
+    ``samples`` of its train split (0 = all), as ``site_channel_stats`` is on their channels.
+    ``arrays`` = that train split, already loaded; else it is loaded once for all the tasks
+    not fitted yet in this process."""
     from fedfm.baselines import BfPrior, KnnPrior, LosPrior
     from fedfm.scenarios import spec_hash
     from fedfm.tasks import build_tasks
 
-    prior = {"DE": KnnPrior, "PE": KnnPrior, "BF": BfPrior, "LoS": LosPrior}.get(task)
-    if prior is None:
-        raise ValueError(f"site_knn_prior: task {task!r} is not allowed; expected one of BF, DE, PE, LoS")
-
+    fitters = {"DE": KnnPrior, "PE": KnnPrior, "BF": BfPrior, "LoS": LosPrior}
+    unknown = [t for t in tasks if t not in fitters]
+    if unknown:
+        raise ValueError(f"site_label_priors: task {unknown[0]!r} is not allowed; expected one of {', '.join(fitters)}")
     if samples < 0:
         raise ValueError(f"samples {samples} is not allowed; expected an integer >= 0 (0 = all)")
-    key = (spec_hash(spec), str(cache_dir), int(samples), task)
-    if key not in _KNN:
+    keys = {t: (spec_hash(spec), str(cache_dir), int(samples), t) for t in tasks}
+    missing = tuple(t for t in tasks if keys[t] not in _LABEL_PRIORS)
+    if missing:
         train = arrays if arrays is not None else load_split(spec, "train", cache_dir or None)
         train = first_samples(train, samples) if samples else train
-        _KNN[key] = prior.fit(build_tasks(train, spec, "train", (task,))[task])
-    return _KNN[key]
+        for t, td in build_tasks(train, spec, "train", missing).items():
+            _LABEL_PRIORS[keys[t]] = fitters[t].fit(td)
+    return {t: _LABEL_PRIORS[keys[t]] for t in tasks}
 
 
 def load_site_tasks(spec: SiteSpec, split: str, cache_dir: str = "", max_samples: int = 0,
@@ -137,7 +142,7 @@ def load_site_tasks(spec: SiteSpec, split: str, cache_dir: str = "", max_samples
     ``stats_samples`` train samples (0 = all; None = ``max_samples`` for the train split,
     all for the others). With ``labels`` (a site whose train labels the model may use: a
     training site, or the site ``finetune_site.py`` personalises), BF, DE, PE and LoS carry its
-    label-fitted baseline there (``site_knn_prior``), fitted on the same train samples;
+    label-fitted baseline there (``site_label_priors``), fitted on the same train samples;
     ``labels=False`` (a held-out site, never trained on) leaves those heads at their shared
     start: the Capon beam, the deployment prior, the K-factor rule."""
     from fedfm.tasks import TASKS, build_tasks
@@ -148,21 +153,18 @@ def load_site_tasks(spec: SiteSpec, split: str, cache_dir: str = "", max_samples
     if max_samples:
         arrays = first_samples(arrays, max_samples)
     tds = build_tasks(arrays, spec, split, TASKS if tasks is None else tuple(tasks))
+    if stats_samples is None:
+        stats_samples = max_samples if split == "train" else 0
+    loaded = arrays if split == "train" and stats_samples == max_samples else None   # exactly those samples
     if any(t in tds for t in ("CE", "CP", "PF")):
-        if stats_samples is None:
-            stats_samples = max_samples if split == "train" else 0
-        loaded = arrays if split == "train" and stats_samples == max_samples else None   # exactly those samples
         stats = site_channel_stats(spec, cache_dir, stats_samples, loaded)
         for t in ("CE", "CP", "PF"):
             if t in tds:
                 tds[t].extras["stats"] = stats
-    if labels and any(t in tds for t in ("BF", "DE", "PE", "LoS")):
-        if stats_samples is None:
-            stats_samples = max_samples if split == "train" else 0
-        loaded = arrays if split == "train" and stats_samples == max_samples else None
-        for t in ("BF", "DE", "PE", "LoS"):
-            if t in tds:
-                tds[t].extras["stats"] = site_knn_prior(spec, t, cache_dir, stats_samples, loaded)
+    pooled = tuple(t for t in LABEL_PRIOR_TASKS if t in tds)
+    if labels and pooled:
+        for t, prior in site_label_priors(spec, pooled, cache_dir, stats_samples, loaded).items():
+            tds[t].extras["stats"] = prior
     return tds
 
 

@@ -145,7 +145,7 @@ class TaskSampler:
         self.region = [torch.as_tensor(np.asarray(td.region, dtype=bool)).to(device)
                        if self.task in DENSE_TASKS else None for td in self.tds]
         self.context = [_context(td, device) for td in self.tds]
-        self.stats = [td.extras.get("stats") for td in self.tds]   # ChannelStats of CE/CP/PF, KnnPrior of DE/PE, or None
+        self.stats = [td.extras.get("stats") for td in self.tds]   # ChannelStats of CE/CP/PF, the site's label prior of BF/DE/PE/LoS, or None
         self.sizes = torch.tensor([float(x.shape[0]) for x in self.x])
         self.device = device
 

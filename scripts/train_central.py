@@ -54,7 +54,7 @@ class SiteViews(Mapping):
                  stats_samples: int | None = None, labelled=()):
         self.specs, self.split, self.cache_dir, self.max_samples = {s.name: s for s in specs}, split, cache_dir, max_samples
         self.tasks, self.stats_samples = tasks, stats_samples
-        self.labelled = {s.name for s in labelled}   # sites whose train labels the model may read (DE/PE kNN prior)
+        self.labelled = {s.name for s in labelled}   # sites whose train labels the model may read (the BF/DE/PE/LoS heads' starts)
 
     def __getitem__(self, name: str) -> dict:
         from fedfm.federated import load_site_tasks

@@ -165,7 +165,7 @@ class FedFM(nn.Module):
     def pooled_inputs(self, task: str, x: torch.Tensor, known: torch.Tensor,
                       context: torch.Tensor | None = None, stats=None) -> tuple[torch.Tensor, ...]:
         """Everything a pooled head (BF/DE/PE/LoS) reads: the token-mean embedding [B, 1, d] and
-        its side inputs (``side_inputs``, then the kNN residual column). ``fedfm.train.refit_heads``
+        its side inputs (``side_inputs``, then the site residual column; BF's site spectrum). ``fedfm.train.refit_heads``
         computes these once and trains the head alone on them."""
         h = self.backbone.encode(self.adapters[task](self.backbone.tokeniser(x, known)))  # (B, L, d)
         features, *rest = side_inputs(task, x, self.cfg.num_beams, context)
