@@ -26,6 +26,8 @@ BASELINES[task] lists a task's baselines, headline first:
   PE   PE-kNN       as DE-kNN
        PE-logdist   path loss regressed on received power (sees power: a reference)
   LoS  LoS-Kfactor  peak delay-angle bin's power share (K-factor proxy) thresholded (train)
+       LoS-logistic ridge logistic regression on the DE-kNN fingerprint's five profile
+                    features (train); the LoS head's starting point at a site with labels
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ from fedfm.tasks.sensing import peak_power_ratio, profile_features
 
 BASELINES = {"CE": ("CE-interp", "CE-LMMSE", "CE-LMMSE3D"), "CP": ("CP-hold", "CP-linear", "CP-LMMSE3D"), "PF": ("PF-AR", "PF-linear", "PF-ARLMMSE"),
              "BF": ("BF-AoA",), "DE": ("DE-kNN", "DE-logdist"), "PE": ("PE-kNN", "PE-logdist"),
-             "LoS": ("LoS-Kfactor",)}
+             "LoS": ("LoS-Kfactor", "LoS-logistic")}
 
 
 @dataclass(frozen=True)
@@ -291,23 +293,27 @@ class KnnPrior:
 
 @dataclass
 class LosPrior:
-    """A site's LoS-Kfactor threshold fitted on its own labelled train samples, as the LoS head
-    reads it (``fedfm.model.network``: an untrained LoS head at a site that has one calls LoS
-    exactly where this baseline does). Kept at the site; never sent anywhere."""
+    """A site's LoS-logistic fit on its own labelled train samples, as the LoS head reads it
+    (``fedfm.model.network``: an untrained LoS head at a site that has one outputs this fit's
+    log-odds, so it calls LoS exactly where that baseline does). Kept at the site; never sent
+    anywhere. Tuples, not arrays, so that two fits compare equal by value."""
 
-    threshold: float   # on ln(peak delay-angle power share); ±inf: the train split had one class
+    mu: tuple[float, ...]   # the features' train mean and standard deviation
+    sd: tuple[float, ...]
+    w: tuple[float, ...]    # weights on the standardised features
+    b: float
 
     @classmethod
     def fit(cls, td) -> "LosPrior":
         if td.task != "LoS":
             raise ValueError(f"LosPrior: task {td.task!r} is not allowed; expected LoS")
-        return cls(_fit_los(td, None)["threshold"])
+        f = _fit_los_lr(td, None)
+        return cls(tuple(f["mu"]), tuple(f["sd"]), tuple(f["w"]), f["b"])
 
     def logit(self, inputs: np.ndarray) -> np.ndarray:
-        """complex [B, G, K, N] → float32 [B]: the log-odds of LoS the baseline's p is the
-        sigmoid of (8 × the margin, clipped to ±10 of margin as ``_los`` clips it)."""
-        r = np.log(peak_power_ratio(inputs))
-        return (8.0 * np.clip(r - self.threshold, -10, 10)).astype(np.float32)
+        """complex [B, G, K, N] → float32 [B]: the log-odds of LoS whose sigmoid is the
+        LoS-logistic baseline's p (clipped to ±20 as ``_los_lr`` clips it)."""
+        return _lr_logit(profile_features(inputs), self.mu, self.sd, self.w, self.b).astype(np.float32)
 
 
 @dataclass
@@ -365,6 +371,50 @@ def _los(td, threshold) -> np.ndarray:
     return (1.0 / (1.0 + np.exp(-8.0 * np.clip(r - threshold, -10, 10)))).astype(np.float32)
 
 
+# ---- LoS: logistic regression on the profile features -----------------------------------
+LOS_LR_RIDGE = 1e-4   # λ on ‖w‖² (standardised features); chosen on the benchmark's train sites
+
+
+def _fit_los_lr(td, spec, ridge: float = LOS_LR_RIDGE) -> dict:
+    """Ridge logistic regression, P(LoS) = σ(w·z + b) with z the standardised
+    ``profile_features``: minimises mean BCE + ridge ‖w‖² (b unpenalised) by Newton's method.
+
+    Written here rather than taken from scikit-learn (not a dependency) for six parameters;
+    the penalty keeps the Hessian positive definite, so Newton converges on separable data
+    too. A train split with one class gives w = 0 and b = ±10 (that class everywhere)."""
+    f = profile_features(td.inputs)
+    mu, sd = f.mean(0), f.std(0)
+    sd = np.where(sd > 0, sd, 1.0)
+    y = (np.asarray(td.targets) == 1).astype(np.float64)
+    F = f.shape[1]
+    if y.min() == y.max():
+        return {"mu": mu.tolist(), "sd": sd.tolist(), "w": [0.0] * F, "b": 10.0 if y[0] else -10.0}
+    X = np.concatenate([(f - mu) / sd, np.ones((len(y), 1))], 1)
+    pen = np.full(F + 1, 2.0 * ridge)
+    pen[-1] = 0.0
+    theta = np.zeros(F + 1)
+    theta[-1] = np.log(y.mean() / (1 - y.mean()))
+    for _ in range(100):
+        p = 1.0 / (1.0 + np.exp(-np.clip(X @ theta, -30, 30)))
+        grad = X.T @ (p - y) / len(y) + pen * theta
+        hess = (X * (p * (1 - p))[:, None]).T @ X / len(y) + np.diag(pen)
+        # a tiny jitter keeps the solve defined when p saturates on the unpenalised intercept
+        step = np.linalg.solve(hess + 1e-10 * np.eye(F + 1), grad)
+        theta -= step
+        if np.abs(step).max() < 1e-10:
+            break
+    return {"mu": mu.tolist(), "sd": sd.tolist(), "w": theta[:-1].tolist(), "b": float(theta[-1])}
+
+
+def _lr_logit(features, mu, sd, w, b) -> np.ndarray:
+    z = (features - np.asarray(mu)) / np.asarray(sd) @ np.asarray(w) + b
+    return np.clip(z, -20, 20)
+
+
+def _los_lr(td, mu, sd, w, b) -> np.ndarray:
+    return (1.0 / (1.0 + np.exp(-_lr_logit(profile_features(td.inputs), mu, sd, w, b)))).astype(np.float32)
+
+
 # ---- registry, fitting and evaluation ----------------------------------------------------
 def _no_fit(td, spec) -> dict:
     return {}
@@ -379,7 +429,7 @@ _METHODS: dict[str, tuple[Callable, Callable]] = {
     "BF-AoA": (_fit_bf, _bf_aoa),
     "DE-kNN": (_fit_knn, _knn), "DE-logdist": (_fit_logdist, _logdist),
     "PE-kNN": (_fit_knn, _knn), "PE-logdist": (_fit_logdist, _logdist),
-    "LoS-Kfactor": (_fit_los, _los),
+    "LoS-Kfactor": (_fit_los, _los), "LoS-logistic": (_fit_los_lr, _los_lr),
 }
 
 

@@ -107,7 +107,7 @@ def site_label_priors(spec: SiteSpec, tasks: tuple[str, ...] = LABEL_PRIOR_TASKS
                       samples: int = 0, arrays: dict | None = None) -> dict:
     """``{task: prior}``: the site's label-fitted start of each pooled head in ``tasks``,
     ``KnnPrior`` for DE or PE (its DE-/PE-kNN baseline), ``BfPrior`` for BF (the spectrum BF-AoA
-    chose), ``LosPrior`` for LoS (the LoS-Kfactor threshold), fitted on the labels of the first
+    chose), ``LosPrior`` for LoS (its LoS-logistic regression), fitted on the labels of the first
     ``samples`` of its train split (0 = all), as ``site_channel_stats`` is on their channels.
     ``arrays`` = that train split, already loaded; else it is loaded once for all the tasks
     not fitted yet in this process."""

@@ -275,9 +275,10 @@ CE_CP_PRIOR_NOTE = ("The baselines are the headline ones (CE: comb interpolation
                     "AR); the CE and CP heads start from the site's Kronecker LMMSE and PF from AR on the band that "
                     "LMMSE denoises, stronger classical estimators whose own scores (CE-LMMSE3D, CP-LMMSE3D, "
                     "PF-ARLMMSE) `scripts/baselines.py` prints. On a training site the BF, DE, PE and LoS heads start "
-                    "at its own BF-AoA, DE-kNN, PE-kNN and LoS-Kfactor (fitted on the labels it trains on), so there "
-                    "round 0 equals the baseline; a held-out site's start at the Capon beam, the deployment prior "
-                    "and the K-factor rule.")
+                    "at its own BF-AoA, DE-kNN, PE-kNN and LoS-logistic (fitted on the labels it trains on), so there "
+                    "round 0 equals those baselines (LoS-logistic: the headline LoS-Kfactor's logistic regression on "
+                    "five profile features instead of a threshold on one, a variant `scripts/baselines.py` prints); a "
+                    "held-out site's start at the Capon beam, the deployment prior and the K-factor rule.")
 
 
 def bootstrap_lines(boot: dict) -> list[str]:

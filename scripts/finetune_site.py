@@ -9,7 +9,7 @@ The site may be a held-out one: with ``--fraction 0.1`` it fine-tunes on 10% of 
 train-split labels (of its first ``train-max-samples`` when the run capped them), as in
 LLM4WM's generalisation experiment. The classical baselines
 are fitted on the same labelled fraction, and so are the heads' site-specific starts (its
-channel statistics, BF spectrum, DE/PE kNN and LoS threshold): for a held-out site "before"
+channel statistics, BF spectrum, DE/PE kNN and LoS regression): for a held-out site "before"
 is therefore not the score the federation's evaluator gave it, which used none of its labels.
 Scores are on the site's full test split.
 ``--refit-epochs N`` then refits the pooled heads (BF, DE, PE, LoS) alone on the same labels
@@ -162,7 +162,7 @@ def main(argv=None) -> int:
         return 2
     print(f"{out['site']}: fine-tuned on {out['labelled_samples']} labelled samples from round {out['from_round']}; "
           f"before = that round's state with the site's own starts (channel statistics, BF spectrum, DE/PE kNN, "
-          f"LoS threshold) fitted on those samples")
+          f"LoS regression) fitted on those samples")
     print("\n".join(table_lines(out["rows"])))
     return 0
 

@@ -128,6 +128,34 @@ def test_sensing_baselines_beat_trivial_predictors(site):
     assert err["PE-logdist"] < 0.3 * mean_pathloss_mae
     majority_error = min(test["los"].mean(), 1 - test["los"].mean())
     assert err["LoS-Kfactor"] < 0.5 * majority_error
+    assert err["LoS-logistic"] < 0.5 * majority_error
+
+
+def test_los_logistic_is_the_penalised_likelihoods_stationary_point(site):
+    # The Newton fit zeroes the gradient of mean BCE + λ‖w‖² (b unpenalised), computed here
+    # independently; identical channels leave only the intercept, the log-odds of the label
+    # mean (3 LoS of 4: ln 3); one class gives that class everywhere.
+    from fedfm.baselines import LOS_LR_RIDGE, _fit_los_lr, _los_lr
+    from fedfm.tasks.sensing import profile_features
+
+    spec, arrays, _ = site
+    td = build_tasks(arrays["train"], spec, "train", ("LoS",))["LoS"]
+    fit = _fit_los_lr(td, spec)
+    z = (profile_features(td.inputs) - fit["mu"]) / fit["sd"]
+    y = (td.targets == 1).astype(np.float64)
+    p = 1 / (1 + np.exp(-(z @ fit["w"] + fit["b"])))
+    np.testing.assert_allclose(z.T @ (p - y) / len(y) + 2 * LOS_LR_RIDGE * np.asarray(fit["w"]), 0, atol=1e-9)
+    assert np.mean(p - y) == pytest.approx(0, abs=1e-9)
+    np.testing.assert_allclose(_los_lr(td, **fit), p, rtol=1e-5)
+
+    same = TaskData("LoS", "s", np.repeat(td.inputs[:1], 4, 0), td.known, td.region,
+                    np.array([1, 1, 0, 1]), np.ones(4, np.float32), {})
+    fit = _fit_los_lr(same, spec)
+    assert fit["b"] == pytest.approx(np.log(3), abs=1e-9) and np.allclose(fit["w"], 0, atol=1e-9)
+    one = TaskData("LoS", "s", td.inputs[:4], td.known, td.region, np.zeros(4, np.int64),
+                   np.ones(4, np.float32), {})
+    fit = _fit_los_lr(one, spec)
+    assert fit["b"] == -10.0 and (_los_lr(one, **fit) < 1e-4).all()
 
 
 def test_evaluate_baselines_reports_headline_and_variants(site):

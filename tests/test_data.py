@@ -109,17 +109,17 @@ def test_site_tasks_carry_the_channel_stats_of_the_samples_the_site_trains_on(tm
     view = load_site_tasks(spec, "train", str(tmp_path), max_samples=10, tasks=("PF",))["PF"]
     assert train["PF"].extras["stats"].pf_order == pf_ar_lmmse_order(view, kron_covariances(h[:10])) is not None
     # DE/PE: the site's kNN on the labels of the same train samples; BF: the spectrum BF-AoA
-    # chose on them; LoS: LoS-Kfactor's threshold on them; none of these where labels=False
-    from fedfm.baselines import BfPrior, KnnPrior, LosPrior, _fit_bf, _fit_los
+    # chose on them; LoS: LoS-logistic fitted on them; none of these where labels=False
+    from fedfm.baselines import BfPrior, KnnPrior, LosPrior, _fit_bf
     from fedfm.tasks import normalise_target
     for t in ("DE", "PE"):
         prior = train[t].extras["stats"]
         assert isinstance(prior, KnnPrior) and prior is test[t].extras["stats"] and prior.task == t
         np.testing.assert_allclose(prior.labels, normalise_target(t, train[t].targets), rtol=1e-6)
     assert train["BF"].extras["stats"] == test["BF"].extras["stats"] == BfPrior(_fit_bf(train["BF"], spec)["method"])
-    assert train["LoS"].extras["stats"] == test["LoS"].extras["stats"] == LosPrior(_fit_los(train["LoS"], spec)["threshold"])
+    assert train["LoS"].extras["stats"] == test["LoS"].extras["stats"] == LosPrior.fit(train["LoS"])
     full = load_site_tasks(spec, "train", str(tmp_path), tasks=("LoS",), labels=False)["LoS"]   # all 24 train
-    assert everything["LoS"].extras["stats"] == LosPrior(_fit_los(full, spec)["threshold"])
-    assert everything["LoS"].extras["stats"] != LosPrior(_fit_los(everything["LoS"], spec)["threshold"])  # not val's
+    assert everything["LoS"].extras["stats"] == LosPrior.fit(full)
+    assert everything["LoS"].extras["stats"] != LosPrior.fit(everything["LoS"])  # not val's
     blind = load_site_tasks(spec, "test", str(tmp_path), stats_samples=10, labels=False)
     assert all("stats" not in blind[t].extras for t in ("BF", "DE", "PE", "LoS")) and "stats" in blind["CE"].extras

@@ -473,9 +473,9 @@ def test_de_pe_heads_start_at_the_sites_knn_and_train_on_its_leave_one_out_estim
 def test_bf_and_los_heads_start_at_the_sites_own_fitted_baseline():
     # With the site's BfPrior an untrained BF head reads its beam from the spectrum the site's
     # BF-AoA chose (here Bartlett), without one from Capon; with its LosPrior the LoS head's
-    # log-odds are the LoS-Kfactor baseline's at the site's fitted threshold, without one the
+    # log-odds are the LoS-logistic baseline's fitted on the site's labels, without one the
     # shared K-factor rule (the residual column is 0).
-    from fedfm.baselines import BfPrior, LosPrior, _fit_los, _los
+    from fedfm.baselines import BfPrior, LosPrior, _fit_los_lr, _los_lr
     from fedfm.model.network import SITE_RESIDUAL_FEATURE
     from fedfm.tasks import TaskData
 
@@ -502,14 +502,15 @@ def test_bf_and_los_heads_start_at_the_sites_own_fitted_baseline():
     td = TaskData("LoS", "s", xc, np.ones(shape, bool), np.ones(shape, bool), labels,
                   np.ones(len(labels), np.float32), {"context": context.numpy()})
     prior = LosPrior.fit(td)
-    assert prior.threshold == pytest.approx(_fit_los(td, None)["threshold"])
+    fit = _fit_los_lr(td, None)
+    assert prior == LosPrior(tuple(fit["mu"]), tuple(fit["sd"]), tuple(fit["w"]), fit["b"])
     with torch.no_grad():
         out = model("LoS", x, known, context, prior)
         rule = model("LoS", x, known, context)
         feats = model.pooled_inputs("LoS", x, known, context)[1]
     p = torch.softmax(out, 1)[:, 1].numpy()
-    np.testing.assert_allclose(p, _los(td, prior.threshold), rtol=1e-5, atol=1e-6)
-    assert ((p >= 0.5) == labels.astype(bool)).all()       # the fitted threshold splits this split exactly
+    np.testing.assert_allclose(p, _los_lr(td, **fit), rtol=1e-5, atol=1e-6)
+    assert ((p >= 0.5) == labels.astype(bool)).all()       # the fitted regression splits this split exactly
     assert torch.all(feats[:, SITE_RESIDUAL_FEATURE] == 0)
     # under bf16 autocast (the GPU path) the classical start still runs in float32: the residual
     # cancels the rule's reading exactly and the beam is the chosen spectrum's

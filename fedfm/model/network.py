@@ -49,7 +49,7 @@ def los_logit_start() -> LinearStart:
 # cell's median distance (site context), LoS's logit (output 1; output 0 stays 0) at LOS_RULE.
 # PE mixes the cell's LoS and NLoS path-loss priors by a learned LoS gate that starts at LOS_RULE.
 # The last side feature of every pooled head: for DE/PE/LoS at a site that has labels, its own
-# baseline's reading (DE-/PE-kNN estimate; LoS-Kfactor log-odds at its fitted threshold) minus
+# baseline's reading (DE-/PE-kNN estimate; LoS-logistic log-odds from its fitted regression) minus
 # what the head's shared classical start reads from the other features (the deployment prior,
 # for PE gated by LOS_RULE; LOS_RULE), so a head that starts with weight 1 on it starts at the
 # site's baseline exactly, and at the shared start (the feature 0) where the site has no labels
