@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import tiny_site
-from fedfm.channels.codebook import beam_grid, best_beam, dft_codebook
+from fedfm.channels.codebook import beam_gains, beam_grid, best_beam, dft_codebook
 from fedfm.channels.synthesis import _BS_HEIGHT_M, _UE_HEIGHT_M, _drop_ues, SiteChannelGenerator
 from fedfm.data import generate_split
 
@@ -54,6 +54,19 @@ def test_best_beam_recomputed_from_mmwave_and_codebook(uma_auto):
     assert np.array_equal(out["best_beam"], gains.sum(1).argmax(1))
     assert np.array_equal(best_beam(out["h_mmwave"], cb), out["best_beam"])
     np.testing.assert_allclose(np.linalg.norm(cb, axis=0), 1.0, rtol=1e-5)
+
+
+def test_beam_gains_against_the_sum_written_out():
+    """|wᴴh|² summed over subcarriers, one beam and sample at a time, on a non-contiguous
+    complex128 input (beam_gains casts and reshapes it into one matrix product)."""
+    rng = np.random.default_rng(3)
+    h = (rng.standard_normal((5, 8, 3)) + 1j * rng.standard_normal((5, 8, 3))).transpose(0, 2, 1)  # [S=5, K=3, N=8]
+    cb = dft_codebook(8, 12)
+    want = np.array([[sum(abs(np.vdot(cb[:, b], h[s, k])) ** 2 for k in range(3)) for b in range(12)]
+                     for s in range(5)])
+    got = beam_gains(h, cb)
+    assert got.shape == (5, 12) and got.dtype == np.float64
+    np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
 def test_distance_from_topology(uma_auto):

@@ -33,7 +33,11 @@ def beam_gains(h_mmwave: np.ndarray, codebook: np.ndarray) -> np.ndarray:
     """Beamforming gain |wᴴh|² of every beam w, summed over subcarriers.
 
     h_mmwave: complex [S, K_mm, N_mm]; codebook: complex [N_mm, B] → float64 [S, B]."""
-    y = np.matmul(h_mmwave.astype(np.complex64), codebook.conj().astype(np.complex64))  # [S, K_mm, B], BLAS
+    h = np.ascontiguousarray(h_mmwave, np.complex64)
+    S, K, N = h.shape
+    # one [S·K_mm, N_mm] × [N_mm, B] product: NumPy's stacked complex matmul of [S, K_mm, N_mm]
+    # by a 2-D codebook did not reach BLAS here (5.2 s for one 512-sample site against 0.17 s)
+    y = (h.reshape(S * K, N) @ np.asarray(codebook, np.complex64).conj()).reshape(S, K, -1)  # [S, K_mm, B]
     return (y.real ** 2 + y.imag ** 2).sum(axis=1, dtype=np.float64)
 
 
