@@ -296,7 +296,10 @@ class LosPrior:
     """A site's LoS-logistic fit on its own labelled train samples, as the LoS head reads it
     (``fedfm.model.network``: an untrained LoS head at a site that has one outputs this fit's
     log-odds, so it calls LoS exactly where that baseline does). Kept at the site; never sent
-    anywhere. Tuples, not arrays, so that two fits compare equal by value."""
+    anywhere. Tuples, not arrays, so that two fits compare equal by value. Unlike KnnPrior's
+    leave-one-out estimate, a train sample's log-odds are in-sample: six parameters on hundreds of samples
+    do not overfit (default.yaml's training sites, all 512 train samples: train accuracy 98.2 /
+    99.2 / 93.0 / 94.9 % against test 99.2 / 99.6 / 93.4 / 94.9 %)."""
 
     mu: tuple[float, ...]   # the features' train mean and standard deviation
     sd: tuple[float, ...]
@@ -382,9 +385,17 @@ def _fit_los_lr(td, spec, ridge: float = LOS_LR_RIDGE) -> dict:
     Written here rather than taken from scikit-learn (not a dependency) for six parameters;
     the penalty keeps the Hessian positive definite, so Newton converges on separable data
     too. A train split with one class gives w = 0 and b = ±10 (that class everywhere)."""
+    if len(td.inputs) == 0:
+        raise ValueError(f"LoS-logistic: site {td.site} has no LoS train samples to fit on; expected at least 1")
     f = profile_features(td.inputs)
+    bad = ~np.isfinite(f).all(1)
+    if bad.any():
+        raise ValueError(f"LoS-logistic: site {td.site}: {int(bad.sum())} of {len(f)} train samples have non-finite "
+                         f"profile features (an all-zero or non-finite channel); expected finite, non-zero CSI")
     mu, sd = f.mean(0), f.std(0)
-    sd = np.where(sd > 0, sd, 1.0)
+    # a constant feature (a site with one subcarrier or antenna) leaves rounding noise of ~1e-16
+    # in its std, which would blow any other value up by 1e15: such a column is left unscaled
+    sd = np.where(sd > 1e-9 * np.maximum(1.0, np.abs(mu)), sd, 1.0)
     y = (np.asarray(td.targets) == 1).astype(np.float64)
     F = f.shape[1]
     if y.min() == y.max():

@@ -158,6 +158,42 @@ def test_los_logistic_is_the_penalised_likelihoods_stationary_point(site):
     assert fit["b"] == -10.0 and (_los_lr(one, **fit) < 1e-4).all()
 
 
+def test_los_logistic_refuses_or_survives_degenerate_train_splits(site):
+    # A feature constant on the train split leaves ~1e-17 of rounding in its std, which must
+    # not scale another channel's value by 1e16: the fit is the one without that column. A
+    # non-finite fingerprint and an empty split are refused in one line naming the site.
+    import fedfm.baselines as baselines
+    from fedfm.baselines import _fit_los_lr, _los_lr
+
+    spec, arrays, _ = site
+    td = build_tasks(arrays["train"], spec, "train", ("LoS",))["LoS"]
+    real = baselines.profile_features
+    # the one mock of this test: a fingerprint column constant on the train split (0.1, whose
+    # mean over 7 rows is inexact) and 0.3 elsewhere, as a one-antenna site's angle features are
+    flat = lambda x: np.concatenate([real(x)[:, :2], np.full((len(x), 1), 0.1 if len(x) == 7 else 0.3),
+                                     real(x)[:, 3:]], 1)
+    assert np.full(7, 0.1).std() > 0   # the rounding the fit must not divide by
+    seven = TaskData("LoS", "s7", td.inputs[:7], td.known, td.region, np.array([1, 1, 0, 1, 0, 0, 1]),
+                     np.ones(7, np.float32), {})
+    drop = lambda x: np.concatenate([real(x)[:, :2], real(x)[:, 3:]], 1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(baselines, "profile_features", flat)
+        fit = _fit_los_lr(seven, spec)
+        p = _los_lr(td, **fit)                     # every other channel: column 2 at 0.3
+        mp.setattr(baselines, "profile_features", drop)
+        p_without = _los_lr(td, **_fit_los_lr(seven, spec))
+    np.testing.assert_allclose(p, p_without, atol=1e-6)   # a constant column changes nothing
+    assert fit["sd"][2] == 1.0
+    zero = TaskData("LoS", "s0", np.concatenate([td.inputs[:3], np.zeros_like(td.inputs[:1])]), td.known,
+                    td.region, np.array([1, 0, 1, 0]), np.ones(4, np.float32), {})
+    with pytest.raises(ValueError, match="site s0: 1 of 4 train samples have non-finite"):
+        _fit_los_lr(zero, spec)
+    empty = TaskData("LoS", "se", td.inputs[:0], td.known, td.region, np.zeros(0, np.int64),
+                     np.ones(0, np.float32), {})
+    with pytest.raises(ValueError, match="site se has no LoS train samples"):
+        _fit_los_lr(empty, spec)
+
+
 def test_evaluate_baselines_reports_headline_and_variants(site):
     spec, arrays, err = site
     data = SiteData(spec, arrays)

@@ -67,6 +67,7 @@ def test_beam_gains_against_the_sum_written_out():
     got = beam_gains(h, cb)
     assert got.shape == (5, 12) and got.dtype == np.float64
     np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert beam_gains(h[:0], cb).shape == (0, 12)   # an empty split: no gains, no error
 
 
 def test_distance_from_topology(uma_auto):

@@ -37,7 +37,7 @@ def beam_gains(h_mmwave: np.ndarray, codebook: np.ndarray) -> np.ndarray:
     S, K, N = h.shape
     # one [S·K_mm, N_mm] × [N_mm, B] product: NumPy's stacked complex matmul of [S, K_mm, N_mm]
     # by a 2-D codebook did not reach BLAS here (5.2 s for one 512-sample site against 0.17 s)
-    y = (h.reshape(S * K, N) @ np.asarray(codebook, np.complex64).conj()).reshape(S, K, -1)  # [S, K_mm, B]
+    y = (h.reshape(S * K, N) @ np.asarray(codebook, np.complex64).conj()).reshape(S, K, codebook.shape[1])  # [S, K_mm, B]
     return (y.real ** 2 + y.imag ** 2).sum(axis=1, dtype=np.float64)
 
 
