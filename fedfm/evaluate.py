@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from fedfm.model.config import DENSE_TASKS
+from fedfm.model.lora import merged_copy
 from fedfm.train import as_real, autocast, resolve_device
 
 
@@ -25,6 +26,7 @@ def predict(model: nn.Module, td, batch_size: int = 64, device=None) -> np.ndarr
     """The model's prediction for every sample of a TaskData, in the contract format."""
     device = resolve_device(device)
     model.to(device).eval()
+    net = merged_copy(model)    # LoRA merged into a copy: fewer matrix products, the same outputs
     x = as_real(td.inputs)
     known = torch.as_tensor(np.asarray(td.known, dtype=bool)).to(device)
     context = td.extras.get("context")
@@ -32,7 +34,7 @@ def predict(model: nn.Module, td, batch_size: int = 64, device=None) -> np.ndarr
     outs = []
     for i in range(0, x.shape[0], batch_size):
         with autocast(device):
-            out = model(td.task, x[i:i + batch_size].to(device), known, context, td.extras.get("stats"))
+            out = net(td.task, x[i:i + batch_size].to(device), known, context, td.extras.get("stats"))
         outs.append(out.float().cpu())
     out = torch.cat(outs)
     model.train()

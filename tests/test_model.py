@@ -195,6 +195,32 @@ def test_adapter_state_is_exactly_the_trainable_state_and_round_trips():
     assert all(torch.equal(c(t, x, known), a(t, x, known)) for t in ("CE", "BF"))
 
 
+def test_merged_copy_predicts_as_the_unmerged_model_and_leaves_it_untouched():
+    # fedfm.evaluate.predict runs a copy with LoRA merged into the projections: the same outputs
+    # to float rounding, while the model it was given keeps its adapters unmerged and trainable
+    from fedfm.model.lora import merged_copy
+
+    model = build_model(tiny_cfg(seed=1))
+    with torch.no_grad():  # every trainable tensor moved: LoRA B non-zero, heads reading the backbone
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
+    before = get_adapter_state(model)
+    merged = merged_copy(model)
+    model.eval()
+    x, known = grid(SHAPES[0], batch=3), torch.ones(SHAPES[0], dtype=torch.bool)
+    with torch.no_grad():
+        for t in ("CE", "BF", "LoS"):
+            want, got = model(t, x, known), merged(t, x, known)
+            with model.disable_adapter():   # the frozen originals: what a lost merge would give
+                assert (model(t, x, known) - want).abs().max() > 1e-3
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    after = get_adapter_state(model)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert any(p.requires_grad for n, p in model.named_parameters() if "lora_B" in n)
+
+
 def test_set_adapter_state_names_bad_keys():
     model = build_model(tiny_cfg())
     state = get_adapter_state(model)

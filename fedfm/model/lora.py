@@ -5,6 +5,7 @@ and head (peft ``modules_to_save``). The tokeniser, blocks and final LayerNorm s
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -39,6 +40,18 @@ def wrap_lora(model: nn.Module, cfg: ModelConfig) -> PeftModel:
 def base_model(model: nn.Module) -> nn.Module:
     """The FedFM module inside a PeftModel (or the module itself)."""
     return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def merged_copy(model: nn.Module) -> nn.Module:
+    """An inference copy of ``model`` with LoRA merged into the projections it adapts (W +
+    (α/r)·B·A, peft's ``merge_and_unload``; the trained adapters and heads of
+    ``modules_to_save`` in place of the originals): one matrix product per projection instead
+    of three, 27 % less time for a central evaluation of a ``tiny`` model on this CPU
+    (RESULTS.md). Outputs equal the unmerged model's to float rounding; ``model`` itself is
+    untouched. A module without LoRA is returned as it is."""
+    if not isinstance(model, PeftModel):
+        return model
+    return copy.deepcopy(model).merge_and_unload()
 
 
 def get_adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
