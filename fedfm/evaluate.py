@@ -23,10 +23,11 @@ from fedfm.train import as_real, autocast, resolve_device
 
 @torch.no_grad()
 def predict(model: nn.Module, td, batch_size: int = 64, device=None) -> np.ndarray:
-    """The model's prediction for every sample of a TaskData, in the contract format."""
+    """The model's prediction for every sample of a TaskData, in the contract format. A caller
+    predicting several tasks with one state passes ``merged_copy(model)`` once instead."""
     device = resolve_device(device)
     model.to(device).eval()
-    net = merged_copy(model)    # LoRA merged into a copy: fewer matrix products, the same outputs
+    net = merged_copy(model)    # LoRA merged into a copy (a no-op on one already merged)
     x = as_real(td.inputs)
     known = torch.as_tensor(np.asarray(td.known, dtype=bool)).to(device)
     context = td.extras.get("context")
@@ -68,10 +69,11 @@ def evaluate_sites(model: nn.Module, site_tds: dict, baselines: dict, roles: dic
     """
     from fedfm.metrics import error_for_score, error_ratio, ratio_interval, sample_errors, score
 
+    net = merged_copy(model) if predictions is None else None   # one merge for every site and task
     rows = []
     for site, tds in site_tds.items():
         for task, td in tds.items():
-            pred = predictions[(site, task)] if predictions is not None else predict(model, td, batch_size, device)
+            pred = predictions[(site, task)] if predictions is not None else predict(net, td, batch_size, device)
             m = score(task, pred, td)
             e_m = sample_errors(task, pred, td)
             row = {"site": site, "role": (roles or {}).get(site, ""), "task": task, "model": m,

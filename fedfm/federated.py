@@ -535,13 +535,15 @@ def evaluate_site(cfg: RunConfig, spec: SiteSpec, state: dict[str, np.ndarray], 
     from fedfm.evaluate import predict
     from fedfm.metrics import HEADLINE, score
     from fedfm.model import set_adapter_state
+    from fedfm.model.lora import merged_copy
 
     model = build_run_model(cfg, num_beams, backbone, resolve_device(cfg.device))
     set_adapter_state(model, torch_state(state))
     model.eval()
     tds = load_site_tasks(spec, split, cfg.cache_dir, stats_samples=cfg.train_max_samples)
+    net = merged_copy(model)   # LoRA merged once for all the site's tasks
     out = {}
     for task, td in tds.items():
-        pred = predict(model, td, device=resolve_device(cfg.device))
+        pred = predict(net, td, device=resolve_device(cfg.device))
         out[f"{task}-{HEADLINE[task]}"] = float(score(task, pred, td)[HEADLINE[task]])
     return int(next(iter(tds.values())).targets.shape[0]), out

@@ -57,10 +57,12 @@ def score_model(model, tds: dict) -> tuple[dict[str, dict[str, float]], dict[str
     """({task: metrics}, {task: per-sample errors}) of ``model`` on a site's test views."""
     from fedfm.evaluate import predict
     from fedfm.metrics import sample_errors, score
+    from fedfm.model.lora import merged_copy
 
+    net = merged_copy(model)   # LoRA merged once for all the site's tasks
     metrics, errors = {}, {}
     for task, td in tds.items():
-        pred = predict(model, td)
+        pred = predict(net, td)
         metrics[task], errors[task] = score(task, pred, td), sample_errors(task, pred, td)
     return metrics, errors
 

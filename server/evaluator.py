@@ -112,6 +112,7 @@ class CentralEvaluator:
         from fedfm.evaluate import predict
         from fedfm.metrics import average_score, sample_errors, score
         from fedfm.model import set_adapter_state
+        from fedfm.model.lora import merged_copy
 
         t0 = time.perf_counter()
         state = {k: a.numpy() for k, a in arrays.items()}
@@ -123,8 +124,9 @@ class CentralEvaluator:
             local = bool(own) and self.cfg.site_model == "local"
             own_heads = set() if local else {t for t in self.test_tasks(entry) if personal_keys(own, (t,), (t,))}
             site_metrics = {}
+            net = merged_copy(self.model)   # this site's state, LoRA merged once for its seven tasks
             for task, td in self.test_tasks(entry).items():
-                pred = predict(self.model, td, device=self.device)
+                pred = predict(net, td, device=self.device)
                 site_metrics[task] = score(task, pred, td)
                 errors.setdefault(entry.name, {})[task] = sample_errors(task, pred, td)
                 rows.append({"round": round_, "site": entry.name, "role": entry.role, "task": task,

@@ -47,8 +47,9 @@ def merged_copy(model: nn.Module) -> nn.Module:
     (α/r)·B·A, peft's ``merge_and_unload``; the trained adapters and heads of
     ``modules_to_save`` in place of the originals): one matrix product per projection instead
     of three: 14–16 % less time for predicting every task of default.yaml's six sites with
-    a ``tiny`` model on this CPU (RESULTS.md, "Model throughput"). Outputs equal the unmerged model's to float rounding; ``model`` itself is
-    untouched. A module without LoRA is returned as it is."""
+    a ``tiny`` model on this CPU (RESULTS.md, "Model throughput"). Outputs equal the unmerged
+    model's to float rounding; ``model`` itself is untouched. A module without LoRA (one
+    merged already) is returned as it is."""
     if not isinstance(model, PeftModel):
         return model
     return copy.deepcopy(model).merge_and_unload()
