@@ -58,6 +58,7 @@ class CentralEvaluator:
         self.device = resolve_device(cfg.device)
         self.sites = [e for e in sites if e.spec is not None]  # broken YAMLs are logged by the app
         self._tds: dict[str, dict] = {}
+        self._side: dict[tuple[str, str], dict] = {}   # (site, task) → predict's side_cache: its pooled heads' side inputs
         self.baselines = self._load_or_fit_baselines()
 
     def test_tasks(self, entry: SiteEntry) -> dict:
@@ -126,7 +127,8 @@ class CentralEvaluator:
             site_metrics = {}
             net = merged_copy(self.model)   # this site's state, LoRA merged once for its seven tasks
             for task, td in self.test_tasks(entry).items():
-                pred = predict(net, td, device=self.device)
+                pred = predict(net, td, device=self.device,
+                               side_cache=self._side.setdefault((entry.name, task), {}))
                 site_metrics[task] = score(task, pred, td)
                 errors.setdefault(entry.name, {})[task] = sample_errors(task, pred, td)
                 rows.append({"round": round_, "site": entry.name, "role": entry.role, "task": task,

@@ -221,6 +221,69 @@ def test_merged_copy_predicts_as_the_unmerged_model_and_leaves_it_untouched():
     assert any(p.requires_grad for n, p in model.named_parameters() if "lora_B" in n)
 
 
+def test_predict_side_cache_gives_the_same_predictions_and_computes_the_side_inputs_once(monkeypatch):
+    # The central evaluator passes predict a side_cache per (site, task): the pooled heads'
+    # classical side inputs are computed in the first round and read back in the later ones.
+    # The same predictions as without it, bit for bit; a second call computes nothing; other
+    # inputs, another batch size or a changed model state are handled as they should be.
+    from fedfm.baselines import BfPrior, LosPrior
+    from fedfm.evaluate import predict
+    from fedfm.model.network import FedFM
+    from fedfm.tasks import TaskData
+
+    model = build_model(tiny_cfg(seed=2))
+    shape = SHAPES[0]
+    xc = torch.view_as_complex(grid(shape, batch=10, seed=4).contiguous()).numpy()
+    context = np.linspace(-1.0, 1.0, CONTEXT_SIZE).astype(np.float32)
+    ones = np.ones(shape, bool)
+    labels = (np.log(peak_power_ratio(xc)) > np.median(np.log(peak_power_ratio(xc)))).astype(np.int64)
+    los = TaskData("LoS", "s", xc, ones, ones, labels, np.ones(10, np.float32), {"context": context})
+    los.extras["stats"] = LosPrior.fit(los)
+    tds = {"LoS": los,
+           "BF": TaskData("BF", "s", xc, ones, ones, np.zeros(10, np.int64), np.ones(10, np.float32),
+                          {"context": context, "stats": BfPrior("bartlett")}),
+           "PE": TaskData("PE", "s", xc, ones, ones, np.zeros(10, np.float32), np.ones(10, np.float32),
+                          {"context": context})}
+    calls = []
+    real = FedFM.classical_inputs
+    monkeypatch.setattr(FedFM, "classical_inputs", lambda self, *a, **k: calls.append(a[0]) or real(self, *a, **k))
+    for task, td in tds.items():
+        want = predict(model, td, batch_size=4)          # no cache: computed inside every forward
+        assert calls.count(task) == 3                    # 10 samples in batches of 4: three batches
+        predict(model, td, batch_size=4)
+        assert calls.count(task) == 6
+        cache = {}
+        first = predict(model, td, batch_size=4, side_cache=cache)
+        assert calls.count(task) == 9
+        again = predict(model, td, batch_size=4, side_cache=cache)
+        assert calls.count(task) == 9                    # read back, not recomputed
+        np.testing.assert_array_equal(first, want)
+        np.testing.assert_array_equal(again, want)
+        predict(model, td, batch_size=5, side_cache=cache)   # another batching: its own entries
+        assert calls.count(task) == 11
+    # the cache belongs to the inputs it was filled from: a TaskData sharing its extras dict but
+    # not its samples (dataclasses.replace) gets its own side inputs, not the stale ones
+    import dataclasses
+    cache = {}
+    predict(model, tds["LoS"], batch_size=4, side_cache=cache)
+    flipped = dataclasses.replace(tds["LoS"], inputs=np.ascontiguousarray(xc[::-1]))
+    np.testing.assert_array_equal(predict(model, flipped, batch_size=4, side_cache=cache),
+                                  predict(model, flipped, batch_size=4))
+    # the side inputs do not depend on the weights: with a cache from the old state, a moved
+    # model predicts as it does without one
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad and "heads.BF" in n:
+                p.add_(0.1)
+    cache = {}
+    predict(model, tds["BF"], batch_size=4, side_cache=cache)
+    np.testing.assert_array_equal(predict(model, tds["BF"], batch_size=4, side_cache=cache),
+                                  predict(model, tds["BF"], batch_size=4))
+    with pytest.raises(ValueError, match="the CE head reads none"):
+        base_model(model)("CE", torch.zeros(1, *shape, 2), torch.ones(shape, dtype=torch.bool), None, None,
+                          (torch.zeros(1, 3),))
+
+
 def test_set_adapter_state_names_bad_keys():
     model = build_model(tiny_cfg())
     state = get_adapter_state(model)

@@ -154,25 +154,40 @@ class FedFM(nn.Module):
         self.backbone_hash: str | None = None  # sha256 of the loaded checkpoint, None = random init
 
     def forward(self, task: str, x: torch.Tensor, known: torch.Tensor,
-                context: torch.Tensor | None = None, stats=None) -> torch.Tensor:
+                context: torch.Tensor | None = None, stats=None,
+                side: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        """``side``: a pooled head's :meth:`classical_inputs` of this batch, computed earlier (the
+        central evaluator scores the same test samples every round); None computes them."""
         if task not in self.heads:
             raise ValueError(f"FedFM: task {task!r} has no head; this model serves {', '.join(self.heads)}")
         if task in DENSE_TASKS:
+            if side is not None:
+                raise ValueError(f"FedFM: `side` is the input of a pooled head; the {task} head reads none")
             h = self.backbone.encode(self.adapters[task](self.backbone.tokeniser(x, known)))  # (B, L, d)
             return self.heads[task](h, x, known, stats)                   # (B, G, K, N, 2)
-        return pooled_output(task, self.heads[task](*self.pooled_inputs(task, x, known, context, stats)))
+        return pooled_output(task, self.heads[task](*self.pooled_inputs(task, x, known, context, stats, side)))
 
-    def pooled_inputs(self, task: str, x: torch.Tensor, known: torch.Tensor,
-                      context: torch.Tensor | None = None, stats=None) -> tuple[torch.Tensor, ...]:
-        """Everything a pooled head (BF/DE/PE/LoS) reads: the token-mean embedding [B, 1, d] and
-        its side inputs (``side_inputs``, then the site residual column; BF's site spectrum). ``fedfm.train.refit_heads``
-        computes these once and trains the head alone on them."""
-        h = self.backbone.encode(self.adapters[task](self.backbone.tokeniser(x, known)))  # (B, L, d)
+    def classical_inputs(self, task: str, x: torch.Tensor, context: torch.Tensor | None = None,
+                         stats=None) -> tuple[torch.Tensor, ...]:
+        """A pooled head's side inputs for the batch x: (features [B, F],) — ``side_inputs``' then
+        the site residual column — and for BF its spectra [B, S + 1, beams] with the site's own
+        appended. Parameter-free: functions of the samples, the site context and the site's label
+        prior (``stats``) only, whatever the model's weights."""
         features, *rest = side_inputs(task, x, self.cfg.num_beams, context)
         features = torch.cat([features, site_residual(task, x, features, stats)], 1)
         if task == "BF":
             rest = [site_spectrum(rest[0], stats)]
-        return (h.mean(dim=1, keepdim=True), features, *rest)
+        return (features, *rest)
+
+    def pooled_inputs(self, task: str, x: torch.Tensor, known: torch.Tensor,
+                      context: torch.Tensor | None = None, stats=None,
+                      side: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, ...]:
+        """Everything a pooled head (BF/DE/PE/LoS) reads: the token-mean embedding [B, 1, d] and
+        its :meth:`classical_inputs` (``side``, when the caller has them already). ``fedfm.train.refit_heads``
+        computes these once and trains the head alone on them."""
+        h = self.backbone.encode(self.adapters[task](self.backbone.tokeniser(x, known)))  # (B, L, d)
+        side = self.classical_inputs(task, x, context, stats) if side is None else side
+        return (h.mean(dim=1, keepdim=True), *side)
 
 
 def pooled_output(task: str, out: torch.Tensor) -> torch.Tensor:
