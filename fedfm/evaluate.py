@@ -31,8 +31,9 @@ def predict(model: nn.Module, td, batch_size: int = 64, device=None, side_cache:
     residual, BF's angular spectra), which depend on the samples and the site's priors but not
     on the weights, are computed on the first call and read back on the later ones: the central
     evaluator scores the same test samples every round, and they were ~15 % of its time on this
-    CPU (RESULTS.md, "Model throughput"). The cache holds the inputs array it was filled from and
-    starts afresh for another one, another batch size, beam count or device."""
+    CPU (RESULTS.md, "Model throughput"). The cache holds the inputs array, site context and
+    label prior it was filled from and starts afresh for other ones (the same objects, not
+    equal ones), another batch size, beam count or device."""
     device = resolve_device(device)
     model.to(device).eval()
     net = merged_copy(model)    # LoRA merged into a copy (a no-op on one already merged)
@@ -44,9 +45,11 @@ def predict(model: nn.Module, td, batch_size: int = 64, device=None, side_cache:
     sides = None
     if side_cache is not None and td.task not in DENSE_TASKS:
         key = (batch_size, str(device), base_model(net).cfg.num_beams)
-        if side_cache.get("inputs") is not td.inputs or side_cache.get("key") != key:
+        mine = (td.inputs, td.extras.get("context"), stats)   # held, so their ids cannot be reused
+        if (side_cache.get("key") != key or len(side_cache.get("of", ())) != 3
+                or any(a is not b for a, b in zip(side_cache["of"], mine))):
             side_cache.clear()
-            side_cache.update(inputs=td.inputs, key=key, batches={})
+            side_cache.update(of=mine, key=key, batches={})
         sides = side_cache["batches"]
     outs = []
     for j, i in enumerate(range(0, x.shape[0], batch_size)):

@@ -28,7 +28,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedfm.scenarios import ConfigError, derive_seed, load_federation, site_from_dict  # noqa: E402
+from fedfm.scenarios import ConfigError, derive_seed, load_federation, load_site, site_from_dict  # noqa: E402
 
 HELDOUT = ("scenarios/sites/uma_2g4.yaml", "scenarios/sites/umi_2g1_n16.yaml")
 ORDER = ("uma", "umi", "rma", "inh")
@@ -85,8 +85,14 @@ def write_fleet(out: Path, num_sites: int, seed: int = 0, samples: dict[str, int
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out}: already exists and is not an empty folder; give a new --out (nothing was written)")
     sites = [fleet_site(i, seed, samples) for i in range(num_sites)]
-    for s in sites:  # the same validation a run applies, before anything is written
-        site_from_dict(s, f"{out / 'sites' / s['name']}.yaml")
+    specs = [site_from_dict(s, f"{out / 'sites' / s['name']}.yaml") for s in sites]   # a run's validation,
+    held = [load_site(ROOT / h) for h in HELDOUT]                                     # before anything is written
+    for h in held:
+        if h.mmwave.codebook_beams != specs[0].mmwave.codebook_beams:
+            raise ValueError(f"{h.path}: mmwave.codebook_beams is {h.mmwave.codebook_beams}, the fleet's "
+                             f"{specs[0].mmwave.codebook_beams}; one BF head serves every site (nothing was written)")
+        if h.name in {s.name for s in specs}:
+            raise ValueError(f"{h.path}: site name {h.name!r} is also a fleet site's (nothing was written)")
     (out / "sites").mkdir(parents=True, exist_ok=True)
     header = (f"# fleet site written by scripts/make_fleet.py --sites {num_sites} --seed {seed} "
               f"(train {samples['train']}, val {samples['val']}, test {samples['test']}); "

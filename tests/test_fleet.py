@@ -64,6 +64,17 @@ def test_fleet_refuses_bad_arguments_and_a_used_folder_in_one_line_and_loses_not
     assert not (tmp_path / "new").exists()
 
 
+def test_fleet_checks_its_heldout_sites_before_writing(tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((ROOT / make_fleet.HELDOUT[0]).read_text().replace("codebook_beams: 256", "codebook_beams: 128")
+                   .replace("oversampling: 4", "oversampling: 2"))
+    monkeypatch.setattr(make_fleet, "HELDOUT", (str(bad),))
+    assert make_fleet.main(["--sites", "2", "--out", str(tmp_path / "f")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "codebook_beams is 128" in err and "nothing was written" in err
+    assert not (tmp_path / "f").exists()
+
+
 @pytest.mark.parametrize("num_sites", [1, 4])
 def test_fleet_of_any_size_reads_back_as_a_federation(tmp_path, num_sites, capsys):
     assert make_fleet.main(["--sites", str(num_sites), "--out", str(tmp_path / "f")]) == 0

@@ -269,16 +269,23 @@ def test_predict_side_cache_gives_the_same_predictions_and_computes_the_side_inp
     flipped = dataclasses.replace(tds["LoS"], inputs=np.ascontiguousarray(xc[::-1]))
     np.testing.assert_array_equal(predict(model, flipped, batch_size=4, side_cache=cache),
                                   predict(model, flipped, batch_size=4))
-    # the side inputs do not depend on the weights: with a cache from the old state, a moved
-    # model predicts as it does without one
+    # ... and to the site's label prior and context: another LosPrior object gets its own
+    refit = dataclasses.replace(tds["LoS"], extras={**tds["LoS"].extras, "stats": LosPrior.fit(flipped)})
+    n = calls.count("LoS")
+    np.testing.assert_array_equal(predict(model, refit, batch_size=4, side_cache=cache),
+                                  predict(model, refit, batch_size=4))
+    assert calls.count("LoS") == n + 6                   # refilled, not read from the cache
+    # the side inputs do not depend on the weights: with a cache filled by the old state, a
+    # moved model predicts as it does without one (and not as the old state did)
+    cache = {}
+    old = predict(model, tds["BF"], batch_size=4, side_cache=cache)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if p.requires_grad and "heads.BF" in n:
                 p.add_(0.1)
-    cache = {}
-    predict(model, tds["BF"], batch_size=4, side_cache=cache)
-    np.testing.assert_array_equal(predict(model, tds["BF"], batch_size=4, side_cache=cache),
-                                  predict(model, tds["BF"], batch_size=4))
+    moved = predict(model, tds["BF"], batch_size=4, side_cache=cache)
+    np.testing.assert_array_equal(moved, predict(model, tds["BF"], batch_size=4))
+    assert not np.array_equal(moved, old)
     with pytest.raises(ValueError, match="the CE head reads none"):
         base_model(model)("CE", torch.zeros(1, *shape, 2), torch.ones(shape, dtype=torch.bool), None, None,
                           (torch.zeros(1, 3),))
