@@ -42,14 +42,13 @@ def predict(model: nn.Module, td, batch_size: int = 64, device=None, side_cache:
     context = td.extras.get("context")
     context = None if context is None else torch.as_tensor(np.asarray(context, np.float32)).to(device)
     stats = td.extras.get("stats")
-    sides = None
+    fedfm_net, sides = base_model(net), None
     if side_cache is not None and td.task not in DENSE_TASKS:
-        key = (batch_size, str(device), base_model(net).cfg.num_beams)
-        mine = (td.inputs, td.extras.get("context"), stats)   # held, so their ids cannot be reused
-        if (side_cache.get("key") != key or len(side_cache.get("of", ())) != 3
-                or any(a is not b for a, b in zip(side_cache["of"], mine))):
+        of = (td.inputs, td.extras.get("context"), stats)   # held in the cache, so their ids stay theirs
+        key = (batch_size, str(device), fedfm_net.cfg.num_beams, *map(id, of))
+        if side_cache.get("key") != key:
             side_cache.clear()
-            side_cache.update(of=mine, key=key, batches={})
+            side_cache.update(key=key, of=of, batches={})
         sides = side_cache["batches"]
     outs = []
     for j, i in enumerate(range(0, x.shape[0], batch_size)):
@@ -59,7 +58,7 @@ def predict(model: nn.Module, td, batch_size: int = 64, device=None, side_cache:
             if sides is not None:
                 side = sides.get(j)
                 if side is None:
-                    side = sides[j] = base_model(net).classical_inputs(td.task, xb, context, stats)
+                    side = sides[j] = fedfm_net.classical_inputs(td.task, xb, context, stats)
             out = net(td.task, xb, known, context, stats, side)
         outs.append(out.float().cpu())
     out = torch.cat(outs)

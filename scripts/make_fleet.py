@@ -28,10 +28,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedfm.scenarios import ConfigError, derive_seed, load_federation, load_site, site_from_dict  # noqa: E402
+from fedfm.scenarios import ENVIRONMENTS, ConfigError, derive_seed, load_federation, load_site, site_from_dict  # noqa: E402
 
 HELDOUT = ("scenarios/sites/uma_2g4.yaml", "scenarios/sites/umi_2g1_n16.yaml")
-ORDER = ("uma", "umi", "rma", "inh")
 # Per environment: FR1 carriers [GHz] (n28 700 MHz, n8 900 MHz, n2/n25 1.9, n1 2.1, n41 2.6,
 # n78 3.5/3.7, n79 4.7, Wi-Fi-like 5.2 indoors); UE speed ranges [m/s]; 2D distance ranges [m]
 # from TR 38.901 Table 7.4.1-1's minima to the cell radii those deployments use.
@@ -50,7 +49,7 @@ SNRS_DB = (5.0, 10.0, 15.0, 20.0)   # each site's estimates at one SNR (the defa
 
 def fleet_site(i: int, seed: int, samples: dict[str, int]) -> dict:
     """Site i of the fleet as a site-YAML mapping (name, environment and every section)."""
-    env = ORDER[i % len(ORDER)]
+    env = ENVIRONMENTS[i % len(ENVIRONMENTS)]
     draws = ENV_DRAWS[env]
     rng = np.random.default_rng(derive_seed(seed, "fleet", i))
     fc = float(draws["carriers"][rng.integers(len(draws["carriers"]))])
@@ -126,7 +125,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     fed = load_federation(path)
-    envs = {e: sum(s.environment == e for s in fed.train_sites) for e in ORDER}
+    envs = {e: sum(s.environment == e for s in fed.train_sites) for e in ENVIRONMENTS}
     print(f"wrote {path}: {len(fed.train_sites)} training sites ({', '.join(f'{n} {e}' for e, n in envs.items())}), "
           f"held out {', '.join(s.name for s in fed.heldout_sites)}")
     return 0
