@@ -1,5 +1,6 @@
 """RunConfig from Flower's flat run config; pyproject defaults in sync; lenient federation loading."""
 import dataclasses
+import itertools
 import tomllib
 from pathlib import Path
 
@@ -15,6 +16,24 @@ def test_pyproject_run_config_matches_dataclass_defaults():
     fields = {f.name.replace("_", "-"): f.default for f in dataclasses.fields(RunConfig)}
     assert set(flwr_cfg) == set(fields)  # every key Flower accepts is a RunConfig field and back
     assert {k: v for k, v in flwr_cfg.items()} == fields
+
+
+def test_readme_lists_every_run_config_key_with_its_default():
+    """README's run-config table: every RunConfig field once, with the dataclass default."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    start = lines.index("| key | default | what it sets |") + 2
+    rows = [line for line in itertools.takewhile(lambda line: line.startswith("|"), lines[start:])]
+    listed = {}
+    for row in rows:
+        keys_cell, defaults_cell = (cell.strip() for cell in row.strip("|").split("|")[:2])
+        keys = [k.strip().strip("`") for k in keys_cell.split(",")]
+        defaults = [tomllib.loads(f"v = {d.strip().strip('`')}")["v"] for d in defaults_cell.split(",")]
+        assert len(keys) == len(defaults), row
+        for key, default in zip(keys, defaults):
+            assert key not in listed, f"{key} listed twice"
+            listed[key] = default
+    fields = {f.name.replace("_", "-"): f.default for f in dataclasses.fields(RunConfig)}
+    assert listed == fields
 
 
 def test_from_flower_resolves_paths_and_coerces_ints(tmp_path):
