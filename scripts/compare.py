@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from fedfm.config import RunConfig, load_federation_sites  # noqa: E402
 from fedfm.runlog import (RunLog, read_json, read_jsonl, read_run_config, read_samples,  # noqa: E402
                           samples_path, write_json, write_samples)
-from run_federation import _parse_value, default_min_train_nodes, run_federation  # noqa: E402
+from run_federation import _parse_value, default_min_train_nodes, run_federation, stop_cleanly_on_sigterm  # noqa: E402
 
 
 ARMS = ("local_only", "centralized")
@@ -265,6 +265,7 @@ def main(argv=None) -> int:
     out = Path(args.out or f"runs/compare-{datetime.now():%Y%m%d-%H%M%S}").resolve()
     overrides = {k: _parse_value(v) for k, _, v in (s.partition("=") for s in args.set)}
     overrides.update(federation=str(Path(args.federation).resolve()), **{"out-dir": str(out)})
+    stop_cleanly_on_sigterm()  # a federated arm's SuperLink is stopped on SIGTERM too
     try:
         if not args.skip_federated:
             n = sum(1 for e in load_federation_sites(overrides["federation"]) if e.role == "train")
@@ -301,6 +302,9 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a federated arm's SuperLink is stopped by now; compare.json is not written
+        print(f"fedfm: interrupted; {out / 'compare.json'} was not written", file=sys.stderr)
+        return 130
     report = write_report(out)
     summary = summarize(load_run(out))
     print("\n".join(comparison_lines(summary) + [""] + bootstrap_lines(summary.get("bootstrap") or {})))

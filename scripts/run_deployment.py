@@ -41,7 +41,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from fedfm.config import RunConfig, federation_site_paths  # noqa: E402
 from run_federation import (  # noqa: E402
     add_run_args, check_launch_dir, default_min_train_nodes, flwr_env, free_port, run_outcome, run_overrides,
-    run_status, start_superlink, stop_superlink, tee_run_output, timeout_seconds, write_run_config)
+    run_status, start_superlink, stop_cleanly_on_sigterm, stop_superlink, tee_run_output, timeout_seconds,
+    write_run_config)
 
 CONNECTION = "fedfm-deployment"  # the SuperLink connection name in $FLWR_HOME/config.toml
 
@@ -215,8 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="SuperNodes to start, playing training sites 0..K-1 (default: all training sites)")
     args = p.parse_args(argv)
 
-    # SIGTERM → SystemExit, so the finally that stops the SuperLink and SuperNodes runs
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    stop_cleanly_on_sigterm()  # SIGTERM → SystemExit: the finally stops the SuperLink and SuperNodes
     try:
         overrides = run_overrides(args)
         num_sites = len([pth for pth, role in federation_site_paths(overrides["federation"]) if role == "train"])

@@ -250,6 +250,9 @@ def run_federation(overrides: dict, num_supernodes: int, flwr_home: Path, num_cp
         finally:
             if timer is not None:
                 timer.cancel()
+            if stream.poll() is None:  # interrupted (Ctrl-C, SIGTERM): the CLI goes with the SuperLink
+                stream.kill()
+                stream.wait()
         result["timed_out"] = timed_out.is_set()
         if result["run_id"]:
             rec = run_status(env, result["run_id"])
@@ -257,6 +260,14 @@ def run_federation(overrides: dict, num_supernodes: int, flwr_home: Path, num_cp
     finally:
         stop_superlink(proc)
     return run_outcome(result, cfg, t0)
+
+
+def stop_cleanly_on_sigterm() -> None:
+    """SIGTERM (``kill``, a job scheduler's time limit, a cancelled CI job) → SystemExit(143) in
+    the main thread, so the launchers' ``finally`` blocks stop what they started, as on Ctrl-C;
+    Python's default SIGTERM action ends the process at once and leaves the SuperLink, the
+    simulation and Ray running."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
 def run_outcome(result: dict, cfg: RunConfig, t0: float) -> dict:
@@ -329,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flwr-home", default=str(ROOT / ".flwr"))
     args = p.parse_args(argv)
 
+    stop_cleanly_on_sigterm()
     try:
         overrides = run_overrides(args)
         train_sites = [pth for pth, role in federation_site_paths(overrides["federation"]) if role == "train"]
@@ -339,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # bad config: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the SuperLink and everything under it are stopped by now
+        print("fedfm: interrupted; the run's SuperLink was stopped", file=sys.stderr)
+        return 130
     print(f"\nfedfm: run {result['run_id']} {result['status']} in {result['wall_s']:.0f} s "
           f"{result['status_details'] if result['status_details'] != 'N/A' else ''}".rstrip())
     if not result["ok"]:

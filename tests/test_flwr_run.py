@@ -137,3 +137,43 @@ def test_stop_superlink_stops_the_group_members_that_outlive_the_leader():
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_sigterm_to_the_launcher_stops_the_run_and_everything_it_started(tmp_path, cache_dir):
+    # a job scheduler's time limit or `kill PID` sends SIGTERM, whose default action would end the
+    # launcher at once and leave its SuperLink, the simulation and Ray's head running
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    fed = write_federation(tmp_path / "fed")
+    run, home = tmp_path / "run", tmp_path / "flwr-home"
+    rc = run_config(fed, run, cache_dir, backbone="")
+    sets = [a for k, v in rc.items() if k not in ("federation", "out-dir") for a in ("--set", f"{k}={v}")]
+    cmd = [sys.executable, str(ROOT / "scripts" / "run_federation.py"), "--federation", str(fed),
+           "--out", str(run), "--flwr-home", str(home), *sets]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    started = []
+    try:
+        deadline = time.monotonic() + 180
+        while not (run / "config.json").exists():  # the ServerApp runs: SuperLink, simulation and Ray are up
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+            time.sleep(0.5)
+        started = psutil.Process(proc.pid).children(recursive=True)
+        assert any("flower-superlink" in " ".join(p.cmdline()) for p in started)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 143, err[-2000:]
+        assert not (run / "report.md").exists()
+        time.sleep(1.0)
+        left = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert left == [], [" ".join(p.cmdline())[:120] for p in left]
+    finally:
+        for p in [*started, psutil.Process(proc.pid)] if proc.poll() is None else started:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
