@@ -275,7 +275,13 @@ def federation_site_paths(path: str | Path) -> list[tuple[str, str]]:
         for entry in data.get(key) or []:
             if not isinstance(entry, str):
                 raise ConfigError(f"{p}: `{key}` entry {entry!r} is not allowed; expected a site YAML path")
-            out.append((str((p.parent / entry).resolve()), role))
+            site = str((p.parent / entry).resolve())
+            seen = next((r for s, r in out if s == site), None)
+            if seen is not None:
+                where = "twice" if seen == role else "in both `train_sites` and `heldout_sites`"
+                raise ConfigError(f"{p}: `{key}` entry {entry!r} is not allowed: that site is listed {where}; "
+                                  f"expected each site once")
+            out.append((site, role))
     return out
 
 
@@ -288,6 +294,19 @@ def load_federation_sites(path: str | Path) -> list[SiteEntry]:
             entries.append(SiteEntry(site_path, role, spec=load_site(site_path)))
         except ValueError as e:
             entries.append(SiteEntry(site_path, role, error=str(e)))
+    # what a federation needs of its usable sites, as fedfm.scenarios.load_federation checks it:
+    # a name twice would merge two sites' rows and caches, another beam count needs another BF head
+    good = [e for e in entries if e.spec is not None]
+    for e in good:
+        other = next((o for o in good if o is not e and o.spec.name == e.spec.name), None)
+        if other is not None:
+            raise ConfigError(f"{path}: sites {e.path} and {other.path} are both named {e.spec.name!r}; "
+                              f"expected unique site names")
+    beams = {e.spec.mmwave.codebook_beams for e in good}
+    if len(beams) > 1:
+        counts = ", ".join(f"{e.spec.name} {e.spec.mmwave.codebook_beams}" for e in good)
+        raise ConfigError(f"{path}: `mmwave.codebook_beams` differs between sites ({counts}); expected one "
+                          f"beam count shared by all sites (one BF head)")
     return entries
 
 

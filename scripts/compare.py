@@ -263,10 +263,19 @@ def main(argv=None) -> int:
                         "data, backbone, initial adapters and budget) instead of training them")
     args = p.parse_args(argv)
     out = Path(args.out or f"runs/compare-{datetime.now():%Y%m%d-%H%M%S}").resolve()
-    overrides = {k: _parse_value(v) for k, _, v in (s.partition("=") for s in args.set)}
-    overrides.update(federation=str(Path(args.federation).resolve()), **{"out-dir": str(out)})
     stop_cleanly_on_sigterm()  # a federated arm's SuperLink is stopped on SIGTERM too
     try:
+        overrides = {}
+        for item in args.set:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+            overrides[key] = _parse_value(value)
+        overrides.update(federation=str(Path(args.federation).resolve()), **{"out-dir": str(out)})
+        reuse = args.reference and Path(args.reference).resolve() == out
+        if (out / "compare.json").exists() and not reuse:  # its arms' per-sample errors would be deleted
+            raise ValueError(f"{out}: already holds a comparison (compare.json); move it away to compare again, "
+                             f"or recompute its intervals with --reference {out}")
         if not args.skip_federated:
             n = sum(1 for e in load_federation_sites(overrides["federation"]) if e.role == "train")
             overrides.setdefault("min-train-nodes", default_min_train_nodes(overrides, n))
@@ -275,6 +284,9 @@ def main(argv=None) -> int:
                 print(f"error: federated run {result['status']}: {result['status_details']}", file=sys.stderr)
                 return 1
         fed_steps = federated_steps(out)
+        if summarize(load_run(out)).get("incomplete"):  # its files are read before any training, too
+            raise ValueError(f"{out}: the federated run's last scored round is before its last round (report.md "
+                             f"says Incomplete); finish it (resume={out}) before comparing")
         if args.reference:
             ref = Path(args.reference).resolve()
             why = reference_mismatch(out, ref)
@@ -299,14 +311,14 @@ def main(argv=None) -> int:
                   f"{result['steps']['per_site']} steps local-only had: "
                   + ", ".join(f"{site} {n}" for site, n in short.items()), file=sys.stderr)
         write_json(out / "compare.json", result)
+        report = write_report(out)
+        summary = summarize(load_run(out))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # a federated arm's SuperLink is stopped by now; compare.json is not written
         print(f"fedfm: interrupted; {out / 'compare.json'} was not written", file=sys.stderr)
         return 130
-    report = write_report(out)
-    summary = summarize(load_run(out))
     print("\n".join(comparison_lines(summary) + [""] + bootstrap_lines(summary.get("bootstrap") or {})))
     print(f"report: {report}")
     return 0

@@ -156,7 +156,7 @@ def run_deployment(overrides: dict, num_supernodes: int, num_partitions: int, fl
     'ok', 'pids', 'error'}."""
     cfg = RunConfig.from_flower(overrides, base_dir=ROOT)  # validate before starting anything
     run_dir = cfg.run_dir
-    check_launch_dir(cfg)
+    check_launch_dir(cfg, num_nodes=num_supernodes)
     run_dir.mkdir(parents=True, exist_ok=True)
     flwr_home = flwr_home.resolve()
     flwr_home.mkdir(parents=True, exist_ok=True)

@@ -40,8 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_FEDERATION = "scenarios/federations/default.yaml"
 sys.path.insert(0, str(ROOT))
 
-from fedfm.config import RunConfig, federation_site_paths, with_recorded_settings  # noqa: E402
-from fedfm.runlog import check_fresh_run_dir, read_json  # noqa: E402
+from fedfm.config import (RunConfig, federation_site_paths, load_federation_sites, resume_mismatch,  # noqa: E402
+                          with_recorded_settings)
+from fedfm.runlog import check_fresh_run_dir, read_json, read_run_config  # noqa: E402
 
 
 def free_port() -> int:
@@ -196,15 +197,40 @@ def run_status(env: dict[str, str], run_id: str, timeout_s: float = 30.0, superl
     return rec
 
 
-def check_launch_dir(cfg: RunConfig) -> None:
-    """ValueError, before anything is written, when a launcher cannot use ``cfg``'s run folder:
+def check_launch_dir(cfg: RunConfig, num_nodes: int | None = None) -> None:
+    """ValueError, before anything is written or started, when a launcher cannot run ``cfg``:
     ``{run-id}`` left for the ServerApp (the launcher reads the folder back after the run, so it
-    must know its name), or a folder that already holds a run (unless resuming it)."""
+    must know its name), a run folder that is a file or already holds a run (unless resuming
+    it), a resume of a folder that holds no run or with other settings than the run's, a
+    federation whose sites do not fit together (a site twice, two beam counts), a backbone or
+    cache path that cannot be one, or more ``min-train-nodes`` than the ``num_nodes`` SuperNodes
+    (default: one per training site) that will connect, for which Flower would wait forever."""
     if "{run-id}" in str(cfg.run_dir):
         raise ValueError(f"out-dir {cfg.run_dir}: `{{run-id}}` is filled in by the ServerApp of a bare `flwr run`; "
                          f"a launcher needs the folder's name (--out DIR, default runs/<timestamp>)")
-    if not cfg.resume:
+    if cfg.run_dir.exists() and not cfg.run_dir.is_dir():
+        raise ValueError(f"{'resume' if cfg.resume else 'out-dir'} {cfg.run_dir}: is a file, not a folder")
+    if cfg.resume:
+        config = cfg.run_dir / "config.json"
+        if not config.is_file():
+            raise ValueError(f"resume={cfg.run_dir}: not a run folder (no config.json); "
+                             f"start a new run there with --out {cfg.run_dir}")
+        recorded = read_run_config(cfg.run_dir).get("run_config")
+        why = resume_mismatch(cfg, recorded) if isinstance(recorded, dict) else None  # else the server says why
+        if why:
+            raise ValueError(f"resume={cfg.run_dir}: {why}")
+    else:
         check_fresh_run_dir(cfg.run_dir)
+    sites = load_federation_sites(cfg.federation)  # one line naming the federation file on a structural fault
+    num_nodes = sum(e.role == "train" for e in sites) if num_nodes is None else num_nodes
+    if cfg.min_train_nodes > num_nodes:
+        raise ValueError(f"min-train-nodes={cfg.min_train_nodes} is not allowed: {num_nodes} SuperNode(s) will "
+                         f"connect (one per training site); expected at most {num_nodes}")
+    if cfg.backbone and not Path(cfg.backbone).is_file():
+        raise ValueError(f"backbone={cfg.backbone}: no such file; expected a backbone .safetensors from "
+                         f"scripts/pretrain.py, or leave it unset to pretrain one")
+    if cfg.cache_dir and Path(cfg.cache_dir).exists() and not Path(cfg.cache_dir).is_dir():
+        raise ValueError(f"cache-dir={cfg.cache_dir}: is a file, not a folder")
 
 
 def run_federation(overrides: dict, num_supernodes: int, flwr_home: Path, num_cpus: int = 1,
@@ -325,6 +351,12 @@ def run_overrides(args: argparse.Namespace) -> dict:
         overrides["resume"] = str(Path(str(overrides["resume"])).expanduser().resolve())
     if args.federation:
         overrides["federation"] = str(Path(args.federation).resolve())
+    if "out-dir" in overrides:
+        raise ValueError(f"--set out-dir={overrides['out-dir']}: the launchers take the run folder from --out; "
+                         f"use --out {overrides['out-dir']}")
+    if overrides.get("resume") and args.out and Path(args.out).resolve() != Path(overrides["resume"]):
+        raise ValueError(f"--out {args.out} with resume={overrides['resume']}: a resume writes into the resumed "
+                         f"run's folder; leave --out unset")
     overrides = with_recorded_settings(overrides)
     overrides.setdefault("federation", str((ROOT / DEFAULT_FEDERATION).resolve()))
     overrides["out-dir"] = str(Path(args.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}").resolve())
@@ -342,6 +374,10 @@ def main(argv: list[str] | None = None) -> int:
 
     stop_cleanly_on_sigterm()
     try:
+        if args.num_cpus < 1:
+            raise ValueError(f"--num-cpus {args.num_cpus} is not allowed; expected an integer >= 1 (Ray CPUs per site)")
+        if args.num_gpus is not None and not (math.isfinite(args.num_gpus) and args.num_gpus >= 0):
+            raise ValueError(f"--num-gpus {args.num_gpus} is not allowed; expected a GPU share >= 0 per site")
         overrides = run_overrides(args)
         train_sites = [pth for pth, role in federation_site_paths(overrides["federation"]) if role == "train"]
         overrides.setdefault("min-train-nodes", default_min_train_nodes(overrides, len(train_sites)))

@@ -340,6 +340,7 @@ def test_compare_refuses_an_unfinished_run_and_warns_about_lost_rounds(fed_run, 
     script = _load_script("compare")
     run = tmp_path / "run"
     shutil.copytree(fed_run["run"], run)
+    (run / "compare.json").unlink(missing_ok=True)  # the fixture's own comparison
     shutil.rmtree(run / "checkpoints" / f"round-{ROUNDS:03d}")  # interrupted in its last round
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     assert script.main([str(fed_run["fed"]), "--out", str(run), "--skip-federated"]) == 2
@@ -350,6 +351,7 @@ def test_compare_refuses_an_unfinished_run_and_warns_about_lost_rounds(fed_run, 
     # a finished run in which beta's round-1 update was rejected: beta trained one round fewer
     shutil.rmtree(run)
     shutil.copytree(fed_run["run"], run)
+    (run / "compare.json").unlink(missing_ok=True)  # the fixture's own comparison
     ledger = [{**r, "status": "rejected"} if (r["round"], r["site"]) == (1, "beta") else r
               for r in read_jsonl(run / "ledger.jsonl")]
     (run / "ledger.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ledger))
@@ -369,6 +371,7 @@ def test_compare_stops_with_one_line_when_a_site_s_data_cannot_be_loaded(fed_run
     script = _load_script("compare")
     run = tmp_path / "run"
     shutil.copytree(fed_run["run"], run)
+    (run / "compare.json").unlink(missing_ok=True)  # the fixture's own comparison
     real = fedfm.federated.load_site_tasks
 
     def load_site_tasks(spec, split, *a, **kw):
@@ -472,6 +475,9 @@ def test_compare_reference_reuses_only_a_matching_run(fed_run, tmp_path, capsys)
         shutil.copyfile(samples_path(other, f"round-{ROUNDS:03d}"), samples_path(other, f"round-{r:03d}"))
         RunLog(other).append_ledger([{**row, "round": r} for row in read_jsonl(other / "ledger.jsonl")
                                      if row["round"] == 1])
+        with open(other / "metrics.jsonl", "a") as f:  # and is scored in each, as a finished run is
+            f.writelines(json.dumps({**row, "round": r}) + "\n" for row in read_jsonl(other / "metrics.jsonl")
+                         if row["round"] == ROUNDS)
     with pytest.MonkeyPatch.context() as mp:
         calls = FinetuneCalls(mp)
         rc = script.main([str(fed_run["fed"]), "--out", str(other), "--skip-federated", "--reference", str(ref)])
@@ -906,3 +912,97 @@ def test_lmmse_calibration_predicted_error_matches_the_measured_one(tmp_path, ca
     assert capsys.readouterr().out.count("| CP |") == len(load_federation(fed_path).sites)
     assert script.main([str(fed_path), "--max-train", "-1"]) == 2
     assert capsys.readouterr().out.strip().count("\n") == 0
+
+
+def test_run_federation_refuses_before_starting_what_would_fail_hang_or_mislead_later(fed_run, tmp_path, capsys):
+    # each of these once reached Flower: a site twice (counted twice in FedAvg and the report), a
+    # 64-beam site beside 32-beam ones (scored by a 32-beam head), a min-train-nodes no SuperNode
+    # count can meet (Flower waits forever), a resume the server would refuse after rewriting the
+    # run's run_config.toml, a resume of a folder that does not exist (created), --out a file
+    import signal
+
+    root, run, fed = fed_run["root"], fed_run["run"], fed_run["fed"]
+    (root / "twice.yaml").write_text("name: t\ntrain_sites: [alpha.yaml, alpha.yaml]\n")
+    (root / "overlap.yaml").write_text("name: o\ntrain_sites: [alpha.yaml, beta.yaml]\nheldout_sites: [beta.yaml]\n")
+    gamma = (root / "gamma.yaml").read_text().replace("name: gamma", "name: gamma64")
+    (root / "gamma64.yaml").write_text(gamma.replace("codebook_beams: 32, oversampling: 4",
+                                                     "codebook_beams: 64, oversampling: 8"))
+    (root / "beams.yaml").write_text("name: b\ntrain_sites: [alpha.yaml, beta.yaml]\nheldout_sites: [gamma64.yaml]\n")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    cases = [
+        (["--federation", str(root / "twice.yaml")], "that site is listed twice"),
+        (["--federation", str(root / "overlap.yaml")], "in both `train_sites` and `heldout_sites`"),
+        (["--federation", str(root / "beams.yaml")], "`mmwave.codebook_beams` differs between sites (alpha 32, beta 32, gamma64 64)"),
+        (["--out", str(a_file)], f"out-dir {a_file}: is a file, not a folder"),
+        (["--set", f"resume={tmp_path / 'no-run'}"], "not a run folder (no config.json)"),
+        (["--set", f"resume={run}", "--set", "strategy=fedprox"], "`strategy` is 'fedprox' here but the run was started with 'fedavg'"),
+        (["--set", f"resume={run}", "--out", str(tmp_path / "elsewhere")], "a resume writes into the resumed run's folder"),
+        (["--set", "min-train-nodes=3"], "min-train-nodes=3 is not allowed: 2 SuperNode(s) will connect"),
+        (["--set", f"backbone={tmp_path / 'none.safetensors'}"], "none.safetensors: no such file"),
+        (["--set", f"cache-dir={a_file}"], f"cache-dir={a_file}: is a file, not a folder"),
+        (["--set", "out-dir=/tmp/elsewhere"], "the launchers take the run folder from --out"),
+        (["--num-gpus", "-1"], "--num-gpus -1.0 is not allowed"),
+        (["--num-cpus", "0"], "--num-cpus 0 is not allowed"),
+    ]
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    rf = _load_script("run_federation")
+    for i, (args, needle) in enumerate(cases):
+        new = tmp_path / f"new-{i}"
+        argv = [*args, "--flwr-home", str(tmp_path / "flwr")]
+        if "--federation" not in args and not any(a.startswith("resume=") for a in args):
+            argv += ["--federation", str(fed)]
+        if "--out" not in args and not any(a.startswith("resume=") for a in args):
+            argv += ["--out", str(new)]
+        saved = signal.getsignal(signal.SIGTERM)
+        try:
+            assert rf.main(argv) == 2, args
+        finally:
+            signal.signal(signal.SIGTERM, saved)
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and needle in err, (args, err)
+        assert not new.exists() and not (tmp_path / "flwr").exists() and not (tmp_path / "no-run").exists(), args
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_compare_refuses_before_training_a_second_comparison_a_corrupt_or_unscored_run(fed_run, tmp_path, capsys):
+    import shutil
+
+    script = _load_script("compare")
+
+    def attempt(edit, *extra):
+        run = tmp_path / f"run-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(fed_run["run"], run)
+        edit(run)
+        before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+        with pytest.MonkeyPatch.context() as mp:
+            calls = FinetuneCalls(mp)
+            rc = script.main([str(fed_run["fed"]), "--out", str(run), "--skip-federated", *extra])
+        out, err = capsys.readouterr()
+        assert rc == 2 and out == "" and err.count("\n") == 1 and "Traceback" not in err, err
+        assert calls.calls == []  # refused before any training
+        assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+        return err.strip()
+
+    def no_comparison(run):
+        (run / "compare.json").unlink(missing_ok=True)
+
+    def arms(run):  # an earlier comparison, with its arms' per-sample errors
+        (run / "compare.json").write_text(json.dumps({"local_only": {}, "centralized": {}}))
+        samples_path(run, "centralized").parent.mkdir(exist_ok=True)
+        samples_path(run, "centralized").write_bytes(b"kept")
+
+    def torn(run):  # metrics.jsonl cut inside its last line
+        no_comparison(run)
+        text = (run / "metrics.jsonl").read_bytes()
+        (run / "metrics.jsonl").write_bytes(text[:-40])
+
+    def unscored(run):  # cut at a line break: the last round's scores are gone, its checkpoint is not
+        no_comparison(run)
+        rows = [r for r in read_jsonl(run / "metrics.jsonl") if r.get("round") != ROUNDS]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    assert "already holds a comparison (compare.json)" in attempt(arms)
+    assert "metrics.jsonl: line" in attempt(torn) and "is not valid JSON" in attempt(torn)
+    assert "report.md says Incomplete" in attempt(unscored)
+    assert attempt(no_comparison, "--set", "num-server-rounds") == "error: --set 'num-server-rounds': expected KEY=VALUE"
