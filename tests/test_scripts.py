@@ -1006,3 +1006,44 @@ def test_compare_refuses_before_training_a_second_comparison_a_corrupt_or_unscor
     assert "metrics.jsonl: line" in attempt(torn) and "is not valid JSON" in attempt(torn)
     assert "report.md says Incomplete" in attempt(unscored)
     assert attempt(no_comparison, "--set", "num-server-rounds") == "error: --set 'num-server-rounds': expected KEY=VALUE"
+
+
+def test_report_refuses_to_rebuild_from_files_that_lost_the_scores(fed_run, tmp_path, capsys):
+    # report.py once replaced a complete report.md with a table of dashes (metrics.jsonl gone or
+    # empty, baselines.json gone) or with one saying Incomplete and advising a resume (the last
+    # round's scores gone, its checkpoint there), exit 0 and nothing on stderr
+    import shutil
+
+    script = _load_script("report")
+
+    def attempt(edit):
+        run = tmp_path / f"run-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(fed_run["run"], run)
+        edit(run)
+        before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+        rc = script.main([str(run)])
+        err = capsys.readouterr().err.strip()
+        if rc != 0:  # refused: nothing rewritten
+            assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+        return rc, err
+
+    def last_round_unscored(run):
+        rows = [r for r in read_jsonl(run / "metrics.jsonl") if r.get("round") != ROUNDS]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    for edit, needle in [(lambda run: (run / "metrics.jsonl").unlink(), "metrics.jsonl: not found"),
+                         (lambda run: (run / "metrics.jsonl").write_text(""), "metrics.jsonl: is empty"),
+                         (lambda run: (run / "baselines.json").unlink(), "baselines.json: not found"),
+                         (last_round_unscored, f"its last scored round is {ROUNDS - 1} but")]:
+        rc, err = attempt(edit)
+        assert rc == 2 and err.startswith("error: ") and "\n" not in err and needle in err, err
+    rc, err = attempt(lambda run: None)  # the run as it is rebuilds (and rewrites the same report)
+    assert rc == 0 and err == ""
+    # with eval-every=k an unscored last checkpoint is an interrupted run, not lost scores: rebuilt
+    def interrupted_between_evaluations(run):
+        conf = json.loads((run / "config.json").read_text())
+        conf["run_config"].update({"eval-every": ROUNDS + 1, "num-server-rounds": ROUNDS + 1})
+        (run / "config.json").write_text(json.dumps(conf))
+        last_round_unscored(run)
+    rc, err = attempt(interrupted_between_evaluations)
+    assert rc == 0 and err == "", err
