@@ -14,7 +14,8 @@ is therefore not the score the federation's evaluator gave it, which used none o
 Scores are on the site's full test split.
 ``--refit-epochs N`` then refits the pooled heads (BF, DE, PE, LoS) alone on the same labels
 (``fedfm.train.refit_heads``; ``--refit-scope features`` moves only their paths from the classical
-side inputs). Writes ``<run>/finetune/<site>-<fraction>.json``.
+side inputs). Writes ``<run>/finetune/<site>-<fraction>[-steps<N>][-refit<N>[-features]].json``
+(other flags, another file).
 """
 from __future__ import annotations
 
@@ -102,8 +103,20 @@ def finetune_site(run_dir: str, site_path: str, fraction: float = 1.0, steps: in
                      "ratio_before": b["ratio"], "ratio_after": a["ratio"], "ratio_after_ci": a["ratio_ci"],
                      "change_ci": _change_ci(b, a)} for b, a in zip(before, after)]}
     (log.dir / "finetune").mkdir(exist_ok=True)
-    write_json(log.dir / "finetune" / f"{spec.name}-{fraction:g}.json", out)
+    write_json(log.dir / "finetune" / result_name(spec.name, fraction, steps, refit_epochs, refit_scope), out)
     return out
+
+
+def result_name(site: str, fraction: float, steps: int | None, refit_epochs: int, refit_scope: str) -> str:
+    """``<site>-<fraction>[-steps<N>][-refit<N>[-features]].json``: other flags, another file (a run
+    with --steps or --refit-epochs once overwrote the default run's result); the same flags on
+    the same run reproduce the same result, which rewrites its file."""
+    name = f"{site}-{fraction:g}"
+    if steps is not None:
+        name += f"-steps{steps}"
+    if refit_epochs:
+        name += f"-refit{refit_epochs}" + ("" if refit_scope == "head" else f"-{refit_scope}")
+    return name + ".json"
 
 
 def _change_ci(before: dict, after: dict) -> list[float] | None:

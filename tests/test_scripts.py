@@ -104,7 +104,7 @@ def test_finetune_site_heldout_fraction(fed_run, capsys, monkeypatch):
     assert f"gamma: fine-tuned on 32 labelled samples from round {ROUNDS}" in out
     assert sum(line.startswith("| ") and line.split("|")[1].strip() in TASKS for line in out.splitlines()) == 7
 
-    path = fed_run["run"] / "finetune" / "gamma-0.5.json"
+    path = fed_run["run"] / "finetune" / f"gamma-0.5-steps{steps}.json"
     assert path.exists()
     res = json.loads(path.read_text())
     assert res["site"] == "gamma" and res["fraction"] == 0.5 and res["from_round"] == ROUNDS
@@ -154,12 +154,16 @@ def test_finetune_site_heldout_fraction(fed_run, capsys, monkeypatch):
 
 def test_finetune_site_refits_the_pooled_heads_on_the_labelled_fraction(fed_run, capsys):
     script = _load_script("finetune_site")
+    assert script.main(["--run", str(fed_run["run"]), "--site", str(fed_run["root"] / "gamma.yaml"), "--fraction",
+                        "0.5", "--steps", "2"]) == 0
+    plain = (fed_run["run"] / "finetune" / "gamma-0.5-steps2.json").read_bytes()
     rc = script.main(["--run", str(fed_run["run"]), "--site", str(fed_run["root"] / "gamma.yaml"), "--fraction",
                       "0.5", "--steps", "2", "--refit-epochs", "3"])
     assert rc == 0, capsys.readouterr().err
-    res = json.loads((fed_run["run"] / "finetune" / "gamma-0.5.json").read_text())
+    res = json.loads((fed_run["run"] / "finetune" / "gamma-0.5-steps2-refit3.json").read_text())
     assert res["refit_epochs"] == 3 and set(res["refit"]) == {"BF", "DE", "PE", "LoS"}
     assert all(r["samples"] == 32 and r["val_loss_after"] <= r["val_loss_before"] for r in res["refit"].values())
+    assert (fed_run["run"] / "finetune" / "gamma-0.5-steps2.json").read_bytes() == plain  # not overwritten
     assert script.main(["--run", str(fed_run["run"]), "--site", str(fed_run["root"] / "gamma.yaml"),
                         "--refit-epochs", "-1"]) == 2
     assert capsys.readouterr().err.startswith("error: --refit-epochs -1 is not allowed")
@@ -446,7 +450,7 @@ def test_finetune_site_fraction_is_of_the_labels_the_run_capped(fed_run, tmp_pat
     (run / "config.json").write_text(json.dumps(conf))
     assert script.main(["--run", str(run), "--site", str(fed_run["root"] / "alpha.yaml"), "--fraction", "0.5",
                         "--steps", "1"]) == 0
-    out = json.loads((run / "finetune" / "alpha-0.5.json").read_text())
+    out = json.loads((run / "finetune" / "alpha-0.5-steps1.json").read_text())
     assert out["labelled_samples"] == 5  # half of the 10 the run gave each site, not of its whole train split
 
 
