@@ -243,7 +243,8 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, typ) or isinstance(value, bool):
-        raise ValueError(f"run config: `{key}` = {value!r} is not allowed; expected a {typ.__name__}")
+        kind = {int: "an integer", float: "a number", str: "a string"}.get(typ, f"a {typ.__name__}")
+        raise ValueError(f"run config: `{key}` = {value!r} is not allowed; expected {kind}")
     return value
 
 

@@ -40,6 +40,8 @@ def run_pretraining(federation: str, out: str, preset: str = "tiny", steps: int 
     if steps <= 0 or batch_size <= 0 or not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"--steps {steps}, --batch-size {batch_size}, --lr {lr}: expected positive integers "
                          f"and a finite learning rate > 0")
+    if not 0 <= seed < 2 ** 31:  # as the run config's `seed` and make_fleet.py's --seed
+        raise ValueError(f"--seed {seed} is not allowed; expected an integer in [0, 2^31)")
     fed = load_federation(federation)
     device = resolve_device(device)
     cfg = ModelConfig.from_preset(preset, num_beams=fed.num_beams, seed=seed)

@@ -123,6 +123,7 @@ def run_central(federation: str, out: str, preset: str = "tiny", steps: int = 30
              "a finite number > 0"),
             ("--max-test", max_test, max_test >= 0, "an integer >= 0 (0 = all)"),
             ("--max-train", max_train, max_train >= 0, "an integer >= 0 (0 = all)"),
+            ("--seed", seed, 0 <= seed < 2 ** 31, "an integer in [0, 2^31)"),
             ("--head-prior-mu", head_prior_mu, math.isfinite(head_prior_mu) and head_prior_mu >= 0,
              "a finite number >= 0"),
             ("--refit-epochs", refit_epochs, refit_epochs >= 0, "an integer >= 0 (0 = no refit)")):

@@ -48,8 +48,8 @@ def test_from_flower_resolves_paths_and_coerces_ints(tmp_path):
     ("head-refit-scope", "embedding", "one of head, features"),
     ("num-server-rounds", 0, "integer >= 1"),
     ("fraction-train", 1.5, "(0, 1]"),
-    ("lr", "fast", "expected a float"),
-    ("lora-r", True, "expected a int"),
+    ("lr", "fast", "expected a number"),
+    ("lora-r", True, "expected an integer"),
     ("nonsense-key", 1, "allowed keys"),
 ])
 def test_bad_values_name_key_value_and_allowed(key, value, needle):
