@@ -119,6 +119,9 @@ _POS_INT = (int, lambda v: v > 0, "a positive integer")
 _POS_FLOAT = (float, lambda v: v > 0 and math.isfinite(v), "a positive number")
 _NONNEG_FLOAT = (float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0")
 _SNR = (float, lambda v: -30 <= v <= 60, "a number in [-30, 60] dB")
+_SPEED = (float, lambda v: 0 <= v <= 140, "a number in [0, 140] m/s (500 km/h, TR 38.913's fastest scenario)")
+# a split is generated and held in memory whole (a benchmark split of 10 000 is ~1.4 GB on disk)
+_SAMPLES = (int, lambda v: 0 < v <= 1_000_000, "a positive integer <= 1000000")
 
 _SECTIONS: dict[str, tuple[type, dict[str, tuple]]] = {
     "sub6": (Sub6Spec, {
@@ -131,13 +134,13 @@ _SECTIONS: dict[str, tuple[type, dict[str, tuple]]] = {
     "time": (TimeSpec, {
         "history_slots": _POS_INT, "horizon_slots": _POS_INT, "slot_interval_ms": _POS_FLOAT}),
     "ue": (UESpec, {
-        "speed_min_mps": _NONNEG_FLOAT, "speed_max_mps": _NONNEG_FLOAT,
+        "speed_min_mps": _SPEED, "speed_max_mps": _SPEED,
         "distance_min_m": (float, lambda v: v >= 1.0, "a number >= 1 m"),
         "distance_max_m": (float, lambda v: 1.0 <= v <= 10_000.0,
                            "a number in [1, 10000] m (TR 38.901 path loss is defined to 10 km)")}),
     "estimation": (EstimationSpec, {
         "pilot_spacing": _POS_INT, "snr_db_min": _SNR, "snr_db_max": _SNR}),
-    "samples": (SamplesSpec, {"train": _POS_INT, "val": _POS_INT, "test": _POS_INT}),
+    "samples": (SamplesSpec, {"train": _SAMPLES, "val": _SAMPLES, "test": _SAMPLES}),
 }
 _TOP = {
     "name": (str, lambda v: bool(v) and all(c.isalnum() or c in "-_." for c in v),
@@ -219,6 +222,17 @@ def _check_relations(s: SiteSpec, path: str) -> None:
         raise _fail(path, "sub6.subcarriers", k, "an even number (PF predicts the upper half from the lower)")
     if s.environment == "inh" and s.ue.distance_max_m > 150:
         raise _fail(path, "ue.distance_max_m", s.ue.distance_max_m, "<= 150 m for an indoor hotspot (inh)")
+    # the outdoor path-loss models' validity (TR 38.901 Table 7.4.1-1): from 10 m, to 5 km in UMa
+    # and UMi, to 10 km in RMa (the global bound)
+    if s.environment != "inh" and s.ue.distance_min_m < 10:
+        raise _fail(path, "ue.distance_min_m", s.ue.distance_min_m,
+                    f">= 10 m for {s.environment} (TR 38.901 path loss is defined from 10 m)")
+    if s.environment in ("uma", "umi") and s.ue.distance_max_m > 5000:
+        raise _fail(path, "ue.distance_max_m", s.ue.distance_max_m,
+                    f"<= 5000 m for {s.environment} (TR 38.901 path loss is defined to 5 km)")
+    if s.mmwave.carrier_ghz <= s.sub6.carrier_ghz:
+        raise _fail(path, "mmwave.carrier_ghz", s.mmwave.carrier_ghz,
+                    f"a carrier above sub6.carrier_ghz ({s.sub6.carrier_ghz} GHz): BF maps the sub-6 band to mmWave")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -48,6 +48,11 @@ def test_shipped_scenarios_load():
     ("seed: 101", "seed: 101\ncolour: blue", "colour", "colour"),
     ("  slot_interval_ms: 0.5", "  slot_interval_ms: 0.5\n  jitter: 1", "time.jitter", "jitter"),
     ("name: uma_1g9\n", "", "name", "name"),
+    # physically meaningless values that once validated and generated (a bad-input audit)
+    ("speed_max_mps: 15.0", "speed_max_mps: 1.0e+9", "ue.speed_max_mps", "1000000000.0"),
+    ("distance_min_m: 35.0", "distance_min_m: 1.0", "ue.distance_min_m", "1.0"),
+    ("distance_max_m: 300.0", "distance_max_m: 8000.0", "ue.distance_max_m", "8000.0"),
+    ("  train: 512", "  train: 100000000000", "samples.train", "100000000000"),
 ])
 def test_bad_site_names_file_key_value(tmp_path, old, new, key, fragment):
     # Prepare
@@ -107,6 +112,8 @@ def test_hash_and_seeds():
     (GOOD.replace("seed: 101", "seed: 101\nname: other"), "key `name` appears twice (lines"),
     (GOOD.replace("distance_max_m: 300.0", "distance_max_m: .inf"), "`ue.distance_max_m`"),
     (GOOD.replace("distance_max_m: 300.0", "distance_max_m: 1.0e9"), "write 1.0e+3, not 1.0e3"),
+    (GOOD.replace("  carrier_ghz: 1.9", "  carrier_ghz: 6.5").replace("  carrier_ghz: 28.0", "  carrier_ghz: 6.5"),
+     "`mmwave.carrier_ghz` = 6.5 is not allowed; expected a carrier above sub6.carrier_ghz (6.5 GHz)"),
 ])
 def test_yaml_a_user_gets_wrong_is_one_line_naming_the_file(tmp_path, text, fragment):
     # PyYAML keeps the last of two equal keys silently; `.inf` passed validation and crashed the
