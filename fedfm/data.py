@@ -73,7 +73,14 @@ def _read_cached(path: Path) -> dict[str, np.ndarray] | None:
         return None
     try:
         meta = json.loads(meta_path.read_text())
-        if sha256_file(path) != meta["sha256"]:
+        digest = meta.get("sha256") if isinstance(meta, dict) else None
+        if not isinstance(digest, str):  # the sidecar is at fault, not the arrays: name it
+            raise ValueError(f"{meta_path}: corrupt cache sidecar (no `sha256` string)")
+    except (ValueError, OSError, json.JSONDecodeError) as e:
+        raise ValueError(str(e) if str(e).startswith(str(meta_path)) else
+                         f"{meta_path}: corrupt cache sidecar ({type(e).__name__}: {e})") from None
+    try:
+        if sha256_file(path) != digest:
             raise ValueError("checksum mismatch (truncated or modified)")
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}

@@ -41,7 +41,10 @@ def load_run(run_dir: str | Path) -> dict:
     config = read_run_config(d)
 
     def opt_json(name):
-        return read_json(d / name, {})
+        value = read_json(d / name, {})
+        if not isinstance(value, dict):  # its reader would fail on it with no file named
+            raise ValueError(f"{d / name}: not a JSON object; a run folder's {name} is one fedfm writes")
+        return value
 
     return {"dir": d, "config": config,
             "metrics": read_jsonl(d / "metrics.jsonl"), "ledger": read_jsonl(d / "ledger.jsonl"),

@@ -73,7 +73,8 @@ def test_a_cache_that_cannot_be_used_is_one_line(tmp_path, capfd):
     path = site_cache_dir(spec, tmp_path) / "val-8.npz"
     path.with_suffix(".json").write_text(json.dumps([]))  # valid JSON, not the sidecar's object
     again = load_split(spec, "val", tmp_path, samples=8)  # reported and regenerated, not a TypeError
-    assert "corrupt cache file (TypeError" in capfd.readouterr().err
+    err = capfd.readouterr().err
+    assert f"{path.with_suffix('.json')}: corrupt cache sidecar (no `sha256` string)" in err  # names the sidecar
     assert all(np.array_equal(good[k], again[k]) for k in good)
     blocker = tmp_path / "a-file"
     blocker.write_text("")

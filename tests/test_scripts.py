@@ -623,7 +623,8 @@ def test_scripts_on_a_folder_without_a_valid_config_one_line_error(tmp_path, nam
     assert sorted(tmp_path.iterdir()) == before  # nothing written into a folder that is not a run
 
 
-@pytest.mark.parametrize("name,text", [("metrics.jsonl", '{"round": 0}\n{"rou'), ("baselines.json", "{")])
+@pytest.mark.parametrize("name,text", [("metrics.jsonl", '{"round": 0}\n{"rou'), ("baselines.json", "{"),
+                                       ("compare.json", "[]"), ("baselines.json", "[1]")])
 def test_report_on_a_corrupt_run_file_names_it(tmp_path, name, text):
     import subprocess
 
