@@ -269,6 +269,9 @@ def federation_site_paths(path: str | Path) -> list[tuple[str, str]]:
     Reads only the list of paths, so a broken *site* file does not fail here."""
     p = Path(path)
     data = read_yaml(p)  # one line naming the file: unreadable, not text, malformed, a key twice
+    if isinstance(data, dict) and "environment" in data and "train_sites" not in data:
+        raise ConfigError(f"{p}: a site file (it has `environment`), not a federation; expected a federation "
+                          f"file with `train_sites` (e.g. scenarios/federations/default.yaml)")
     if not isinstance(data, dict) or not isinstance(data.get("train_sites"), list) or not data["train_sites"]:
         raise ConfigError(f"{p}: `train_sites` must be a non-empty list of site YAML paths")
     out = []

@@ -282,6 +282,9 @@ def load_federation(path: str | Path) -> Federation:
     data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a federation file must be a mapping of keys")
+    if "environment" in data and "train_sites" not in data:
+        raise ConfigError(f"{path}: a site file (it has `environment`), not a federation; expected a federation "
+                          f"file with `train_sites` (e.g. scenarios/federations/default.yaml)")
     _check_keys(path, "", data, {"name": 0, "train_sites": 0, "heldout_sites": 0}, required=("name", "train_sites"))
     base = Path(path).parent
     groups = {}

@@ -62,7 +62,8 @@ def test_broken_site_yaml_is_isolated(tmp_path):
     (tmp_path / "good.yaml").write_text("name: good\nenvironment: uma\n")
     (tmp_path / "bad.yaml").write_text("name: bad\nenvironment: uma\nsub6: {antennas: -4}\n")
     fed = tmp_path / "fed.yaml"
-    fed.write_text("name: f\ntrain_sites: [good.yaml, bad.yaml]\nheldout_sites: [good.yaml]\n")
+    (tmp_path / "held.yaml").write_text("name: held\nenvironment: umi\n")
+    fed.write_text("name: f\ntrain_sites: [good.yaml, bad.yaml]\nheldout_sites: [held.yaml]\n")
     assert [role for _, role in federation_site_paths(fed)] == ["train", "train", "heldout"]
     entries = load_federation_sites(fed)
     assert entries[0].spec.name == "good" and not entries[0].error

@@ -92,6 +92,15 @@ def test_cli_generate_bad_site_no_traceback(tmp_path):
     assert not out.exists()
 
 
+def test_a_site_file_given_as_the_federation_says_so(tmp_path):
+    from fedfm.config import federation_site_paths
+
+    site = write(tmp_path, GOOD)
+    for load in (load_federation, federation_site_paths):
+        with pytest.raises(ConfigError, match=rf"^{site}: a site file \(it has `environment`\), not a federation"):
+            load(site)
+
+
 def test_federation_rejects_missing_site(tmp_path):
     fed = write(tmp_path, "name: f\ntrain_sites: [nowhere.yaml]\n", "fed.yaml")
     with pytest.raises(ConfigError, match="nowhere.yaml: cannot read file"):
