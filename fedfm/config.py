@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from fedfm.scenarios import ConfigError, SiteSpec, load_site, read_yaml
+from fedfm.scenarios import ConfigError, SiteSpec, load_site, read_yaml, spec_hash
 
 LR_SCHEDULES = ("run", "round")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm")
@@ -207,6 +207,26 @@ def resume_mismatch(cfg: "RunConfig", recorded: Mapping[str, Any]) -> str | None
                     f"the run's settings (only {', '.join(RESUME_MAY_CHANGE[:6])} may change): set "
                     f"{key}={recorded[key]!r} or start a new run")
     return None
+
+
+def check_resume_settings(cfg: RunConfig, recorded: dict, sites: list, run_dir: Path) -> None:
+    """ValueError when ``cfg`` changes what the run in ``run_dir`` trains: a run-config key
+    other than those :data:`fedfm.config.RESUME_MAY_CHANGE` lists, or the federation's sites
+    (names, roles, site-YAML contents by spec hash)."""
+    why = resume_mismatch(cfg, recorded.get("run_config", {}))
+    if why is None:
+        def sites_of(entries):
+            return [(e.get("name"), e.get("role"), e.get("spec_hash")) for e in entries]
+
+        then = sites_of(recorded.get("federation", {}).get("sites", []))
+        now = sites_of({"name": e.name, "role": e.role, "spec_hash": spec_hash(e.spec) if e.spec else None}
+                       for e in sites)
+        if now != then:
+            first = next((b for a, b in zip(now, then) if a != b), None) or (now[len(then):] or then[len(now):])[0]
+            why = (f"federation {cfg.federation} differs from the run's sites (first difference: site "
+                   f"{first[0]!r}: another role, YAML content or order); a resume keeps the run's federation")
+    if why:
+        raise ValueError(f"resume={run_dir}: {why}")
 
 
 def with_recorded_settings(overrides: Mapping[str, Any]) -> dict[str, Any]:

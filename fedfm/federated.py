@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedfm.config import RunConfig
+from fedfm.config import RunConfig, check_resume_settings
 from fedfm.data import cache_root, first_samples, load_split
 from fedfm.scenarios import SiteSpec, derive_seed, spec_hash
 
@@ -462,28 +462,6 @@ def setup_run(cfg: RunConfig) -> RunSetup:
                      full_model_bytes(model), run_key)
     write_run_config(cfg, setup, source)
     return setup
-
-
-def check_resume_settings(cfg: RunConfig, recorded: dict, sites: list, run_dir: Path) -> None:
-    """ValueError when ``cfg`` changes what the run in ``run_dir`` trains: a run-config key
-    other than those :data:`fedfm.config.RESUME_MAY_CHANGE` lists, or the federation's sites
-    (names, roles, site-YAML contents by spec hash)."""
-    from fedfm.config import resume_mismatch
-
-    why = resume_mismatch(cfg, recorded.get("run_config", {}))
-    if why is None:
-        def sites_of(entries):
-            return [(e.get("name"), e.get("role"), e.get("spec_hash")) for e in entries]
-
-        then = sites_of(recorded.get("federation", {}).get("sites", []))
-        now = sites_of({"name": e.name, "role": e.role, "spec_hash": spec_hash(e.spec) if e.spec else None}
-                       for e in sites)
-        if now != then:
-            first = next((b for a, b in zip(now, then) if a != b), None) or (now[len(then):] or then[len(now):])[0]
-            why = (f"federation {cfg.federation} differs from the run's sites (first difference: site "
-                   f"{first[0]!r}: another role, YAML content or order); a resume keeps the run's federation")
-    if why:
-        raise ValueError(f"resume={run_dir}: {why}")
 
 
 def check_state_fits(state: dict[str, np.ndarray], model_state: dict[str, np.ndarray], where: Path) -> None:

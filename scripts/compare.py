@@ -263,7 +263,7 @@ def main(argv=None) -> int:
                         "data, backbone, initial adapters and budget) instead of training them")
     args = p.parse_args(argv)
     out = Path(args.out or f"runs/compare-{datetime.now():%Y%m%d-%H%M%S}").resolve()
-    stop_cleanly_on_sigterm()  # a federated arm's SuperLink is stopped on SIGTERM too
+    written = False
     try:
         overrides = {}
         for item in args.set:
@@ -272,8 +272,12 @@ def main(argv=None) -> int:
                 raise ValueError(f"--set {item!r}: expected KEY=VALUE")
             overrides[key] = _parse_value(value)
         overrides.update(federation=str(Path(args.federation).resolve()), **{"out-dir": str(out)})
-        reuse = args.reference and Path(args.reference).resolve() == out
-        if (out / "compare.json").exists() and not reuse:  # its arms' per-sample errors would be deleted
+        held = read_json(out / "compare.json", None)
+        ref = Path(args.reference).resolve() if args.reference else None
+        # its arms' per-sample errors would be deleted and replaced; taking them again from the
+        # reference they were copied from, or from the folder itself, loses nothing
+        reuse = ref is not None and (ref == out or (isinstance(held, dict) and held.get("reference") == str(ref)))
+        if held is not None and not reuse:
             raise ValueError(f"{out}: already holds a comparison (compare.json); move it away to compare again, "
                              f"or recompute its intervals with --reference {out}")
         if not args.skip_federated:
@@ -293,7 +297,9 @@ def main(argv=None) -> int:
             if why:
                 raise ValueError(f"--reference {args.reference}: its local-only/centralized results "
                                  f"do not apply to {out}: {why}")
-            result = {**read_json(ref / "compare.json"), "reference": str(ref)}
+            theirs = read_json(ref / "compare.json")
+            # a folder that is its own reference keeps where its arms came from
+            result = {**theirs, "reference": theirs.get("reference", str(ref)) if ref == out else str(ref)}
             for arm in ARMS if ref != out else ():  # the same test samples (checked): its per-sample errors apply
                 samples_path(out, arm).unlink(missing_ok=True)
                 if samples_path(ref, arm).is_file():
@@ -311,13 +317,15 @@ def main(argv=None) -> int:
                   f"{result['steps']['per_site']} steps local-only had: "
                   + ", ".join(f"{site} {n}" for site, n in short.items()), file=sys.stderr)
         write_json(out / "compare.json", result)
+        written = True
         report = write_report(out)
         summary = summarize(load_run(out))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # a federated arm's SuperLink is stopped by now; compare.json is not written
-        print(f"fedfm: interrupted; {out / 'compare.json'} was not written", file=sys.stderr)
+    except KeyboardInterrupt:  # a federated arm's SuperLink is stopped by now
+        print(f"fedfm: interrupted; {out / 'compare.json'} " + ("was written, the report not rebuilt (scripts/report.py "
+              f"{out})" if written else "was not written"), file=sys.stderr)
         return 130
     print("\n".join(comparison_lines(summary) + [""] + bootstrap_lines(summary.get("bootstrap") or {})))
     print(f"report: {report}")
@@ -325,4 +333,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    stop_cleanly_on_sigterm()  # as a command only (not when a test calls main)
     raise SystemExit(main())

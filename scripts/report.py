@@ -10,16 +10,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedfm.report import load_run, write_report  # noqa: E402
-from fedfm.runlog import RunLog  # noqa: E402
+from fedfm.runlog import CHECKPOINTS, samples_path  # noqa: E402
 
 
 def check_rebuildable(run_dir: str) -> None:
     """ValueError naming the file when the folder's files cannot give the run's report: a
     corrupt file (as write_report names it), no scores (metrics.jsonl missing or empty), a
-    fine-tuning run without its baselines, or a checkpoint of a later scored round than the
-    last one in metrics.jsonl (its scores are lost). Rebuilt from them, report.md would be a
-    table of dashes, or say Incomplete and advise a resume that repeats nothing, in place of
-    the report the run wrote."""
+    fine-tuning run without its baselines, or a round the central evaluator scored (its
+    checkpoint and per-sample errors are there) whose rows metrics.jsonl lacks. Rebuilt from
+    them, report.md would be a table of dashes, or say Incomplete and advise a resume that
+    repeats nothing, in place of the report the run wrote."""
     d = Path(run_dir)
     run = load_run(d)  # a missing config.json or a corrupt file: one line naming it
     metrics = d / "metrics.jsonl"
@@ -31,14 +31,21 @@ def check_rebuildable(run_dir: str) -> None:
     if rc.get("stage", "finetune") == "finetune" and not (d / "baselines.json").is_file():
         raise ValueError(f"{d / 'baselines.json'}: not found; the report's ratios need the baselines the run "
                          f"fitted, so nothing was rebuilt")
-    scored = [r["round"] for r in run["metrics"]
-              if isinstance(r, dict) and r.get("source") == "federated" and isinstance(r.get("round"), int)]
-    every, planned = int(rc.get("eval-every", 1) or 1), rc.get("num-server-rounds")
-    checkpointed = [r for r in RunLog(d).complete_rounds() if r % every == 0 or r == planned]  # scored ones
-    if scored and checkpointed and max(checkpointed) > max(scored):
-        raise ValueError(f"{metrics}: its last scored round is {max(scored)} but {d}/checkpoints holds round "
-                         f"{max(checkpointed)}; the scores of the rounds after {max(scored)} are missing, so "
-                         f"nothing was rebuilt")
+    for line, r in enumerate(run["metrics"], 1):
+        if not isinstance(r, dict) or not isinstance(r.get("round"), int) or "source" not in r:
+            raise ValueError(f"{metrics}: line {line} is not a row fedfm writes (an object with an integer "
+                             f"`round` and a `source`); nothing was rebuilt")
+    scored = {r["round"] for r in run["metrics"]
+              if isinstance(r, dict) and r.get("source") == "federated" and isinstance(r.get("round"), int)}
+    # rounds the central evaluator scored: a complete checkpoint and that round's per-sample errors
+    # (written just before its metrics rows); read from the files, since eval-every may change on a
+    # resume. Globbed, not through RunLog, which would create checkpoints/ in the folder.
+    lost = sorted(r for r in (int(c.name[len("round-"):]) for c in (d / CHECKPOINTS).glob("round-[0-9][0-9][0-9]")
+                              if (c / "state.json").is_file() and (c / "adapter.safetensors").is_file())
+                  if samples_path(d, f"round-{r:03d}").is_file() and r not in scored)
+    if lost:
+        raise ValueError(f"{metrics}: lacks the scores of round(s) {', '.join(map(str, lost))}, which "
+                         f"{d}/checkpoints and samples/ hold; nothing was rebuilt")
 
 
 def main(argv=None) -> int:

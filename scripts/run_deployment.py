@@ -216,7 +216,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="SuperNodes to start, playing training sites 0..K-1 (default: all training sites)")
     args = p.parse_args(argv)
 
-    stop_cleanly_on_sigterm()  # SIGTERM → SystemExit: the finally stops the SuperLink and SuperNodes
     try:
         overrides = run_overrides(args)
         num_sites = len([pth for pth, role in federation_site_paths(overrides["federation"]) if role == "train"])
@@ -247,4 +246,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    stop_cleanly_on_sigterm()  # as a command only (not when a test calls main)
     raise SystemExit(main())

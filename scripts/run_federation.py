@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_FEDERATION = "scenarios/federations/default.yaml"
 sys.path.insert(0, str(ROOT))
 
-from fedfm.config import (RunConfig, federation_site_paths, load_federation_sites, resume_mismatch,  # noqa: E402
+from fedfm.config import (RunConfig, check_resume_settings, federation_site_paths, load_federation_sites,  # noqa: E402
                           with_recorded_settings)
 from fedfm.runlog import check_fresh_run_dir, read_json, read_run_config  # noqa: E402
 
@@ -77,17 +77,20 @@ def start_superlink(flwr_home: Path, env: dict[str, str], port: int, timeout_s: 
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"flower-superlink exited with {proc.returncode}; see {state}/superlink.log")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=0.5) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.3)
-    stop_superlink(proc)
-    raise RuntimeError(f"flower-superlink did not become healthy on port {port} within {timeout_s:.0f} s")
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"flower-superlink exited with {proc.returncode}; see {state}/superlink.log")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=0.5) as r:
+                    if r.status == 200:
+                        return proc
+            except OSError:
+                time.sleep(0.3)
+        raise RuntimeError(f"flower-superlink did not become healthy on port {port} within {timeout_s:.0f} s")
+    except BaseException:  # not healthy, Ctrl-C or SIGTERM while waiting: not left running
+        stop_superlink(proc)
+        raise
 
 
 def _descendant_groups(pid: int) -> list[int]:
@@ -201,31 +204,28 @@ def check_launch_dir(cfg: RunConfig, num_nodes: int | None = None) -> None:
     """ValueError, before anything is written or started, when a launcher cannot run ``cfg``:
     ``{run-id}`` left for the ServerApp (the launcher reads the folder back after the run, so it
     must know its name), a run folder that is a file or already holds a run (unless resuming
-    it), a resume of a folder that holds no run or with other settings than the run's, a
-    federation whose sites do not fit together (a site twice, two beam counts), a backbone or
-    cache path that cannot be one, or more ``min-train-nodes`` than the ``num_nodes`` SuperNodes
-    (default: one per training site) that will connect, for which Flower would wait forever."""
+    it), a resume of a folder that holds no run or that changes what the run trains (a setting,
+    a site YAML: the server's own check), a federation whose sites do not fit together (a site
+    twice, two beam counts), a backbone or cache path that cannot be one, or more
+    ``min-train-nodes`` than the ``num_nodes`` SuperNodes (default: one per training site) that
+    will connect, for which Flower would wait forever."""
     if "{run-id}" in str(cfg.run_dir):
         raise ValueError(f"out-dir {cfg.run_dir}: `{{run-id}}` is filled in by the ServerApp of a bare `flwr run`; "
                          f"a launcher needs the folder's name (--out DIR, default runs/<timestamp>)")
     if cfg.run_dir.exists() and not cfg.run_dir.is_dir():
         raise ValueError(f"{'resume' if cfg.resume else 'out-dir'} {cfg.run_dir}: is a file, not a folder")
+    sites = load_federation_sites(cfg.federation)  # one line naming the federation file on a structural fault
     if cfg.resume:
-        config = cfg.run_dir / "config.json"
-        if not config.is_file():
+        if not (cfg.run_dir / "config.json").is_file():  # e.g. stopped in the server's backbone pretraining
             raise ValueError(f"resume={cfg.run_dir}: not a run folder (no config.json); "
                              f"start a new run there with --out {cfg.run_dir}")
-        recorded = read_run_config(cfg.run_dir).get("run_config")
-        why = resume_mismatch(cfg, recorded) if isinstance(recorded, dict) else None  # else the server says why
-        if why:
-            raise ValueError(f"resume={cfg.run_dir}: {why}")
+        check_resume_settings(cfg, read_run_config(cfg.run_dir), sites, cfg.run_dir)
     else:
         check_fresh_run_dir(cfg.run_dir)
-    sites = load_federation_sites(cfg.federation)  # one line naming the federation file on a structural fault
     num_nodes = sum(e.role == "train" for e in sites) if num_nodes is None else num_nodes
     if cfg.min_train_nodes > num_nodes:
         raise ValueError(f"min-train-nodes={cfg.min_train_nodes} is not allowed: {num_nodes} SuperNode(s) will "
-                         f"connect (one per training site); expected at most {num_nodes}")
+                         f"connect; expected at most {num_nodes} (--set min-train-nodes={num_nodes})")
     if cfg.backbone and not Path(cfg.backbone).is_file():
         raise ValueError(f"backbone={cfg.backbone}: no such file; expected a backbone .safetensors from "
                          f"scripts/pretrain.py, or leave it unset to pretrain one")
@@ -293,7 +293,11 @@ def stop_cleanly_on_sigterm() -> None:
     the main thread, so the launchers' ``finally`` blocks stop what they started, as on Ctrl-C;
     Python's default SIGTERM action ends the process at once and leaves the SuperLink, the
     simulation and Ray running."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    def stop(*_):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+        sys.exit(143)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def run_outcome(result: dict, cfg: RunConfig, t0: float) -> dict:
@@ -372,7 +376,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flwr-home", default=str(ROOT / ".flwr"))
     args = p.parse_args(argv)
 
-    stop_cleanly_on_sigterm()
     try:
         if args.num_cpus < 1:
             raise ValueError(f"--num-cpus {args.num_cpus} is not allowed; expected an integer >= 1 (Ray CPUs per site)")
@@ -438,4 +441,5 @@ def _default_gpus(num_sites: int) -> float:
 
 
 if __name__ == "__main__":
+    stop_cleanly_on_sigterm()  # as a command only (not when a test calls main)
     raise SystemExit(main())

@@ -490,6 +490,10 @@ def test_compare_reference_reuses_only_a_matching_run(fed_run, tmp_path, capsys)
     assert calls.calls == []  # nothing trained
     mine, theirs = (json.loads((d / "compare.json").read_text()) for d in (other, ref))
     assert mine["reference"] == str(ref)
+    # the same again: a folder whose arms came from that reference may take them from it again
+    assert script.main([str(fed_run["fed"]), "--out", str(other), "--skip-federated", "--reference", str(ref)]) == 0
+    assert json.loads((other / "compare.json").read_text()) == mine
+    capsys.readouterr()
     assert {k: mine[k] for k in theirs} == theirs  # the bootstrap too: the reference's per-sample errors
     assert mine["bootstrap"]["local_only"].keys() == {"alpha", "beta"}
     # a run as its own reference (the table again, no training) keeps its per-sample errors
@@ -780,7 +784,7 @@ def test_report_and_finetune_site_on_files_of_the_wrong_shape_are_one_line(fed_r
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     assert _load_script("report").main([str(run)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"error: {run}: a run file does not have the shape fedfm writes (KeyError") and "\n" not in err
+    assert err.startswith(f"error: {run / 'metrics.jsonl'}: line 1 is not a row fedfm writes") and "\n" not in err
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
     # a site whose codebook is not the run's: one line before any data is generated
     site = tmp_path / "wide.yaml"
@@ -935,17 +939,20 @@ def test_run_federation_refuses_before_starting_what_would_fail_hang_or_mislead_
     (root / "gamma64.yaml").write_text(gamma.replace("codebook_beams: 32, oversampling: 4",
                                                      "codebook_beams: 64, oversampling: 8"))
     (root / "beams.yaml").write_text("name: b\ntrain_sites: [alpha.yaml, beta.yaml]\nheldout_sites: [gamma64.yaml]\n")
+    (root / "alpha-copy.yaml").write_text((root / "alpha.yaml").read_text())  # another file, the same name
+    (root / "names.yaml").write_text("name: n\ntrain_sites: [alpha.yaml, alpha-copy.yaml]\n")
     a_file = tmp_path / "a-file"
     a_file.write_text("not a folder")
     cases = [
         (["--federation", str(root / "twice.yaml")], "that site is listed twice"),
         (["--federation", str(root / "overlap.yaml")], "in both `train_sites` and `heldout_sites`"),
+        (["--federation", str(root / "names.yaml")], "alpha-copy.yaml are both named 'alpha'"),
         (["--federation", str(root / "beams.yaml")], "`mmwave.codebook_beams` differs between sites (alpha 32, beta 32, gamma64 64)"),
         (["--out", str(a_file)], f"out-dir {a_file}: is a file, not a folder"),
         (["--set", f"resume={tmp_path / 'no-run'}"], "not a run folder (no config.json)"),
         (["--set", f"resume={run}", "--set", "strategy=fedprox"], "`strategy` is 'fedprox' here but the run was started with 'fedavg'"),
         (["--set", f"resume={run}", "--out", str(tmp_path / "elsewhere")], "a resume writes into the resumed run's folder"),
-        (["--set", "min-train-nodes=3"], "min-train-nodes=3 is not allowed: 2 SuperNode(s) will connect"),
+        (["--set", "min-train-nodes=3", "--timeout", "30"], "min-train-nodes=3 is not allowed: 2 SuperNode(s) will connect"),
         (["--set", f"backbone={tmp_path / 'none.safetensors'}"], "none.safetensors: no such file"),
         (["--set", f"cache-dir={a_file}"], f"cache-dir={a_file}: is a file, not a folder"),
         (["--set", "out-dir=/tmp/elsewhere"], "the launchers take the run folder from --out"),
@@ -1030,6 +1037,7 @@ def test_report_refuses_to_rebuild_from_files_that_lost_the_scores(fed_run, tmp_
         before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
         rc = script.main([str(run)])
         err = capsys.readouterr().err.strip()
+        assert (run / "checkpoints").is_dir() == ("checkpoints" in {p.parts[0] for p in before})
         if rc != 0:  # refused: nothing rewritten
             assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
         return rc, err
@@ -1041,16 +1049,24 @@ def test_report_refuses_to_rebuild_from_files_that_lost_the_scores(fed_run, tmp_
     for edit, needle in [(lambda run: (run / "metrics.jsonl").unlink(), "metrics.jsonl: not found"),
                          (lambda run: (run / "metrics.jsonl").write_text(""), "metrics.jsonl: is empty"),
                          (lambda run: (run / "baselines.json").unlink(), "baselines.json: not found"),
-                         (last_round_unscored, f"its last scored round is {ROUNDS - 1} but")]:
+                         (last_round_unscored, f"lacks the scores of round(s) {ROUNDS}, which")]:
         rc, err = attempt(edit)
         assert rc == 2 and err.startswith("error: ") and "\n" not in err and needle in err, err
+    def every_score_gone(run):  # only the sites' training-loss rows left
+        rows = [r for r in read_jsonl(run / "metrics.jsonl") if r.get("source") != "federated"]
+        assert rows
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc, err = attempt(every_score_gone)
+    assert rc == 2 and "lacks the scores of round(s) 0, 1" in err, err
     rc, err = attempt(lambda run: None)  # the run as it is rebuilds (and rewrites the same report)
     assert rc == 0 and err == ""
-    # with eval-every=k an unscored last checkpoint is an interrupted run, not lost scores: rebuilt
+    # with eval-every=k a checkpoint the evaluator did not score (no per-sample errors) is a round
+    # between evaluations, not lost scores: rebuilt, whatever eval-every says now
     def interrupted_between_evaluations(run):
         conf = json.loads((run / "config.json").read_text())
-        conf["run_config"].update({"eval-every": ROUNDS + 1, "num-server-rounds": ROUNDS + 1})
+        conf["run_config"].update({"eval-every": 1, "num-server-rounds": ROUNDS + 1})
         (run / "config.json").write_text(json.dumps(conf))
         last_round_unscored(run)
+        samples_path(run, f"round-{ROUNDS:03d}").unlink()
     rc, err = attempt(interrupted_between_evaluations)
     assert rc == 0 and err == "", err
