@@ -17,7 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedfm.config import RunConfig
 from fedfm.federated import python_random_state, set_python_random_state, setup_run
-from fedfm.report import write_report
+from fedfm.report import load_run, summarize, write_report
 from server.evaluator import get_evaluate_fn
 from server.pretrain_stage import run_pretrain
 from server.strategy import build_strategy
@@ -80,4 +80,10 @@ def main(grid: Grid, context: Context) -> None:
             evaluate_fn=evaluate_fn,
         )
     report = write_report(run.runlog.dir)
-    print(f"fedfm: run complete: {cfg.num_server_rounds} rounds; report at {report}", flush=True)
+    idle = summarize(load_run(run.runlog.dir)).get("rounds_without_update") or []
+    if idle:  # as report.md says: no checkpoint for those rounds, the run is not its result yet
+        print(f"fedfm: run INCOMPLETE: no site update reached the average in round(s) {', '.join(map(str, idle))} "
+              f"of {cfg.num_server_rounds}; report at {report}; resume={run.runlog.dir} repeats the last such round",
+              flush=True)
+    else:
+        print(f"fedfm: run complete: {cfg.num_server_rounds} rounds; report at {report}", flush=True)

@@ -324,7 +324,7 @@ def test_eval_every_scores_round_0_every_kth_and_the_last_and_checkpoints_all(tm
 
 def test_a_round_without_any_update_writes_no_checkpoint_and_a_resume_repeats_it(full_run, tmp_path, cache_dir,
                                                                                   backbone, task_identity,
-                                                                                  monkeypatch):
+                                                                                  monkeypatch, capsys):
     # Every site fails in the last round (as when Ray kills them for memory): the run is
     # reported incomplete, round 2 has no checkpoint, and a resume repeats round 2 and ends
     # where the uninterrupted run ended. Before, round 2 was checkpointed unchanged and a resume
@@ -341,9 +341,13 @@ def test_a_round_without_any_update_writes_no_checkpoint_and_a_resume_repeats_it
         return real(cfg, spec, state, round_, **kw)
 
     monkeypatch.setattr(client, "local_train", out_of_memory_in_round_2)
+    capsys.readouterr()
     log = run_server(rc)
     assert log.complete_rounds() == [0, 1]
     assert read_json(log.dir / "report.json")["rounds_without_update"] == [2]
+    said = capsys.readouterr().out  # a bare `flwr run` user reads this line, not "run complete"
+    assert "fedfm: run INCOMPLETE: no site update reached the average in round(s) 2 of 2" in said
+    assert "run complete" not in said
     assert "a resume repeats it" in (log.dir / "report.md").read_text()
     monkeypatch.setattr(client, "local_train", real)
     resumed = run_server({**rc, "resume": str(tmp_path / "run-c")})
