@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from fedfm.scenarios import ConfigError, SiteSpec, load_site, read_yaml, spec_hash
+from fedfm.scenarios import (ConfigError, SiteSpec, check_sites_fit, load_site, read_yaml, refuse_site_file,
+                             spec_hash)
 
 LR_SCHEDULES = ("run", "round")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm")
@@ -289,9 +290,7 @@ def federation_site_paths(path: str | Path) -> list[tuple[str, str]]:
     Reads only the list of paths, so a broken *site* file does not fail here."""
     p = Path(path)
     data = read_yaml(p)  # one line naming the file: unreadable, not text, malformed, a key twice
-    if isinstance(data, dict) and "environment" in data and "train_sites" not in data:
-        raise ConfigError(f"{p}: a site file (it has `environment`), not a federation; expected a federation "
-                          f"file with `train_sites` (e.g. scenarios/federations/default.yaml)")
+    refuse_site_file(p, data)
     if not isinstance(data, dict) or not isinstance(data.get("train_sites"), list) or not data["train_sites"]:
         raise ConfigError(f"{p}: `train_sites` must be a non-empty list of site YAML paths")
     out = []
@@ -318,19 +317,7 @@ def load_federation_sites(path: str | Path) -> list[SiteEntry]:
             entries.append(SiteEntry(site_path, role, spec=load_site(site_path)))
         except ValueError as e:
             entries.append(SiteEntry(site_path, role, error=str(e)))
-    # what a federation needs of its usable sites, as fedfm.scenarios.load_federation checks it:
-    # a name twice would merge two sites' rows and caches, another beam count needs another BF head
-    good = [e for e in entries if e.spec is not None]
-    for e in good:
-        other = next((o for o in good if o is not e and o.spec.name == e.spec.name), None)
-        if other is not None:
-            raise ConfigError(f"{path}: sites {e.path} and {other.path} are both named {e.spec.name!r}; "
-                              f"expected unique site names")
-    beams = {e.spec.mmwave.codebook_beams for e in good}
-    if len(beams) > 1:
-        counts = ", ".join(f"{e.spec.name} {e.spec.mmwave.codebook_beams}" for e in good)
-        raise ConfigError(f"{path}: `mmwave.codebook_beams` differs between sites ({counts}); expected one "
-                          f"beam count shared by all sites (one BF head)")
+    check_sites_fit(path, (e.spec for e in entries if e.spec is not None))  # of the usable sites
     return entries
 
 

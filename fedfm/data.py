@@ -71,14 +71,13 @@ def _read_cached(path: Path) -> dict[str, np.ndarray] | None:
     meta_path = path.with_suffix(".json")
     if not path.exists() or not meta_path.exists():
         return None
-    try:
+    try:  # the sidecar at fault, not the arrays: name it
         meta = json.loads(meta_path.read_text())
-        digest = meta.get("sha256") if isinstance(meta, dict) else None
-        if not isinstance(digest, str):  # the sidecar is at fault, not the arrays: name it
-            raise ValueError(f"{meta_path}: corrupt cache sidecar (no `sha256` string)")
-    except (ValueError, OSError, json.JSONDecodeError) as e:
-        raise ValueError(str(e) if str(e).startswith(str(meta_path)) else
-                         f"{meta_path}: corrupt cache sidecar ({type(e).__name__}: {e})") from None
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{meta_path}: corrupt cache sidecar ({type(e).__name__}: {e})") from None
+    digest = meta.get("sha256") if isinstance(meta, dict) else None
+    if not isinstance(digest, str):
+        raise ValueError(f"{meta_path}: corrupt cache sidecar (no `sha256` string)")
     try:
         if sha256_file(path) != digest:
             raise ValueError("checksum mismatch (truncated or modified)")

@@ -17,7 +17,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import yaml
 
@@ -282,9 +282,7 @@ def load_federation(path: str | Path) -> Federation:
     data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a federation file must be a mapping of keys")
-    if "environment" in data and "train_sites" not in data:
-        raise ConfigError(f"{path}: a site file (it has `environment`), not a federation; expected a federation "
-                          f"file with `train_sites` (e.g. scenarios/federations/default.yaml)")
+    refuse_site_file(path, data)
     _check_keys(path, "", data, {"name": 0, "train_sites": 0, "heldout_sites": 0}, required=("name", "train_sites"))
     base = Path(path).parent
     groups = {}
@@ -295,15 +293,30 @@ def load_federation(path: str | Path) -> Federation:
         groups[key] = tuple(load_site((base / e).resolve()) for e in entries)
     if not groups["train_sites"]:
         raise _fail(path, "train_sites", [], "at least one site")
-    sites = groups["train_sites"] + groups["heldout_sites"]
-    names = [s.name for s in sites]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise _fail(path, "train_sites", dupes, "unique site names")
-    beams = {s.mmwave.codebook_beams for s in sites}
-    if len(beams) > 1:
-        raise _fail(path, "heldout_sites", sorted(beams), "one mmwave.codebook_beams shared by all sites (one BF head)")
+    check_sites_fit(path, groups["train_sites"] + groups["heldout_sites"])
     return Federation(str(data["name"]), groups["train_sites"], groups["heldout_sites"], path)
+
+
+def refuse_site_file(path: str | Path, data: Any) -> None:
+    """ConfigError when a federation path holds a site file: say so, not which key it lacks."""
+    if isinstance(data, dict) and "environment" in data and "train_sites" not in data:
+        raise ConfigError(f"{path}: a site file (it has `environment`), not a federation; expected a federation "
+                          f"file with `train_sites` (e.g. scenarios/federations/default.yaml)")
+
+
+def check_sites_fit(path: str | Path, sites: Iterable[SiteSpec]) -> None:
+    """ConfigError when a federation's sites do not fit together: a name twice would merge two
+    sites' rows and caches, another beam count needs another BF head."""
+    sites = list(sites)
+    for i, a in enumerate(sites):
+        b = next((b for b in sites[i + 1:] if b.name == a.name), None)
+        if b is not None:
+            raise ConfigError(f"{path}: sites {a.path} and {b.path} are both named {a.name!r}; "
+                              f"expected unique site names")
+    if len({s.mmwave.codebook_beams for s in sites}) > 1:
+        counts = ", ".join(f"{s.name} {s.mmwave.codebook_beams}" for s in sites)
+        raise ConfigError(f"{path}: `mmwave.codebook_beams` differs between sites ({counts}); expected one "
+                          f"beam count shared by all sites (one BF head)")
 
 
 def spec_to_dict(spec: SiteSpec) -> dict:

@@ -17,7 +17,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedfm.config import RunConfig
 from fedfm.federated import python_random_state, set_python_random_state, setup_run
-from fedfm.report import load_run, summarize, write_report
+from fedfm.report import write_report
+from fedfm.runlog import read_json
 from server.evaluator import get_evaluate_fn
 from server.pretrain_stage import run_pretrain
 from server.strategy import build_strategy
@@ -80,7 +81,7 @@ def main(grid: Grid, context: Context) -> None:
             evaluate_fn=evaluate_fn,
         )
     report = write_report(run.runlog.dir)
-    idle = summarize(load_run(run.runlog.dir)).get("rounds_without_update") or []
+    idle = read_json(run.runlog.dir / "report.json", {}).get("rounds_without_update") or []  # what write_report found
     if idle:  # as report.md says: no checkpoint for those rounds, the run is not its result yet
         print(f"fedfm: run INCOMPLETE: no site update reached the average in round(s) {', '.join(map(str, idle))} "
               f"of {cfg.num_server_rounds}; report at {report}; resume={run.runlog.dir} repeats the last such round",
