@@ -25,8 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from fedfm.scenarios import (ConfigError, SiteSpec, check_sites_fit, load_site, read_yaml, refuse_site_file,
-                             spec_hash)
+from fedfm.scenarios import SiteSpec, check_sites_fit, federation_entries, load_listed_site, load_site, spec_hash
 
 LR_SCHEDULES = ("run", "round")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm")
@@ -109,6 +108,20 @@ class RunConfig:
         _check("server-momentum", self.server_momentum,
                math.isfinite(self.server_momentum) and 0 <= self.server_momentum < 1, "a number in [0, 1)")
         _check("fraction-train", self.fraction_train, 0 < self.fraction_train <= 1, "a number in (0, 1]")
+        # A knob of one strategy set under another would be silently ignored (the run passed off
+        # as, say, FedProx while it ran FedAvg): refuse it, naming the strategy that uses it.
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for key, owner in (("fedprox_mu", "fedprox"), ("fedadam_eta", "fedadam"),
+                           ("server_lr", "fedavgm"), ("server_momentum", "fedavgm")):
+            value = getattr(self, key)
+            if value != defaults[key] and self.strategy != owner:
+                raise ValueError(f"run config: `{_kebab(key)}` = {value!r} is used only by strategy={owner}, and "
+                                 f"`strategy` is {self.strategy!r}; set strategy={owner}, or leave `{_kebab(key)}` "
+                                 f"at its default {defaults[key]!r}")
+        if self.head_refit_scope != defaults["head_refit_scope"] and self.head_refit_epochs == 0:
+            raise ValueError(f"run config: `head-refit-scope` = {self.head_refit_scope!r} is used only with "
+                             f"`head-refit-epochs` >= 1, and it is 0; set head-refit-epochs, or leave "
+                             f"`head-refit-scope` at its default {defaults['head_refit_scope']!r}")
         from fedfm.tasks import TASKS
 
         for key in ("personal_heads", "personal_adapters"):
@@ -287,25 +300,8 @@ class SiteEntry:
 def federation_site_paths(path: str | Path) -> list[tuple[str, str]]:
     """``[(absolute site YAML path, 'train'|'heldout'), ...]`` in file order (train first).
 
-    Reads only the list of paths, so a broken *site* file does not fail here."""
-    p = Path(path)
-    data = read_yaml(p)  # one line naming the file: unreadable, not text, malformed, a key twice
-    refuse_site_file(p, data)
-    if not isinstance(data, dict) or not isinstance(data.get("train_sites"), list) or not data["train_sites"]:
-        raise ConfigError(f"{p}: `train_sites` must be a non-empty list of site YAML paths")
-    out = []
-    for key, role in (("train_sites", "train"), ("heldout_sites", "heldout")):
-        for entry in data.get(key) or []:
-            if not isinstance(entry, str):
-                raise ConfigError(f"{p}: `{key}` entry {entry!r} is not allowed; expected a site YAML path")
-            site = str((p.parent / entry).resolve())
-            seen = next((r for s, r in out if s == site), None)
-            if seen is not None:
-                where = "twice" if seen == role else "in both `train_sites` and `heldout_sites`"
-                raise ConfigError(f"{p}: `{key}` entry {entry!r} is not allowed: that site is listed {where}; "
-                                  f"expected each site once")
-            out.append((site, role))
-    return out
+    Reads only the federation file, so a broken *site* file does not fail here."""
+    return federation_entries(path)[1]
 
 
 def load_federation_sites(path: str | Path) -> list[SiteEntry]:
@@ -314,11 +310,26 @@ def load_federation_sites(path: str | Path) -> list[SiteEntry]:
     entries = []
     for site_path, role in federation_site_paths(path):
         try:
-            entries.append(SiteEntry(site_path, role, spec=load_site(site_path)))
+            entries.append(SiteEntry(site_path, role, spec=load_listed_site(path, site_path, role)))
         except ValueError as e:
             entries.append(SiteEntry(site_path, role, error=str(e)))
     check_sites_fit(path, (e.spec for e in entries if e.spec is not None))  # of the usable sites
     return entries
+
+
+def check_batch_fits(cfg: RunConfig, sites: list[SiteEntry]) -> None:
+    """ValueError when ``batch-size`` exceeds a usable training site's training samples (its
+    train split, or ``train-max-samples`` of it): batches are drawn with replacement, so a
+    larger one only repeats samples, and a large enough one exhausts memory mid-run (Ray then
+    kills the site's actor) instead of being refused before anything starts."""
+    for e in sites:
+        if e.role != "train" or e.spec is None:
+            continue
+        n = e.spec.samples.train if not cfg.train_max_samples else min(e.spec.samples.train, cfg.train_max_samples)
+        if cfg.batch_size > n:
+            raise ValueError(f"run config: `batch-size` = {cfg.batch_size} is not allowed: training site {e.name} "
+                             f"({e.path}) has {n} training samples and a batch is drawn from them with "
+                             f"replacement; expected an integer in [1, {n}]")
 
 
 def train_site_for_partition(federation: str | Path, partition_id: int, num_partitions: int) -> SiteEntry:

@@ -410,15 +410,16 @@ def setup_run(cfg: RunConfig) -> RunSetup:
     """Open the run folder, load the federation site by site, get the backbone (given, or
     pretrained centrally when none is configured), build the model and either the fresh
     initial adapter state or the last complete round's checkpoint (``resume``)."""
-    from fedfm.config import load_federation_sites
+    from fedfm.config import check_batch_fits, load_federation_sites
     from fedfm.model import get_adapter_state
     from fedfm.runlog import RunLog, check_fresh_run_dir, read_jsonl
 
     if not cfg.resume:
         check_fresh_run_dir(cfg.run_dir)
+    sites = load_federation_sites(cfg.federation)
+    check_batch_fits(cfg, sites)  # before the run folder is made
     runlog = RunLog(cfg.run_dir)
     resumed = cfg.resume and (runlog.dir / "config.json").exists()
-    sites = load_federation_sites(cfg.federation)
     logged = {(r.get("site"), r.get("message")) for r in read_jsonl(runlog.dir / "events.jsonl", drop_torn_tail=True)}
     for e in sites:
         if e.error and (e.name, f"site excluded: {e.error}") not in logged:  # once per run, not per resume

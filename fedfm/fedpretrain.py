@@ -42,14 +42,15 @@ def setup_pretrain_run(cfg: RunConfig) -> PretrainSetup:
     there is a stage=pretrain run with the same settings and sites, and continue from its
     last complete round (whose checkpoint holds the full state and the strategy's, e.g.
     FedAvgM's momentum), dropping whatever an interrupted round had logged."""
-    from fedfm.config import load_federation_sites
+    from fedfm.config import check_batch_fits, load_federation_sites
     from fedfm.federated import check_resume_settings, check_state_fits, federation_record, state_bytes
     from fedfm.runlog import RunLog, check_fresh_run_dir
 
     if not cfg.resume:
         check_fresh_run_dir(cfg.run_dir)
-    runlog = RunLog(cfg.run_dir)
     sites = load_federation_sites(cfg.federation)
+    check_batch_fits(cfg, sites)  # before the run folder is made
+    runlog = RunLog(cfg.run_dir)
     good = [e for e in sites if e.spec is not None]
     if not any(e.role == "train" for e in good):
         raise ValueError(f"{cfg.federation}: no usable training site")

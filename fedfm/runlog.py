@@ -260,11 +260,14 @@ class RunLog:
         d = self.checkpoint_dir(round_)
         if not (d / "state.json").exists():
             raise ValueError(f"{d}: no complete checkpoint for round {round_}")
-        try:
-            adapter = load_file(str(d / "adapter.safetensors"))
-            strategy = load_file(str(d / "strategy.safetensors"))
-        except Exception as e:  # safetensors raises its own SafetensorError on a corrupt header
-            raise ValueError(f"{d}: checkpoint cannot be read ({e})") from None
+        loaded = {}
+        for name in ("adapter.safetensors", "strategy.safetensors"):
+            try:
+                loaded[name] = load_file(str(d / name))
+            except Exception as e:  # safetensors raises its own SafetensorError on a corrupt header
+                raise ValueError(f"{d / name}: checkpoint file cannot be read ({e}); resume from an earlier "
+                                 f"round's copy of the run, or start a new run") from None
+        adapter, strategy = loaded["adapter.safetensors"], loaded["strategy.safetensors"]
         for name, arrays in (("adapter.safetensors", adapter), ("strategy.safetensors", strategy)):
             bad = next((k for k, v in arrays.items() if v.dtype.kind == "f" and not np.isfinite(v).all()), None)
             if bad is not None:  # the server never writes one (it rejects NaN updates): a damaged file

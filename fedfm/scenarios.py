@@ -275,26 +275,55 @@ def load_site(path: str | Path) -> SiteSpec:
     return site_from_dict(read_yaml(path), str(path))
 
 
+def federation_entries(path: str | Path) -> tuple[str, list[tuple[str, str]]]:
+    """A federation YAML's ``name`` and ``[(absolute site YAML path, 'train'|'heldout'), ...]``
+    in file order (train first), with the file's own structure checked: a mapping of the known
+    keys (``heldout_site`` for ``heldout_sites`` would silently hold nothing out), a name,
+    lists of paths, each site once. Reads no site file, so a broken one does not fail here."""
+    p = Path(path)
+    data = read_yaml(p)  # one line naming the file: unreadable, not text, malformed, a key twice
+    refuse_site_file(p, data)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: a federation file must be a mapping of keys")
+    _check_keys(str(p), "", data, {"name": 0, "train_sites": 0, "heldout_sites": 0}, required=("name", "train_sites"))
+    if not isinstance(data["name"], str) or not data["name"].strip():
+        raise _fail(str(p), "name", data["name"], "a non-empty string")
+    out: list[tuple[str, str]] = []
+    for key, role in (("train_sites", "train"), ("heldout_sites", "heldout")):
+        entries = data.get(key) or []
+        if not isinstance(entries, list) or (key == "train_sites" and not entries):
+            raise _fail(str(p), key, entries, "a non-empty list of site YAML paths" if key == "train_sites"
+                        else "a list of site YAML paths")
+        for entry in entries:
+            if not isinstance(entry, str):
+                raise ConfigError(f"{p}: `{key}` entry {entry!r} is not allowed; expected a site YAML path")
+            site = str((p.parent / entry).resolve())
+            seen = next((r for s, r in out if s == site), None)
+            if seen is not None:
+                where = "twice" if seen == role else "in both `train_sites` and `heldout_sites`"
+                raise ConfigError(f"{p}: `{key}` entry {entry!r} is not allowed: that site is listed {where}; "
+                                  f"expected each site once")
+            out.append((site, role))
+    return data["name"], out
+
+
+def load_listed_site(federation: str | Path, site: str, role: str) -> SiteSpec:
+    """The site a federation lists; a missing file is named with the federation that lists it."""
+    if not Path(site).exists():
+        key = "train_sites" if role == "train" else "heldout_sites"
+        raise ConfigError(f"{site}: no such file, listed in `{key}` of {federation}; expected a site YAML "
+                          f"path relative to the federation file")
+    return load_site(site)
+
+
 def load_federation(path: str | Path) -> Federation:
     """Load a federation YAML: ``name``, ``train_sites`` and ``heldout_sites`` (paths
-    relative to the federation file)."""
-    path = str(path)
-    data = read_yaml(path)
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a federation file must be a mapping of keys")
-    refuse_site_file(path, data)
-    _check_keys(path, "", data, {"name": 0, "train_sites": 0, "heldout_sites": 0}, required=("name", "train_sites"))
-    base = Path(path).parent
-    groups = {}
-    for key in ("train_sites", "heldout_sites"):
-        entries = data.get(key, []) or []
-        if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
-            raise _fail(path, key, entries, "a list of site YAML paths")
-        groups[key] = tuple(load_site((base / e).resolve()) for e in entries)
-    if not groups["train_sites"]:
-        raise _fail(path, "train_sites", [], "at least one site")
-    check_sites_fit(path, groups["train_sites"] + groups["heldout_sites"])
-    return Federation(str(data["name"]), groups["train_sites"], groups["heldout_sites"], path)
+    relative to the federation file); every site must load."""
+    name, entries = federation_entries(path)
+    groups = {role: tuple(load_listed_site(path, site, r) for site, r in entries if r == role)
+              for role in ("train", "heldout")}
+    check_sites_fit(path, groups["train"] + groups["heldout"])
+    return Federation(name, groups["train"], groups["heldout"], str(path))
 
 
 def refuse_site_file(path: str | Path, data: Any) -> None:

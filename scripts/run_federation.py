@@ -40,8 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_FEDERATION = "scenarios/federations/default.yaml"
 sys.path.insert(0, str(ROOT))
 
-from fedfm.config import (RunConfig, check_resume_settings, federation_site_paths, load_federation_sites,  # noqa: E402
-                          with_recorded_settings)
+from fedfm.config import (RunConfig, check_batch_fits, check_resume_settings, federation_site_paths,  # noqa: E402
+                          load_federation_sites, with_recorded_settings)
 from fedfm.runlog import check_fresh_run_dir, read_json, read_run_config  # noqa: E402
 
 
@@ -222,6 +222,7 @@ def check_launch_dir(cfg: RunConfig, num_nodes: int | None = None) -> None:
         check_resume_settings(cfg, read_run_config(cfg.run_dir), sites, cfg.run_dir)
     else:
         check_fresh_run_dir(cfg.run_dir)
+    check_batch_fits(cfg, sites)
     num_nodes = sum(e.role == "train" for e in sites) if num_nodes is None else num_nodes
     if cfg.min_train_nodes > num_nodes:
         raise ValueError(f"min-train-nodes={cfg.min_train_nodes} is not allowed: {num_nodes} SuperNode(s) will "

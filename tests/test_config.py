@@ -58,6 +58,28 @@ def test_bad_values_name_key_value_and_allowed(key, value, needle):
     assert f"`{key}`" in str(e.value) and needle in str(e.value)
 
 
+@pytest.mark.parametrize("given, needle", [
+    ({"fedprox-mu": 0.1}, "used only by strategy=fedprox, and `strategy` is 'fedavg'"),
+    ({"strategy": "fedadam", "server-lr": 2.0}, "used only by strategy=fedavgm, and `strategy` is 'fedadam'"),
+    ({"strategy": "fedprox", "fedadam-eta": 0.1}, "used only by strategy=fedadam"),
+    ({"server-momentum": 0.9}, "used only by strategy=fedavgm"),
+    ({"head-refit-scope": "features"}, "used only with `head-refit-epochs` >= 1"),
+])
+def test_a_knob_the_run_would_ignore_is_refused(given, needle):
+    # a FedProx mu under FedAvg ran FedAvg and recorded mu as if it had been used
+    with pytest.raises(ValueError) as e:
+        RunConfig.from_flower(given)
+    key = next(k for k in given if k != "strategy")
+    assert f"`{key}` = {given[key]!r}" in str(e.value) and needle in str(e.value)
+    # the same knob under its own strategy, and every default under any strategy, is fine
+    owner = {"fedprox-mu": "fedprox", "fedadam-eta": "fedadam", "server-lr": "fedavgm",
+             "server-momentum": "fedavgm"}.get(key)
+    fixed = {key: given[key], **({"strategy": owner} if owner else {"head-refit-epochs": 1})}
+    assert RunConfig.from_flower(fixed).to_flower()[key] == given[key]
+    for strategy in ("fedavg", "fedprox", "fedadam", "fedavgm"):
+        RunConfig.from_flower({**RunConfig().to_flower(), "strategy": strategy})
+
+
 def test_broken_site_yaml_is_isolated(tmp_path):
     (tmp_path / "good.yaml").write_text("name: good\nenvironment: uma\n")
     (tmp_path / "bad.yaml").write_text("name: bad\nenvironment: uma\nsub6: {antennas: -4}\n")

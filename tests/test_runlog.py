@@ -155,6 +155,12 @@ def test_a_checkpoint_holding_nan_is_refused_naming_file_and_key(tmp_path):
     log.save_checkpoint(1, {"lora.A": np.array([1.0, np.nan], np.float32)}, {}, {})
     with pytest.raises(ValueError, match=r"adapter.safetensors: `lora.A` holds NaN or inf values; the checkpoint is damaged"):
         log.load_checkpoint(1)
+    # a truncated file is named itself, not only its round's folder
+    log.save_checkpoint(2, {"lora.A": np.ones(4, np.float32)}, {"m": np.zeros(4, np.float32)}, {})
+    target = log.checkpoint_dir(2) / "strategy.safetensors"
+    target.write_bytes(target.read_bytes()[:20])
+    with pytest.raises(ValueError, match=r"round-002/strategy\.safetensors: checkpoint file cannot be read"):
+        log.load_checkpoint(2)
 
 
 def test_report_averages_each_task_over_sites_at_round_0_and_the_last(tmp_path):

@@ -1,4 +1,5 @@
 """Site/federation YAML validation: every bad input gives one line naming file, key, value."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -102,9 +103,31 @@ def test_a_site_file_given_as_the_federation_says_so(tmp_path):
 
 
 def test_federation_rejects_missing_site(tmp_path):
+    from fedfm.config import load_federation_sites
+
     fed = write(tmp_path, "name: f\ntrain_sites: [nowhere.yaml]\n", "fed.yaml")
-    with pytest.raises(ConfigError, match="nowhere.yaml: cannot read file"):
+    needle = f"nowhere.yaml: no such file, listed in `train_sites` of {fed}"
+    with pytest.raises(ConfigError, match=re.escape(needle)):
         load_federation(fed)
+    # the lenient loader (launchers, ServerApp) excludes that site with the same line
+    (entry,) = load_federation_sites(fed)
+    assert entry.spec is None and needle in entry.error
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("name: f\ntrain_sites: [a.yaml]\nheldout_site: [b.yaml]\n", "unknown key `heldout_site`"),  # held nothing out
+    ("train_sites: [a.yaml]\n", "missing required key `name`"),
+    ("name: [x]\ntrain_sites: [a.yaml]\n", "`name` = ['x'] is not allowed; expected a non-empty string"),
+    ("name: f\ntrain_sites: []\n", "`train_sites` = [] is not allowed"),
+    ("name: f\ntrain_sites: [a.yaml]\nheldout_sites: b.yaml\n", "`heldout_sites` = 'b.yaml' is not allowed"),
+])
+def test_both_federation_loaders_refuse_a_malformed_federation_file_alike(tmp_path, text, needle):
+    from fedfm.config import load_federation_sites
+
+    fed = write(tmp_path, text, "fed.yaml")
+    for load in (load_federation, load_federation_sites):
+        with pytest.raises(ConfigError, match=re.escape(f"{fed}: {needle}")):
+            load(fed)
 
 
 def test_hash_and_seeds():

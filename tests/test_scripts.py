@@ -958,6 +958,10 @@ def test_run_federation_refuses_before_starting_what_would_fail_hang_or_mislead_
         (["--set", "out-dir=/tmp/elsewhere"], "the launchers take the run folder from --out"),
         (["--num-gpus", "-1"], "--num-gpus -1.0 is not allowed"),
         (["--num-cpus", "0"], "--num-cpus 0 is not allowed"),
+        # a batch past a site's training samples only repeats them, and a huge one ran out of memory
+        (["--set", "batch-size=65"], "`batch-size` = 65 is not allowed: training site alpha"),
+        (["--set", "batch-size=9", "--set", "train-max-samples=8"], "has 8 training samples"),
+        (["--set", "fedprox-mu=0.5"], "`fedprox-mu` = 0.5 is used only by strategy=fedprox"),
     ]
     before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
     rf = _load_script("run_federation")

@@ -163,6 +163,17 @@ def test_a_new_run_in_a_folder_that_holds_one_is_refused_and_the_folder_kept(ful
     assert _files(run) == before
 
 
+def test_a_bare_flwr_run_with_a_batch_past_a_sites_samples_is_refused_before_writing(full_run, tmp_path,
+                                                                                     task_identity):
+    # the launchers refuse it first; a bare `flwr run` reaches the ServerApp, which must too (a
+    # batch of 10^6 repeated samples ran a site's actor out of memory mid-round)
+    rc, _ = full_run
+    with pytest.raises(ValueError, match=r"`batch-size` = 65 is not allowed: training site alpha .* has 64 "
+                                         r"training samples.*expected an integer in \[1, 64\]"):
+        run_server({**rc, "out-dir": str(tmp_path / "run"), "batch-size": 65})
+    assert not (tmp_path / "run").exists()
+
+
 def test_resume_keeps_the_run_backbone_and_refuses_a_replaced_one(full_run, tmp_path, backbone, task_identity):
     rc, full = full_run
     run = _copy_run(full.dir, tmp_path / "run")

@@ -229,7 +229,8 @@ def test_personal_heads_stay_with_their_site_and_survive_a_resume():
 @pytest.mark.parametrize("strategy", ["fedavgm", "fedadam"])
 def test_personal_heads_global_copy_is_their_plain_average_under_a_server_step(strategy):
     # Prepare: a server step (FedAvgM server-lr 2, FedAdam) on everything; the PE head is personal
-    cfg = RunConfig(min_train_nodes=2, personal_heads="PE", strategy=strategy, server_lr=2.0)
+    cfg = RunConfig(min_train_nodes=2, personal_heads="PE", strategy=strategy,
+                    **({"server_lr": 2.0} if strategy == "fedavgm" else {}))  # FedAdam has its own eta
     lora, pe = "base_model.model.lora_A", "base_model.model.heads.PE.fc.weight"
     strat = build_strategy(cfg, None, 1)
     grid = QueryGrid({1: "east", 2: "west"})
