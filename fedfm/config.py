@@ -128,6 +128,10 @@ class RunConfig:
             _check(_kebab(key), getattr(self, key), set(_named_tasks(getattr(self, key))) <= set(TASKS),
                    f"'' (none), 'all' or a comma-separated list of {', '.join(TASKS)}")
 
+    def train_samples(self, spec: SiteSpec) -> int:
+        """The training samples a site has in this run: its train split, capped by ``train-max-samples``."""
+        return min(spec.samples.train, self.train_max_samples) if self.train_max_samples else spec.samples.train
+
     def evaluates_round(self, round_: int) -> bool:
         """Whether the central evaluator scores round ``round_`` (``eval-every``): round 0, every
         k-th round and the last, so a run's report always has its start and its end. Every
@@ -325,7 +329,7 @@ def check_batch_fits(cfg: RunConfig, sites: list[SiteEntry]) -> None:
     for e in sites:
         if e.role != "train" or e.spec is None:
             continue
-        n = e.spec.samples.train if not cfg.train_max_samples else min(e.spec.samples.train, cfg.train_max_samples)
+        n = cfg.train_samples(e.spec)
         if cfg.batch_size > n:
             raise ValueError(f"run config: `batch-size` = {cfg.batch_size} is not allowed: training site {e.name} "
                              f"({e.path}) has {n} training samples and a batch is drawn from them with "

@@ -260,23 +260,22 @@ class RunLog:
         d = self.checkpoint_dir(round_)
         if not (d / "state.json").exists():
             raise ValueError(f"{d}: no complete checkpoint for round {round_}")
-        loaded = {}
+        loaded = []
         for name in ("adapter.safetensors", "strategy.safetensors"):
             try:
-                loaded[name] = load_file(str(d / name))
+                arrays = load_file(str(d / name))
             except Exception as e:  # safetensors raises its own SafetensorError on a corrupt header
                 raise ValueError(f"{d / name}: checkpoint file cannot be read ({e}); resume from an earlier "
                                  f"round's copy of the run, or start a new run") from None
-        adapter, strategy = loaded["adapter.safetensors"], loaded["strategy.safetensors"]
-        for name, arrays in (("adapter.safetensors", adapter), ("strategy.safetensors", strategy)):
             bad = next((k for k, v in arrays.items() if v.dtype.kind == "f" and not np.isfinite(v).all()), None)
             if bad is not None:  # the server never writes one (it rejects NaN updates): a damaged file
                 raise ValueError(f"{d / name}: `{bad}` holds NaN or inf values; the checkpoint is damaged "
                                  f"(resume from an earlier round's copy of the run, or start a new run)")
+            loaded.append(arrays)
         state = read_json(d / "state.json")
         if not isinstance(state, dict):
             raise ValueError(f"{d / 'state.json'}: not a JSON object")
-        return adapter, strategy, state
+        return loaded[0], loaded[1], state
 
     def truncate_after(self, round_: int) -> None:
         """Forget everything logged after round ``round_`` (an interrupted round)."""

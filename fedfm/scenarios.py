@@ -282,9 +282,11 @@ def federation_entries(path: str | Path) -> tuple[str, list[tuple[str, str]]]:
     lists of paths, each site once. Reads no site file, so a broken one does not fail here."""
     p = Path(path)
     data = read_yaml(p)  # one line naming the file: unreadable, not text, malformed, a key twice
-    refuse_site_file(p, data)
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: a federation file must be a mapping of keys")
+    if "environment" in data and "train_sites" not in data:  # say so, not which key it lacks
+        raise ConfigError(f"{p}: a site file (it has `environment`), not a federation; expected a federation "
+                          f"file with `train_sites` (e.g. scenarios/federations/default.yaml)")
     _check_keys(str(p), "", data, {"name": 0, "train_sites": 0, "heldout_sites": 0}, required=("name", "train_sites"))
     if not isinstance(data["name"], str) or not data["name"].strip():
         raise _fail(str(p), "name", data["name"], "a non-empty string")
@@ -324,13 +326,6 @@ def load_federation(path: str | Path) -> Federation:
               for role in ("train", "heldout")}
     check_sites_fit(path, groups["train"] + groups["heldout"])
     return Federation(name, groups["train"], groups["heldout"], str(path))
-
-
-def refuse_site_file(path: str | Path, data: Any) -> None:
-    """ConfigError when a federation path holds a site file: say so, not which key it lacks."""
-    if isinstance(data, dict) and "environment" in data and "train_sites" not in data:
-        raise ConfigError(f"{path}: a site file (it has `environment`), not a federation; expected a federation "
-                          f"file with `train_sites` (e.g. scenarios/federations/default.yaml)")
 
 
 def check_sites_fit(path: str | Path, sites: Iterable[SiteSpec]) -> None:

@@ -74,7 +74,7 @@ def finetune_site(run_dir: str, site_path: str, fraction: float = 1.0, steps: in
             break
     # the fraction is of the labels a site has in this run: train-max-samples caps them as it
     # capped the federation's sites (a benchmark's "250 labels per site")
-    available = min(spec.samples.train, cfg.train_max_samples) if cfg.train_max_samples else spec.samples.train
+    available = cfg.train_samples(spec)
     labelled = max(1, math.ceil(fraction * available))
     if labelled < 2:  # the kNN start (fedfm.baselines.KnnPrior) and the baselines need two labels
         raise ValueError(f"--fraction {fraction:g} gives {labelled} labelled sample of the site's {available}; "
