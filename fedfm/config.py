@@ -130,7 +130,7 @@ class RunConfig:
 
     def train_samples(self, spec: SiteSpec) -> int:
         """The training samples a site has in this run: its train split, capped by ``train-max-samples``."""
-        return min(spec.samples.train, self.train_max_samples) if self.train_max_samples else spec.samples.train
+        return site_train_samples(spec, self.train_max_samples)
 
     def evaluates_round(self, round_: int) -> bool:
         """Whether the central evaluator scores round ``round_`` (``eval-every``): round 0, every
@@ -326,13 +326,24 @@ def check_batch_fits(cfg: RunConfig, sites: list[SiteEntry]) -> None:
     train split, or ``train-max-samples`` of it): batches are drawn with replacement, so a
     larger one only repeats samples, and a large enough one exhausts memory mid-run (Ray then
     kills the site's actor) instead of being refused before anything starts."""
-    for e in sites:
-        if e.role != "train" or e.spec is None:
-            continue
-        n = cfg.train_samples(e.spec)
-        if cfg.batch_size > n:
-            raise ValueError(f"run config: `batch-size` = {cfg.batch_size} is not allowed: training site {e.name} "
-                             f"({e.path}) has {n} training samples and a batch is drawn from them with "
+    check_batch_size("run config: `batch-size` =", cfg.batch_size,
+                     [e.spec for e in sites if e.role == "train" and e.spec is not None], cfg.train_max_samples)
+
+
+def site_train_samples(spec: SiteSpec, max_samples: int = 0) -> int:
+    """A site's training samples: its train split, capped by ``max_samples`` (0 = all)."""
+    return min(spec.samples.train, max_samples) if max_samples else spec.samples.train
+
+
+def check_batch_size(what: str, batch_size: int, train_specs, max_samples: int = 0) -> None:
+    """ValueError "``what`` N is not allowed: …" (``what``: a script's flag, or a run-config key and "=") when ``batch_size``
+    exceeds a training site's training samples: its train split, or ``max_samples`` of it (0 =
+    all). Each batch is drawn from one site's samples with replacement (``fedfm.train``)."""
+    for spec in train_specs:
+        n = site_train_samples(spec, max_samples)
+        if batch_size > n:
+            raise ValueError(f"{what} {batch_size} is not allowed: training site {spec.name} "
+                             f"({spec.path}) has {n} training samples and a batch is drawn from them with "
                              f"replacement; expected an integer in [1, {n}]")
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fedfm.config import check_batch_size  # noqa: E402
 from fedfm.data import load_split  # noqa: E402
 from fedfm.model import ModelConfig, build_model, parameter_summary, save_backbone  # noqa: E402
 from fedfm.model.pretrain import CLASSICAL_MASKS, MASK_PRIORS, MASK_TYPES  # noqa: E402
@@ -43,6 +44,7 @@ def run_pretraining(federation: str, out: str, preset: str = "tiny", steps: int 
     if not 0 <= seed < 2 ** 31:  # as the run config's `seed` and make_fleet.py's --seed
         raise ValueError(f"--seed {seed} is not allowed; expected an integer in [0, 2^31)")
     fed = load_federation(federation)
+    check_batch_size("--batch-size", batch_size, fed.train_sites)
     device = resolve_device(device)
     cfg = ModelConfig.from_preset(preset, num_beams=fed.num_beams, seed=seed)
     model = build_model(cfg)

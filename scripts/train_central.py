@@ -31,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fedfm.config import check_batch_size  # noqa: E402
 from fedfm.evaluate import evaluate_sites, markdown_table, predict, summarise  # noqa: E402
 from fedfm.metrics import BOOTSTRAP_DRAWS, BOOTSTRAP_SEED  # noqa: E402
 from fedfm.report import CE_CP_PRIOR_NOTE  # noqa: E402
@@ -137,6 +138,8 @@ def run_central(federation: str, out: str, preset: str = "tiny", steps: int = 30
         raise ValueError(f"--adapter {adapter}: give the --backbone it was fine-tuned on (or --no-pretrain); "
                          f"a freshly pretrained backbone cannot match it")
     fed = load_federation(federation)
+    if adapter is None:  # a loaded state is scored, not trained: the batch size goes unused
+        check_batch_size("--batch-size", batch_size, fed.train_sites, max_train)
     device = resolve_device(device)
     cfg = ModelConfig.from_preset(preset, num_beams=fed.num_beams, seed=seed)
     # what the fine-tuning was: saved in adapter.safetensors' header and reported; a loaded state

@@ -728,7 +728,8 @@ def test_output_scripts_refuse_a_folder_with_results_and_check_flags_before_writ
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     for flag, change in (("--max-test", {"max_test": -5}), ("--batch-size", {"batch_size": 0}),
                          ("--lr", {"lr": float("nan")}), ("--refit-epochs", {"refit_epochs": -1}),
-                         ("--refit-scope", {"refit_scope": "mlp"}), ("--seed", {"seed": -1})):
+                         ("--refit-scope", {"refit_scope": "mlp"}), ("--seed", {"seed": -1}),
+                         ("--batch-size", {"batch_size": 17})):  # past max_train=16: a batch is one site's
         with pytest.raises(ValueError, match=rf"^{flag} \S+ is not allowed"):
             central.run_central(str(fed_path), str(tmp_path / "fresh"), **{**kw, **change})
         assert not (tmp_path / "fresh").exists()  # refused before anything was written
@@ -752,6 +753,10 @@ def test_output_scripts_refuse_a_folder_with_results_and_check_flags_before_writ
     assert pre.main([str(fed_path), "--out", str(tmp_path / "pre0"), "--steps", "1", "--batch-size", "0"]) == 2
     assert not (tmp_path / "pre0").exists()
     assert pre.main([str(fed_path), "--out", str(tmp_path / "pre0"), "--steps", "1", "--seed", "-1"]) == 2
+    assert not (tmp_path / "pre0").exists()
+    with pytest.raises(ValueError, match=r"^--batch-size 100000 is not allowed: training site alpha \(\S+\) has \d+ "
+                                         r"training samples .*expected an integer in \[1, \d+\]$"):
+        pre.run_pretraining(str(fed_path), str(tmp_path / "pre0"), steps=1, batch_size=100000, cache_dir=str(cache_dir))
     assert not (tmp_path / "pre0").exists()
 
 
