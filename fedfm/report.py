@@ -270,6 +270,8 @@ def _site_table(summary: dict, role: str) -> list[str]:
         avg = " / ".join(_ratio(s.get(k)) for k in ("avg_score", *(f"avg_score_{a}" for a in arms)))
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {avg} |")
     cols = " / ".join(["federated", "baseline", *(a.replace("_", "-") for a in arms)])
+    if role == "heldout" and any(s["role"] == "train" for s in summary["sites"].values()):
+        return lines + ["", f"Cells: {cols}; avg score and baselines as in the training sites' table.", ""]
     return lines + ["", f"Cells: {cols}. Avg score: mean over tasks of model error ÷ baseline error "
                         "(lower is better, 1.0 = baseline). " + CE_CP_PRIOR_NOTE, ""]
 

@@ -71,6 +71,10 @@ def test_report_files(full_run):
     md = (log.dir / "report.md").read_text()
     assert md.index("## Training sites") < md.index("## Held-out sites") < md.index("## Communication")
     assert "| alpha |" in md and "| gamma |" in md
+    # the cells' legend in full under the training table, once; the held-out table points to it
+    assert md.count("The baselines are the headline ones") == 1
+    assert md.index("The baselines are the headline ones") < md.index("## Held-out sites")
+    assert "Cells: federated / baseline; avg score and baselines as in the training sites' table." in md
     # each task averaged over the training sites, at round 0 and the final round with intervals
     # from the run's per-sample errors, and the same means as the per-round summary
     means = report["cells_95"]["train"]["task_means"]
