@@ -7,14 +7,19 @@ A training site of a run with ``personal-heads`` starts from its own copy of tho
 of a run with ``site-model=local`` from its own last local model (as the evaluator scored it).
 The site may be a held-out one: with ``--fraction 0.1`` it fine-tunes on 10% of its
 train-split labels (of its first ``train-max-samples`` when the run capped them), as in
-LLM4WM's generalisation experiment. The classical baselines
-are fitted on the same labelled fraction, and so are the heads' site-specific starts (its
-channel statistics, BF spectrum, DE/PE kNN and LoS regression): for a held-out site "before"
-is therefore not the score the federation's evaluator gave it, which used none of its labels.
-Scores are on the site's full test split.
+LLM4WM's generalisation experiment.
+
+Of those labelled samples the last ``--holdout`` share (default a fifth) is held back: the
+site trains on the others, and fits on them the classical baselines and the heads'
+site-specific starts (its channel statistics, BF spectrum, DE/PE kNN and LoS regression), so
+for a held-out site "before" is not the score the federation's evaluator gave it, which used
+none of its labels. The held-back samples then choose, per task, which model the site keeps:
+the fine-tuned one where its error on them is lower, else the start ("kept"). ``--holdout 0``
+trains on every labelled sample and keeps the fine-tuned model. Scores are on the site's full
+test split.
 ``--refit-epochs N`` then refits the pooled heads (BF, DE, PE, LoS) alone on the same labels
 (``fedfm.train.refit_heads``; ``--refit-scope features`` moves only their paths from the classical
-side inputs). Writes ``<run>/finetune/<site>-<fraction>[-steps<N>][-refit<N>[-features]].json``
+side inputs). Writes ``<run>/finetune/<site>-<fraction>[-steps<N>][-refit<N>[-features]][-holdout<F>].json``
 (other flags, another file).
 """
 from __future__ import annotations
@@ -30,13 +35,19 @@ from fedfm.config import RunConfig  # noqa: E402
 from fedfm.runlog import RunLog, read_run_config, write_json  # noqa: E402
 
 
+# the share of the labelled samples held back to choose, per task, between the start and the
+# fine-tuned model (refit_heads holds back the same fifth to choose its epoch)
+HOLDOUT = 0.2
+
+
 def finetune_site(run_dir: str, site_path: str, fraction: float = 1.0, steps: int | None = None,
-                  refit_epochs: int = 0, refit_scope: str = "head") -> dict:
+                  refit_epochs: int = 0, refit_scope: str = "head", holdout: float = HOLDOUT) -> dict:
     from fedfm.baselines import fit_baseline
     from fedfm.evaluate import evaluate_sites
     from fedfm.federated import build_run_model, load_site_tasks, local_train, numpy_state, torch_state
     from fedfm.model import get_adapter_state, set_adapter_state
     from fedfm.scenarios import load_site
+    from fedfm.tasks import sample_range
     from fedfm.train import REFIT_SCOPES
 
     if not 0 < fraction <= 1:
@@ -47,6 +58,8 @@ def finetune_site(run_dir: str, site_path: str, fraction: float = 1.0, steps: in
         raise ValueError(f"--refit-epochs {refit_epochs} is not allowed; expected an integer >= 0 (0 = no refit)")
     if refit_scope not in REFIT_SCOPES:
         raise ValueError(f"--refit-scope {refit_scope!r} is not allowed; expected one of {', '.join(REFIT_SCOPES)}")
+    if not 0 <= holdout < 1:
+        raise ValueError(f"--holdout {holdout} is not allowed; expected a number in [0, 1) (0 = no held-back choice)")
     conf = read_run_config(run_dir)  # before RunLog, which would create checkpoints/ in any folder
     where = Path(run_dir) / "config.json"
     try:
@@ -79,12 +92,25 @@ def finetune_site(run_dir: str, site_path: str, fraction: float = 1.0, steps: in
     if labelled < 2:  # the kNN start (fedfm.baselines.KnnPrior) and the baselines need two labels
         raise ValueError(f"--fraction {fraction:g} gives {labelled} labelled sample of the site's {available}; "
                          f"expected a fraction giving at least 2")
-    train = load_site_tasks(spec, "train", cfg.cache_dir, max_samples=labelled)
-    test = {spec.name: load_site_tasks(spec, "test", cfg.cache_dir, cfg.eval_max_samples, stats_samples=labelled)}
+    held_n = round(holdout * labelled)
+    fit_n = labelled - held_n
+    if holdout and (held_n < 1 or fit_n < 2):
+        raise ValueError(f"--holdout {holdout:g} of the {labelled} labelled samples holds back {held_n} and leaves "
+                         f"{fit_n} to train on; expected at least 1 held back and 2 left (a larger --fraction, "
+                         f"or --holdout 0)")
+    # the site trains, and fits its starts and baselines, on the first fit_n labelled samples; the
+    # last held_n, unseen by all of them, choose per task between the start and the fine-tuned model
+    train = load_site_tasks(spec, "train", cfg.cache_dir, max_samples=fit_n)
+    held = None
+    if held_n:
+        held = {spec.name: {t: sample_range(td, fit_n) for t, td in load_site_tasks(
+            spec, "train", cfg.cache_dir, max_samples=labelled, stats_samples=fit_n).items()}}
+    test = {spec.name: load_site_tasks(spec, "test", cfg.cache_dir, cfg.eval_max_samples, stats_samples=fit_n)}
     baselines = {spec.name: {t: fit_baseline(t, td, spec) for t, td in train.items()}}
     model = build_run_model(cfg, num_beams, backbone)
     set_adapter_state(model, torch_state(adapter))
     before = evaluate_sites(model, test, baselines, keep_errors=True)
+    held_before = evaluate_sites(model, held, {}) if held else None
     res = local_train(cfg, spec, numpy_state(get_adapter_state(model)), last + 1, num_beams=num_beams,
                       backbone=backbone, tasks=train,
                       steps=steps if steps is not None else cfg.local_steps * max(cfg.num_server_rounds, 1))
@@ -97,25 +123,46 @@ def finetune_site(run_dir: str, site_path: str, fraction: float = 1.0, steps: in
         refit = refit_heads(model, train, epochs=refit_epochs, seed=res.seed, device=resolve_device(cfg.device),
                             scope=refit_scope)
     after = evaluate_sites(model, test, baselines, keep_errors=True)
-    out = {"run": str(run_dir), "site": spec.name, "fraction": fraction, "labelled_samples": labelled,
-           "from_round": last, "refit_epochs": refit_epochs, "refit_scope": refit_scope, "refit": refit,
-           "rows": [{"task": b["task"], "baseline": b["baseline"], "before": b["model"], "after": a["model"],
+    held_after = evaluate_sites(model, held, {}) if held else None
+    kept = kept_models(held_before, held_after) if held else {r["task"]: "after" for r in after}
+    rows = []
+    for b, a, hb, ha in zip(before, after, held_before or [None] * len(before), held_after or [None] * len(after)):
+        k = a if kept[b["task"]] == "after" else b
+        rows.append({"task": b["task"], "baseline": b["baseline"], "before": b["model"], "after": a["model"],
                      "ratio_before": b["ratio"], "ratio_after": a["ratio"], "ratio_after_ci": a["ratio_ci"],
-                     "change_ci": _change_ci(b, a)} for b, a in zip(before, after)]}
+                     "change_ci": _change_ci(b, a), "kept": kept[b["task"]], "ratio_kept": k["ratio"],
+                     "held_back_error": None if hb is None else [hb["model_error"], ha["model_error"]]})
+    out = {"run": str(run_dir), "site": spec.name, "fraction": fraction, "labelled_samples": labelled,
+           "trained_samples": fit_n, "held_back_samples": held_n, "holdout": holdout,
+           "from_round": last, "refit_epochs": refit_epochs, "refit_scope": refit_scope, "refit": refit,
+           "rows": rows}
     (log.dir / "finetune").mkdir(exist_ok=True)
-    write_json(log.dir / "finetune" / result_name(spec.name, fraction, steps, refit_epochs, refit_scope), out)
+    write_json(log.dir / "finetune" / result_name(spec.name, fraction, steps, refit_epochs, refit_scope, holdout), out)
     return out
 
 
-def result_name(site: str, fraction: float, steps: int | None, refit_epochs: int, refit_scope: str) -> str:
-    """``<site>-<fraction>[-steps<N>][-refit<N>[-features]].json``: other flags, another file (a run
-    with --steps or --refit-epochs once overwrote the default run's result); the same flags on
-    the same run reproduce the same result, which rewrites its file."""
+def kept_models(held_before: list[dict], held_after: list[dict]) -> dict[str, str]:
+    """{task: "after" | "before"}: per task, the fine-tuned model where its error on the
+    held-back labelled samples is below the start's, else the start (a tie, or a NaN after
+    fine-tuning, keeps the start). Rows of ``fedfm.evaluate.evaluate_sites``, in the same order.
+    Early stopping at two candidates, step 0 and the last: with tens of labels fine-tuning
+    costs some tasks more than it gains (RESULTS.md), and a site should not deploy those."""
+    return {b["task"]: "after" if a["model_error"] < b["model_error"] else "before"
+            for b, a in zip(held_before, held_after)}
+
+
+def result_name(site: str, fraction: float, steps: int | None, refit_epochs: int, refit_scope: str,
+                holdout: float = HOLDOUT) -> str:
+    """``<site>-<fraction>[-steps<N>][-refit<N>[-features]][-holdout<F>].json``: other flags, another
+    file (a run with --steps or --refit-epochs once overwrote the default run's result); the same
+    flags on the same run reproduce the same result, which rewrites its file."""
     name = f"{site}-{fraction:g}"
     if steps is not None:
         name += f"-steps{steps}"
     if refit_epochs:
         name += f"-refit{refit_epochs}" + ("" if refit_scope == "head" else f"-{refit_scope}")
+    if holdout != HOLDOUT:
+        name += f"-holdout{holdout:g}"
     return name + ".json"
 
 
@@ -137,22 +184,40 @@ def _num(v: float | None) -> str:
     return "—" if v is None else f"{v:.3f}"
 
 
-def table_lines(rows: list[dict]) -> list[str]:
-    """``finetune_site``'s rows as a markdown table; a missing value (no baseline) is "—"."""
+def table_lines(rows: list[dict], held_back: int = 0) -> list[str]:
+    """``finetune_site``'s rows as a markdown table; a missing value (no baseline) is "—".
+    ``held_back`` > 0 adds the held-back errors and the model kept per task, and a line with the
+    mean error ratio before, after and of the kept models."""
     from fedfm.metrics import BOOTSTRAP_DRAWS, BOOTSTRAP_SEED, HEADLINE
 
-    lines = ["| task | metric | baseline | before | after | error ratio before → after | change [95 %] |",
-             "|---|---|---|---|---|---|---|"]
+    chooses = held_back > 0 and all(r.get("held_back_error") for r in rows)
+    lines = ["| task | metric | baseline | before | after | error ratio before → after | change [95 %] |"
+             + (" held-back error before → after | kept |" if chooses else ""),
+             "|---|---|---|---|---|---|---|" + ("---|---|" if chooses else "")]
     for r in rows:
         key = HEADLINE[r["task"]]
         cells = [(r[k] or {}).get(key) for k in ("baseline", "before", "after")]
         ch = r.get("change_ci")
         change = f"{ch[0]:+.3f} [{ch[1]:+.3f}, {ch[2]:+.3f}]" if ch else "—"
-        lines.append(f"| {r['task']} | {key} | " + " | ".join(map(_num, cells))
-                     + f" | {_num(r['ratio_before'])} → {_num(r['ratio_after'])} | {change} |")
-    return lines + ["", "change: after − before error ratio, with its 95 % paired bootstrap interval over the "
-                        f"site's test samples ({BOOTSTRAP_DRAWS} draws, seed {BOOTSTRAP_SEED}); an interval "
-                        "excluding 0 is a change the test split resolves."]
+        line = (f"| {r['task']} | {key} | " + " | ".join(map(_num, cells))
+                + f" | {_num(r['ratio_before'])} → {_num(r['ratio_after'])} | {change} |")
+        if chooses:
+            hb, ha = r["held_back_error"]
+            line += f" {_num(hb)} → {_num(ha)} | {r['kept']} |"
+        lines.append(line)
+    lines += ["", "change: after − before error ratio, with its 95 % paired bootstrap interval over the "
+                  f"site's test samples ({BOOTSTRAP_DRAWS} draws, seed {BOOTSTRAP_SEED}); an interval "
+                  "excluding 0 is a change the test split resolves."]
+    if chooses:
+        means = {k: _mean([r[f"ratio_{k}"] for r in rows]) for k in ("before", "after", "kept")}
+        lines.append(f"kept: per task, the model with the lower error on the {held_back} held-back labelled "
+                     f"samples (a tie keeps before), what the site would deploy. Mean error ratio over the tasks: "
+                     f"before {_num(means['before'])}, after {_num(means['after'])}, kept {_num(means['kept'])}.")
+    return lines
+
+
+def _mean(values: list) -> float | None:
+    return None if any(v is None for v in values) else float(sum(values) / len(values))
 
 
 def main(argv=None) -> int:
@@ -163,20 +228,27 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="local steps (default: rounds × local-steps of the run)")
     p.add_argument("--refit-epochs", type=int, default=0,
                    help="then refit the BF/DE/PE/LoS heads alone on frozen features for up to N epochs, keeping "
-                        "the best epoch on a held-back fifth of the labelled samples (0 = off)")
+                        "the best epoch on a held-back fifth of the samples it trains on (0 = off)")
     p.add_argument("--refit-scope", default="head",
                    help="what the refit moves: head (all of each pooled head) or features (only its paths from "
                         "the classical side inputs, not the MLP over the embedding)")
+    p.add_argument("--holdout", type=float, default=HOLDOUT,
+                   help=f"share of the labelled samples held back from training to choose, per task, between the "
+                        f"start and the fine-tuned model (default {HOLDOUT:g}; 0 = train on all, keep the fine-tuned)")
     args = p.parse_args(argv)
     try:
-        out = finetune_site(args.run, args.site, args.fraction, args.steps, args.refit_epochs, args.refit_scope)
+        out = finetune_site(args.run, args.site, args.fraction, args.steps, args.refit_epochs, args.refit_scope,
+                            args.holdout)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{out['site']}: fine-tuned on {out['labelled_samples']} labelled samples from round {out['from_round']}; "
-          f"before = that round's state with the site's own starts (channel statistics, BF spectrum, DE/PE kNN, "
-          f"LoS regression) fitted on those samples")
-    print("\n".join(table_lines(out["rows"])))
+    trained = out.get("trained_samples", out["labelled_samples"])
+    held = out.get("held_back_samples", 0)
+    print(f"{out['site']}: fine-tuned on {trained} of {out['labelled_samples']} labelled samples from round "
+          f"{out['from_round']}" + (f", {held} held back" if held else "") + "; before = that round's state with "
+          f"the site's own starts (channel statistics, BF spectrum, DE/PE kNN, LoS regression) fitted on the "
+          f"{trained} it trains on")
+    print("\n".join(table_lines(out["rows"], held)))
     return 0
 
 

@@ -101,7 +101,7 @@ def test_finetune_site_heldout_fraction(fed_run, capsys, monkeypatch):
                       "--steps", str(steps)])
     out, err = capsys.readouterr()
     assert rc == 0, err
-    assert f"gamma: fine-tuned on 32 labelled samples from round {ROUNDS}" in out
+    assert f"gamma: fine-tuned on 26 of 32 labelled samples from round {ROUNDS}, 6 held back" in out
     assert sum(line.startswith("| ") and line.split("|")[1].strip() in TASKS for line in out.splitlines()) == 7
 
     path = fed_run["run"] / "finetune" / f"gamma-0.5-steps{steps}.json"
@@ -109,6 +109,7 @@ def test_finetune_site_heldout_fraction(fed_run, capsys, monkeypatch):
     res = json.loads(path.read_text())
     assert res["site"] == "gamma" and res["fraction"] == 0.5 and res["from_round"] == ROUNDS
     assert res["labelled_samples"] == 32  # ceil(0.5 × 64 train samples)
+    assert res["trained_samples"] == 26 and res["held_back_samples"] == 6  # round(0.2 × 32) held back
     assert {r["task"] for r in res["rows"]} == TASKS and len(res["rows"]) == 7
     for r in res["rows"]:
         key = HEADLINE[r["task"]]
@@ -121,15 +122,23 @@ def test_finetune_site_heldout_fraction(fed_run, capsys, monkeypatch):
         assert r["ratio_after_ci"][0] <= r["ratio_after"] <= r["ratio_after_ci"][1]
     assert any(r["change_ci"][1] < r["change_ci"][2] for r in res["rows"])
     assert sum(f"| {r['change_ci'][0]:+.3f} [" in out for r in res["rows"]) == 7
+    # per task the model with the lower held-back error is kept (a tie keeps the start), and its
+    # test ratio is that model's
+    for r in res["rows"]:
+        hb, ha = r["held_back_error"]
+        assert r["kept"] == ("after" if ha < hb else "before"), r
+        assert r["ratio_kept"] == r["ratio_after" if r["kept"] == "after" else "ratio_before"]
+    kept_mean = np.mean([r["ratio_kept"] for r in res["rows"]])
+    assert f"kept {kept_mean:.3f}." in out
 
-    # one personalisation: from the run's last global adapters, on the labelled half only,
-    # for the requested steps; the baselines were fitted on that same half
+    # one personalisation: from the run's last global adapters, on the labelled half less the
+    # held-back samples, for the requested steps; the baselines were fitted on those same samples
     (call,) = trained
     assert call["steps"] == steps and call["round"] == ROUNDS + 1
     train_tasks = call["tasks"]
     assert set(train_tasks) == TASKS
-    assert all(_num_samples(td) == [32] for td in train_tasks.values())
-    assert sorted(fitted) == sorted((t, 32) for t in TASKS)
+    assert all(_num_samples(td) == [26] for td in train_tasks.values())
+    assert sorted(fitted) == sorted((t, 26) for t in TASKS)
     last, _, _ = RunLog(fed_run["run"]).load_checkpoint(ROUNDS)
     assert set(call["state_in"]) == set(last)
     assert all(np.array_equal(call["state_in"][k], last[k]) for k in last)
@@ -162,7 +171,7 @@ def test_finetune_site_refits_the_pooled_heads_on_the_labelled_fraction(fed_run,
     assert rc == 0, capsys.readouterr().err
     res = json.loads((fed_run["run"] / "finetune" / "gamma-0.5-steps2-refit3.json").read_text())
     assert res["refit_epochs"] == 3 and set(res["refit"]) == {"BF", "DE", "PE", "LoS"}
-    assert all(r["samples"] == 32 and r["val_loss_after"] <= r["val_loss_before"] for r in res["refit"].values())
+    assert all(r["samples"] == 26 and r["val_loss_after"] <= r["val_loss_before"] for r in res["refit"].values())
     assert (fed_run["run"] / "finetune" / "gamma-0.5-steps2.json").read_bytes() == plain  # not overwritten
     assert script.main(["--run", str(fed_run["run"]), "--site", str(fed_run["root"] / "gamma.yaml"),
                         "--refit-epochs", "-1"]) == 2
@@ -437,6 +446,47 @@ def test_launcher_resume_takes_the_run_s_recorded_settings(fed_run, tmp_path):
     assert recorded["seed"] != 0  # the default: the recorded value really came through
     args = rf.argparse.Namespace(set=[], federation=None, out=None)  # no resume: the default federation
     assert rf.run_overrides(args)["federation"] == str(ROOT / "scenarios" / "federations" / "default.yaml")
+
+
+def test_finetune_site_holdout_0_trains_on_every_label_and_keeps_the_fine_tuned_model(fed_run, capsys, monkeypatch):
+    import fedfm.federated
+
+    script = _load_script("finetune_site")
+    trained, real_train = [], fedfm.federated.local_train
+    monkeypatch.setattr(fedfm.federated, "local_train", lambda *a, **kw: trained.append(kw) or real_train(*a, **kw))
+    assert script.main(["--run", str(fed_run["run"]), "--site", str(fed_run["root"] / "gamma.yaml"), "--fraction",
+                        "0.5", "--steps", "2", "--holdout", "0"]) == 0
+    out = capsys.readouterr().out
+    res = json.loads((fed_run["run"] / "finetune" / "gamma-0.5-steps2-holdout0.json").read_text())
+    assert res["trained_samples"] == 32 and res["held_back_samples"] == 0
+    assert all(_num_samples(td) == [32] for td in trained[0]["tasks"].values())
+    assert all(r["kept"] == "after" and r["held_back_error"] is None for r in res["rows"])
+    assert "held-back" not in out and f"fine-tuned on 32 of 32 labelled samples from round {ROUNDS};" in out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--fraction", "0.03125"], "error: --holdout 0.2 of the 2 labelled samples holds back 0 and leaves 2 to train "
+                                "on; expected at least 1 held back and 2 left"),
+    (["--holdout", "1"], "error: --holdout 1.0 is not allowed; expected a number in [0, 1)"),
+    (["--holdout", "-0.1"], "error: --holdout -0.1 is not allowed; expected a number in [0, 1)")])
+def test_finetune_site_bad_holdout_one_line_error(fed_run, capsys, flags, message):
+    script = _load_script("finetune_site")
+    before = sorted((fed_run["run"] / "finetune").glob("*")) if (fed_run["run"] / "finetune").exists() else []
+    assert script.main(["--run", str(fed_run["run"]), "--site", str(fed_run["root"] / "gamma.yaml"), *flags]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(message) and err.count("\n") == 1
+    after = sorted((fed_run["run"] / "finetune").glob("*")) if (fed_run["run"] / "finetune").exists() else []
+    assert after == before  # nothing trained or written
+
+
+def test_finetune_site_keeps_per_task_the_model_with_the_lower_held_back_error():
+    script = _load_script("finetune_site")
+    before = [{"task": "CE", "model_error": 0.10}, {"task": "BF", "model_error": 0.80},
+              {"task": "LoS", "model_error": 0.05}, {"task": "PE", "model_error": 6.0}]
+    after = [{"task": "CE", "model_error": 0.08}, {"task": "BF", "model_error": 0.85},
+             {"task": "LoS", "model_error": 0.05}, {"task": "PE", "model_error": float("nan")}]
+    # lower → after; higher → before; a tie → before; NaN after fine-tuning → before
+    assert script.kept_models(before, after) == {"CE": "after", "BF": "before", "LoS": "before", "PE": "before"}
 
 
 def test_finetune_site_fraction_is_of_the_labels_the_run_capped(fed_run, tmp_path, capsys):

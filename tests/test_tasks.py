@@ -123,3 +123,20 @@ def test_site_context_by_hand(site):
     np.testing.assert_allclose(c, expected, rtol=1e-5)
     assert c[context_index("DE")] == c[7] and c[context_index("LoS")] == c[-1]
     assert all(np.array_equal(td.extras["context"], c) for td in tds.values())   # every view carries it
+
+
+def test_sample_range_slices_the_samples_and_shares_the_sites_arrays(site):
+    from fedfm.tasks import sample_range
+
+    spec, arrays, tds = site
+    for task in ("CE", "BF"):
+        td = tds[task]
+        part = sample_range(td, 3, 7)
+        assert part.num_samples == 4
+        for name in ("inputs", "targets", "scale"):
+            np.testing.assert_array_equal(getattr(part, name), getattr(td, name)[3:7])
+        np.testing.assert_array_equal(part.extras["snr_db"], td.extras["snr_db"][3:7])
+        assert part.known is td.known and part.region is td.region and part.extras["context"] is td.extras["context"]
+    bf = sample_range(tds["BF"], 5)
+    np.testing.assert_array_equal(bf.extras["h_mmwave"], tds["BF"].extras["h_mmwave"][5:])
+    assert bf.extras["codebook"] is tds["BF"].extras["codebook"]  # the site's codebook, not per sample

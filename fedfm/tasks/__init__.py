@@ -21,6 +21,7 @@ spec, split and task give the same bits; tasks do not share noise.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,6 +51,18 @@ class TaskData:
     @property
     def num_samples(self) -> int:
         return int(self.inputs.shape[0])
+
+
+# extras holding one entry per sample; the rest (context, codebook, stats) are the site's
+PER_SAMPLE_EXTRAS = ("snr_db", "h_mmwave")
+
+
+def sample_range(td: TaskData, start: int, stop: int | None = None) -> TaskData:
+    """Samples ``start:stop`` of a TaskData: its per-sample arrays sliced, the site-level ones
+    (known, region and the extras outside ``PER_SAMPLE_EXTRAS``, its priors included) shared."""
+    sl = slice(start, stop)
+    return dataclasses.replace(td, inputs=td.inputs[sl], targets=td.targets[sl], scale=td.scale[sl],
+                               extras={k: v[sl] if k in PER_SAMPLE_EXTRAS else v for k, v in td.extras.items()})
 
 
 def _check_arrays(arrays: dict, spec: SiteSpec) -> np.ndarray:
