@@ -9,15 +9,16 @@ The site may be a held-out one: with ``--fraction 0.1`` it fine-tunes on 10% of 
 train-split labels (of its first ``train-max-samples`` when the run capped them), as in
 LLM4WM's generalisation experiment.
 
-Of those labelled samples the last ``--holdout`` share (default a fifth) is held back: the
-site trains on the others, and fits on them the classical baselines and the heads'
-site-specific starts (its channel statistics, BF spectrum, DE/PE kNN and LoS regression), so
-for a held-out site "before" is not the score the federation's evaluator gave it, which used
-none of its labels. The held-back samples then choose, per task, which model the site keeps:
-the fine-tuned one where its error on them is lower, else the start ("kept"). ``--holdout 0``
-trains on every labelled sample and keeps the fine-tuned model. Scores are on the site's full
-test split.
-``--refit-epochs N`` then refits the pooled heads (BF, DE, PE, LoS) alone on the same labels
+The classical baselines are fitted on those labelled samples, and so are the heads'
+site-specific starts (its channel statistics, BF spectrum, DE/PE kNN and LoS regression) that
+the test split is scored with: for a held-out site "before" is therefore not the score the
+federation's evaluator gave it, which used none of its labels. Of the labelled samples the last
+``--holdout`` share (default a fifth) is held back from training: the site fine-tunes on the
+others (with its starts fitted on those), and the held-back samples choose, per task, which
+model it keeps: the fine-tuned one where its error on them is lower, else the start ("kept").
+``--holdout 0`` trains on every labelled sample and keeps the fine-tuned model. Scores are on
+the site's full test split.
+``--refit-epochs N`` then refits the pooled heads (BF, DE, PE, LoS) alone on the samples it fine-tunes on
 (``fedfm.train.refit_heads``; ``--refit-scope features`` moves only their paths from the classical
 side inputs). Writes ``<run>/finetune/<site>-<fraction>[-steps<N>][-refit<N>[-features]][-holdout<F>].json``
 (other flags, another file).
@@ -98,15 +99,18 @@ def finetune_site(run_dir: str, site_path: str, fraction: float = 1.0, steps: in
         raise ValueError(f"--holdout {holdout:g} of the {labelled} labelled samples holds back {held_n} and leaves "
                          f"{fit_n} to train on; expected at least 1 held back and 2 left (a larger --fraction, "
                          f"or --holdout 0)")
-    # the site trains, and fits its starts and baselines, on the first fit_n labelled samples; the
-    # last held_n, unseen by all of them, choose per task between the start and the fine-tuned model
-    train = load_site_tasks(spec, "train", cfg.cache_dir, max_samples=fit_n)
-    held = None
+    # the baselines, and the heads' starts the test is scored with, are fitted on every labelled
+    # sample; the site trains on the first fit_n of them, with starts fitted on those, and the
+    # last held_n, unseen by that training and its starts, choose per task between the start and
+    # the fine-tuned model (select on held-back samples, then refit the closed-form parts on all)
+    labelled_tds = load_site_tasks(spec, "train", cfg.cache_dir, max_samples=labelled)
+    train, held = labelled_tds, None
     if held_n:
+        train = load_site_tasks(spec, "train", cfg.cache_dir, max_samples=fit_n)
         held = {spec.name: {t: sample_range(td, fit_n) for t, td in load_site_tasks(
             spec, "train", cfg.cache_dir, max_samples=labelled, stats_samples=fit_n).items()}}
-    test = {spec.name: load_site_tasks(spec, "test", cfg.cache_dir, cfg.eval_max_samples, stats_samples=fit_n)}
-    baselines = {spec.name: {t: fit_baseline(t, td, spec) for t, td in train.items()}}
+    test = {spec.name: load_site_tasks(spec, "test", cfg.cache_dir, cfg.eval_max_samples, stats_samples=labelled)}
+    baselines = {spec.name: {t: fit_baseline(t, td, spec) for t, td in labelled_tds.items()}}
     model = build_run_model(cfg, num_beams, backbone)
     set_adapter_state(model, torch_state(adapter))
     before = evaluate_sites(model, test, baselines, keep_errors=True)
@@ -247,7 +251,7 @@ def main(argv=None) -> int:
     print(f"{out['site']}: fine-tuned on {trained} of {out['labelled_samples']} labelled samples from round "
           f"{out['from_round']}" + (f", {held} held back" if held else "") + "; before = that round's state with "
           f"the site's own starts (channel statistics, BF spectrum, DE/PE kNN, LoS regression) fitted on the "
-          f"{trained} it trains on")
+          f"{out['labelled_samples']} labelled samples, as the baselines are")
     print("\n".join(table_lines(out["rows"], held)))
     return 0
 

@@ -132,13 +132,13 @@ def test_finetune_site_heldout_fraction(fed_run, capsys, monkeypatch):
     assert f"kept {kept_mean:.3f}." in out
 
     # one personalisation: from the run's last global adapters, on the labelled half less the
-    # held-back samples, for the requested steps; the baselines were fitted on those same samples
+    # held-back samples, for the requested steps
     (call,) = trained
     assert call["steps"] == steps and call["round"] == ROUNDS + 1
     train_tasks = call["tasks"]
     assert set(train_tasks) == TASKS
     assert all(_num_samples(td) == [26] for td in train_tasks.values())
-    assert sorted(fitted) == sorted((t, 26) for t in TASKS)
+    assert sorted(fitted) == sorted((t, 32) for t in TASKS)  # the baselines: every labelled sample
     last, _, _ = RunLog(fed_run["run"]).load_checkpoint(ROUNDS)
     assert set(call["state_in"]) == set(last)
     assert all(np.array_equal(call["state_in"][k], last[k]) for k in last)
