@@ -15,7 +15,8 @@ the test split is scored with: for a held-out site "before" is therefore not the
 federation's evaluator gave it, which used none of its labels. Of the labelled samples the last
 ``--holdout`` share (default a fifth) is held back from training: the site fine-tunes on the
 others (with its starts fitted on those), and the held-back samples choose, per task, which
-model it keeps: the fine-tuned one where its error on them is lower, else the start ("kept").
+model it keeps: the fine-tuned one where its error on them is lower at 95 % (a paired
+bootstrap of their ratio), else the start ("kept").
 ``--holdout 0`` trains on every labelled sample and keeps the fine-tuned model. Scores are on
 the site's full test split.
 ``--refit-epochs N`` then refits the pooled heads (BF, DE, PE, LoS) alone on the samples it fine-tunes on
@@ -114,7 +115,7 @@ def finetune_site(run_dir: str, site_path: str, fraction: float = 1.0, steps: in
     model = build_run_model(cfg, num_beams, backbone)
     set_adapter_state(model, torch_state(adapter))
     before = evaluate_sites(model, test, baselines, keep_errors=True)
-    held_before = evaluate_sites(model, held, {}) if held else None
+    held_before = evaluate_sites(model, held, {}, keep_errors=True) if held else None
     res = local_train(cfg, spec, numpy_state(get_adapter_state(model)), last + 1, num_beams=num_beams,
                       backbone=backbone, tasks=train,
                       steps=steps if steps is not None else cfg.local_steps * max(cfg.num_server_rounds, 1))
@@ -127,15 +128,16 @@ def finetune_site(run_dir: str, site_path: str, fraction: float = 1.0, steps: in
         refit = refit_heads(model, train, epochs=refit_epochs, seed=res.seed, device=resolve_device(cfg.device),
                             scope=refit_scope)
     after = evaluate_sites(model, test, baselines, keep_errors=True)
-    held_after = evaluate_sites(model, held, {}) if held else None
-    kept = kept_models(held_before, held_after) if held else {r["task"]: "after" for r in after}
+    held_after = evaluate_sites(model, held, {}, keep_errors=True) if held else None
+    choice = kept_models(held_before, held_after) if held else {}
     rows = []
-    for b, a, hb, ha in zip(before, after, held_before or [None] * len(before), held_after or [None] * len(after)):
-        k = a if kept[b["task"]] == "after" else b
+    for b, a in zip(before, after):
+        c = choice.get(b["task"], {"kept": "after", "held_back_ratio": None})
+        k = a if c["kept"] == "after" else b
         rows.append({"task": b["task"], "baseline": b["baseline"], "before": b["model"], "after": a["model"],
                      "ratio_before": b["ratio"], "ratio_after": a["ratio"], "ratio_after_ci": a["ratio_ci"],
-                     "change_ci": _change_ci(b, a), "kept": kept[b["task"]], "ratio_kept": k["ratio"],
-                     "held_back_error": None if hb is None else [hb["model_error"], ha["model_error"]]})
+                     "change_ci": _change_ci(b, a), "kept": c["kept"], "ratio_kept": k["ratio"],
+                     "held_back_ratio": c["held_back_ratio"]})
     out = {"run": str(run_dir), "site": spec.name, "fraction": fraction, "labelled_samples": labelled,
            "trained_samples": fit_n, "held_back_samples": held_n, "holdout": holdout,
            "from_round": last, "refit_epochs": refit_epochs, "refit_scope": refit_scope, "refit": refit,
@@ -145,14 +147,23 @@ def finetune_site(run_dir: str, site_path: str, fraction: float = 1.0, steps: in
     return out
 
 
-def kept_models(held_before: list[dict], held_after: list[dict]) -> dict[str, str]:
-    """{task: "after" | "before"}: per task, the fine-tuned model where its error on the
-    held-back labelled samples is below the start's, else the start (a tie, or a NaN after
-    fine-tuning, keeps the start). Rows of ``fedfm.evaluate.evaluate_sites``, in the same order.
-    Early stopping at two candidates, step 0 and the last: with tens of labels fine-tuning
-    costs some tasks more than it gains (RESULTS.md), and a site should not deploy those."""
-    return {b["task"]: "after" if a["model_error"] < b["model_error"] else "before"
-            for b, a in zip(held_before, held_after)}
+def kept_models(held_before: list[dict], held_after: list[dict]) -> dict[str, dict]:
+    """{task: {"kept": "after" | "before", "held_back_ratio": [ratio, lo, hi]}}: per task the
+    fine-tuned model's error on the held-back labelled samples over the start's, with its 95 %
+    paired bootstrap interval (``fedfm.metrics.ratio_interval``, the start as the baseline), and
+    the model kept: the fine-tuned one only where that interval lies below 1, else the start.
+    Rows of ``fedfm.evaluate.evaluate_sites(..., keep_errors=True)``, in the same order.
+    Early stopping at two candidates, step 0 and the last, and on the side of the start: with
+    tens of labels fine-tuning costs most tasks more than it gains (RESULTS.md), and a point
+    estimate on ten held-back samples once kept a PE head that lost 0.1 of its ratio on the test."""
+    from fedfm.metrics import ratio_interval
+
+    out = {}
+    for b, a in zip(held_before, held_after):
+        ci = ratio_interval(b["task"], a["model_errors"], b["model_errors"])
+        out[b["task"]] = {"kept": "after" if ci["hi"] < 1 else "before",
+                          "held_back_ratio": [ci["ratio"], ci["lo"], ci["hi"]]}
+    return out
 
 
 def result_name(site: str, fraction: float, steps: int | None, refit_epochs: int, refit_scope: str,
@@ -194,9 +205,9 @@ def table_lines(rows: list[dict], held_back: int = 0) -> list[str]:
     mean error ratio before, after and of the kept models."""
     from fedfm.metrics import BOOTSTRAP_DRAWS, BOOTSTRAP_SEED, HEADLINE
 
-    chooses = held_back > 0 and all(r.get("held_back_error") for r in rows)
+    chooses = held_back > 0 and all(r.get("held_back_ratio") for r in rows)
     lines = ["| task | metric | baseline | before | after | error ratio before → after | change [95 %] |"
-             + (" held-back error before → after | kept |" if chooses else ""),
+             + (" held back: after ÷ before [95 %] | kept |" if chooses else ""),
              "|---|---|---|---|---|---|---|" + ("---|---|" if chooses else "")]
     for r in rows:
         key = HEADLINE[r["task"]]
@@ -206,16 +217,17 @@ def table_lines(rows: list[dict], held_back: int = 0) -> list[str]:
         line = (f"| {r['task']} | {key} | " + " | ".join(map(_num, cells))
                 + f" | {_num(r['ratio_before'])} → {_num(r['ratio_after'])} | {change} |")
         if chooses:
-            hb, ha = r["held_back_error"]
-            line += f" {_num(hb)} → {_num(ha)} | {r['kept']} |"
+            ratio, lo, hi = r["held_back_ratio"]
+            line += f" {_num(ratio)} [{_num(lo)}, {_num(hi)}] | {r['kept']} |"
         lines.append(line)
     lines += ["", "change: after − before error ratio, with its 95 % paired bootstrap interval over the "
                   f"site's test samples ({BOOTSTRAP_DRAWS} draws, seed {BOOTSTRAP_SEED}); an interval "
                   "excluding 0 is a change the test split resolves."]
     if chooses:
         means = {k: _mean([r[f"ratio_{k}"] for r in rows]) for k in ("before", "after", "kept")}
-        lines.append(f"kept: per task, the model with the lower error on the {held_back} held-back labelled "
-                     f"samples (a tie keeps before), what the site would deploy. Mean error ratio over the tasks: "
+        lines.append(f"kept: per task, what the site would deploy: the fine-tuned model only where its error on "
+                     f"the {held_back} held-back labelled samples is below the start's at 95 % (the interval of "
+                     f"their ratio below 1), else the start. Mean error ratio over the tasks: "
                      f"before {_num(means['before'])}, after {_num(means['after'])}, kept {_num(means['kept'])}.")
     return lines
 

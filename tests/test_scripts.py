@@ -122,11 +122,11 @@ def test_finetune_site_heldout_fraction(fed_run, capsys, monkeypatch):
         assert r["ratio_after_ci"][0] <= r["ratio_after"] <= r["ratio_after_ci"][1]
     assert any(r["change_ci"][1] < r["change_ci"][2] for r in res["rows"])
     assert sum(f"| {r['change_ci'][0]:+.3f} [" in out for r in res["rows"]) == 7
-    # per task the model with the lower held-back error is kept (a tie keeps the start), and its
-    # test ratio is that model's
+    # per task the fine-tuned model is kept only where its held-back error ratio to the start is
+    # below 1 at 95 %, and the kept ratio on the test is that model's
     for r in res["rows"]:
-        hb, ha = r["held_back_error"]
-        assert r["kept"] == ("after" if ha < hb else "before"), r
+        ratio, lo, hi = r["held_back_ratio"]
+        assert lo <= ratio <= hi and r["kept"] == ("after" if hi < 1 else "before"), r
         assert r["ratio_kept"] == r["ratio_after" if r["kept"] == "after" else "ratio_before"]
     kept_mean = np.mean([r["ratio_kept"] for r in res["rows"]])
     assert f"kept {kept_mean:.3f}." in out
@@ -460,7 +460,7 @@ def test_finetune_site_holdout_0_trains_on_every_label_and_keeps_the_fine_tuned_
     res = json.loads((fed_run["run"] / "finetune" / "gamma-0.5-steps2-holdout0.json").read_text())
     assert res["trained_samples"] == 32 and res["held_back_samples"] == 0
     assert all(_num_samples(td) == [32] for td in trained[0]["tasks"].values())
-    assert all(r["kept"] == "after" and r["held_back_error"] is None for r in res["rows"])
+    assert all(r["kept"] == "after" and r["held_back_ratio"] is None for r in res["rows"])
     assert "held-back" not in out and f"fine-tuned on 32 of 32 labelled samples from round {ROUNDS};" in out
 
 
@@ -479,14 +479,24 @@ def test_finetune_site_bad_holdout_one_line_error(fed_run, capsys, flags, messag
     assert after == before  # nothing trained or written
 
 
-def test_finetune_site_keeps_per_task_the_model_with_the_lower_held_back_error():
+def test_finetune_site_keeps_the_fine_tuned_model_only_where_it_is_better_at_95_percent():
     script = _load_script("finetune_site")
-    before = [{"task": "CE", "model_error": 0.10}, {"task": "BF", "model_error": 0.80},
-              {"task": "LoS", "model_error": 0.05}, {"task": "PE", "model_error": 6.0}]
-    after = [{"task": "CE", "model_error": 0.08}, {"task": "BF", "model_error": 0.85},
-             {"task": "LoS", "model_error": 0.05}, {"task": "PE", "model_error": float("nan")}]
-    # lower → after; higher → before; a tie → before; NaN after fine-tuning → before
-    assert script.kept_models(before, after) == {"CE": "after", "BF": "before", "LoS": "before", "PE": "before"}
+    n = 40
+    base = np.linspace(1.0, 2.0, n)
+    rows = lambda errs: [{"task": t, "model_errors": e} for t, e in errs.items()]  # noqa: E731
+    before = rows({"CE": base, "DE": base, "PE": base, "LoS": np.zeros(n)})
+    after = rows({"CE": 0.5 * base,                                  # halved on every sample: kept
+                  "DE": base * np.where(np.arange(n) % 2, 0.7, 1.25),  # mean ratio < 1, but not at 95 %
+                  "PE": 1.5 * base,                                  # worse: the start
+                  "LoS": np.zeros(n)})                               # no errors either way: the start
+    got = script.kept_models(before, after)
+    assert {t: c["kept"] for t, c in got.items()} == {"CE": "after", "DE": "before", "PE": "before", "LoS": "before"}
+    # by hand: CE's ratio is 0.5 in every draw; PE's 1.5; LoS is floored at 1 % both ways, 1.0
+    assert got["CE"]["held_back_ratio"] == pytest.approx([0.5, 0.5, 0.5])
+    assert got["PE"]["held_back_ratio"] == pytest.approx([1.5, 1.5, 1.5])
+    assert got["LoS"]["held_back_ratio"] == pytest.approx([1.0, 1.0, 1.0])
+    de = got["DE"]["held_back_ratio"]
+    assert de[0] == pytest.approx(np.mean(after[1]["model_errors"]) / np.mean(base)) and de[0] < 1 < de[2]
 
 
 def test_finetune_site_fraction_is_of_the_labels_the_run_capped(fed_run, tmp_path, capsys):
