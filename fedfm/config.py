@@ -67,6 +67,7 @@ class RunConfig:
     site_model: str = "global"      # what a training site is scored with: the aggregate, or its own last local model
     local_optimizer: str = "reset"  # reset: fresh AdamW every round; keep: a site continues its own Adam moments and DWA windows
     fraction_train: float = 1.0     # fraction of connected sites sampled per round
+    fraction_evaluate: float = 0.0  # fraction of sites that score the new global state on their own val split each round
     min_train_nodes: int = 2        # Flower waits until this many sites are connected
     round_timeout: float = 1800.0   # seconds the server waits for a round's replies
     pretrain_steps: int = 200       # central pretraining steps when no backbone is given
@@ -108,6 +109,8 @@ class RunConfig:
         _check("server-momentum", self.server_momentum,
                math.isfinite(self.server_momentum) and 0 <= self.server_momentum < 1, "a number in [0, 1)")
         _check("fraction-train", self.fraction_train, 0 < self.fraction_train <= 1, "a number in (0, 1]")
+        _check("fraction-evaluate", self.fraction_evaluate, 0 <= self.fraction_evaluate <= 1,
+               "a number in [0, 1] (0 = no federated evaluation)")
         # A knob of one strategy set under another would be silently ignored (the run passed off
         # as, say, FedProx while it ran FedAvg): refuse it, naming the strategy that uses it.
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
@@ -118,6 +121,10 @@ class RunConfig:
                 raise ValueError(f"run config: `{_kebab(key)}` = {value!r} is used only by strategy={owner}, and "
                                  f"`strategy` is {self.strategy!r}; set strategy={owner}, or leave `{_kebab(key)}` "
                                  f"at its default {defaults[key]!r}")
+        if self.fraction_evaluate and self.stage == "pretrain":
+            raise ValueError(f"run config: `fraction-evaluate` = {self.fraction_evaluate!r} is used only with "
+                             f"stage=finetune (the sites score the fine-tuned tasks; stage=pretrain is scored "
+                             f"by its reconstruction on the server); leave `fraction-evaluate` at 0.0")
         if self.head_refit_scope != defaults["head_refit_scope"] and self.head_refit_epochs == 0:
             raise ValueError(f"run config: `head-refit-scope` = {self.head_refit_scope!r} is used only with "
                              f"`head-refit-epochs` >= 1, and it is 0; set head-refit-epochs, or leave "
@@ -200,8 +207,8 @@ class RunConfig:
 # first rounds (and than the uninterrupted run the resume is meant to equal), so it is refused.
 # ``backbone`` is checked on its own (the run keeps the recorded one); ``federation`` by the
 # sites it names (their spec hashes), not by its path.
-RESUME_MAY_CHANGE = ("num-server-rounds", "round-timeout", "min-train-nodes", "eval-every", "device",
-                     "cache-dir", "out-dir", "resume", "backbone", "federation", "pretrain-steps")
+RESUME_MAY_CHANGE = ("num-server-rounds", "round-timeout", "min-train-nodes", "eval-every", "fraction-evaluate",
+                     "device", "cache-dir", "out-dir", "resume", "backbone", "federation", "pretrain-steps")
 
 
 def _named_tasks(value: str) -> list[str]:

@@ -108,7 +108,38 @@ def summarize(run: dict) -> dict:
             "communication": comm, "events": run["events"], "cells_95": cells_95,
             # federated minus each comparison arm per training site, with its paired bootstrap
             # interval (scripts/compare.py), when compare.json holds one
-            "bootstrap": run["compare"].get("bootstrap")}
+            "bootstrap": run["compare"].get("bootstrap"),
+            "site_val": _site_val(run)}
+
+
+def _site_val(run: dict) -> dict:
+    """Federated evaluation (``fraction-evaluate``): the last round each site scored the global
+    state on its own validation split, {site: {"round", "samples", "tasks": {task: value}}} of
+    the headline metrics; {} when the run had none."""
+    out: dict[str, dict] = {}
+    for r in run["metrics"]:
+        if r.get("source") != "site-val" or r.get("task") not in HEADLINE or HEADLINE[r["task"]] not in r:
+            continue
+        entry = out.get(r["site"])
+        if entry is None or r["round"] > entry["round"]:
+            entry = out[r["site"]] = {"round": r["round"], "samples": r.get("samples"), "tasks": {}}
+        if r["round"] == entry["round"]:
+            entry["tasks"][r["task"]] = r[HEADLINE[r["task"]]]
+    return {site: out[site] for site in sorted(out)}
+
+
+def _site_val_lines(site_val: dict) -> list[str]:
+    if not site_val:
+        return []
+    lines = ["## Sites' own validation splits (federated evaluation)", "",
+             "| site | round | samples | " + " | ".join(f"{t} {HEADLINE[t]}" for t in TASK_ORDER) + " |",
+             "|" + "---|" * (len(TASK_ORDER) + 3)]
+    for site, e in site_val.items():
+        cells = [_fmt(HEADLINE[t], e["tasks"].get(t)) for t in TASK_ORDER]
+        lines.append(f"| {site} | {e['round']} | {e['samples']} | " + " | ".join(cells) + " |")
+    return lines + ["", "Each site scored the global state of that round on its own validation split (no data "
+                        "left it; `fraction-evaluate`), a training site with what the central evaluator scores it "
+                        "with. No baseline: these are the sites' own readings, not the report's error ratios.", ""]
 
 
 def _intervals_vs_baseline(run_dir: Path, final: int | None, sites: dict) -> dict:
@@ -370,8 +401,8 @@ def _markdown(s: dict) -> str:
     for r in s["per_round"]:
         lines.append(f"| {r['round']} | " + " | ".join(
             _ratio(r[k], 3) for k in ("avg_score_train", "avg_score_heldout")) + " |")
+    lines += [""] + _site_val_lines(s.get("site_val") or {}) + ["## Communication", ""]
     c = s["communication"]
-    lines += ["", "## Communication", ""]
     if c.get("full_model_bytes"):
         lines.append(f"Adapter state {c['adapter_bytes']:,} B vs full model {c['full_model_bytes']:,} B "
                      f"({100 * c['adapter_fraction']:.2f}% of the model per site and direction).")

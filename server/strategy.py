@@ -24,6 +24,10 @@ What the mixin adds to a stock ``flwr.serverapp.strategy`` class, and why:
 - **local models** (``site-model=local``, FedAvg + local fine-tuning, Wang et al. 2019): each
   training site's last usable reply, its model after its local steps from the aggregate, is
   kept (never sent back) for the central evaluator to score that site with;
+- **federated evaluation by site** (``fraction-evaluate`` > 0): each sampled site's scores on
+  its own validation split go to ``metrics.jsonl`` by site and task (``source: "site-val"``),
+  a training site scored with its own personal heads or local model as the central evaluator
+  scores it; the sites are drawn from the seed as for training;
 - **strategy state** (FedAdam's moments, FedAvgM's momentum, personal copies, local models)
   as arrays, for checkpoints.
 """
@@ -223,7 +227,7 @@ class FedFMMixin:
     def _personal_keys(self, keys) -> list[str]:
         return personal_keys(keys, self.personal_tasks, self.personal_adapters)
 
-    def _seeded_sample(self, rnd: int, grid: Grid, messages: list[Message]) -> list[Message]:
+    def _seeded_sample(self, rnd: int, grid: Grid, messages: list[Message], purpose: str = "sample") -> list[Message]:
         """With fraction-train < 1, which sites train round ``rnd`` is drawn from the run's seed
         and the sites' names. Flower draws node ids with the global ``random`` module, and node
         ids are new random numbers every run: neither two runs with one seed nor a resume
@@ -234,7 +238,7 @@ class FedFMMixin:
             return messages
         self._learn_sites(rnd, grid, nodes, "it is drawn after the named sites, by node id")
         by_site = sorted(nodes, key=lambda n: (n not in self.node_sites, self.node_sites.get(n, ""), n))
-        chosen = random.Random(derive_seed(self.seed, "sample", rnd)).sample(by_site, len(messages))
+        chosen = random.Random(derive_seed(self.seed, purpose, rnd)).sample(by_site, len(messages))
         first = messages[0]
         return [Message(first.content, dst_node_id=n, message_type=first.metadata.message_type) for n in chosen]
 
@@ -255,9 +259,55 @@ class FedFMMixin:
             if node not in self.node_sites:
                 self._event(rnd, f"node-{node}", f"did not say which site it is: {unanswered}")
 
-    def _with_personal(self, msg: Message) -> Message:
-        """The train message to one node, with that site's own personal heads when it has some."""
-        own = self.personal.get(self.node_sites.get(msg.metadata.dst_node_id, ""))
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """Federated evaluation (``fraction-evaluate`` > 0): the sampled sites score the round's
+        global state on their own validation split, a training site with what the central
+        evaluator scores it with (its personal heads, or its last local model)."""
+        rnd = server_round + self.round_offset
+        messages = list(super().configure_evaluate(rnd, arrays, config, grid))
+        messages = self._seeded_sample(rnd, grid, messages, "evaluate")
+        if self.personal or self.local:
+            self._learn_sites(rnd, grid, [m.metadata.dst_node_id for m in messages],
+                              "it scores the global state this round")
+            messages = [self._with_personal(m, self.site_state) for m in messages]
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Each site's scores as ``metrics.jsonl`` rows (``source: "site-val"``, by site and
+        task); an error reply or one without ``num-examples`` is an event, not a score. Returns
+        Flower's example-weighted average of the usable replies' metrics."""
+        rnd = server_round + self.round_offset
+        rows, usable = [], []
+        for msg in replies:
+            site = reply_site(msg, self.node_sites)
+            metrics = None if msg.has_error() else next(iter(msg.content.metric_records.values()), None)
+            if metrics is None or "num-examples" not in metrics:
+                why = msg.error.reason if msg.has_error() else "reply has no MetricRecord with `num-examples`"
+                self._event(rnd, site, f"site evaluation failed: {why}")
+                continue
+            self.node_sites[msg.metadata.src_node_id] = site
+            samples = int(metrics["num-examples"])
+            for key, value in sorted(metrics.items()):
+                task, _, metric = key.partition("-")
+                if metric and key != "num-examples":
+                    rows.append({"round": rnd, "site": site, "source": "site-val", "task": task,
+                                 "samples": samples, metric: float(value)})
+            usable.append(metrics)
+        if self.runlog:
+            self.runlog.append_metrics(rows)
+        if not usable:
+            return None
+        keys = sorted(set.intersection(*(set(m.keys()) for m in usable)))  # Flower skips it otherwise
+        return super().aggregate_evaluate(rnd, [
+            Message(RecordDict({"metrics": MetricRecord({k: m[k] for k in keys})}), dst_node_id=0,
+                    message_type=MessageType.EVALUATE) for m in usable])
+
+    def _with_personal(self, msg: Message, own_state=None) -> Message:
+        """The message to one node, with that site's own personal heads when it has some
+        (``own_state(site)``, when given, says what the site's own state is instead)."""
+        site = self.node_sites.get(msg.metadata.dst_node_id, "")
+        own = own_state(site) if own_state else self.personal.get(site)
         if not own:
             return msg
         content = msg.content
@@ -354,10 +404,11 @@ class FedFMFedAvgM(FedFMMixin, FedAvgM):
 def build_strategy(cfg: RunConfig, runlog: RunLog | None, full_model_bytes: int, round_offset: int = 0):
     """The strategy ``cfg.strategy`` names, with fedfm's bookkeeping attached.
 
-    Central evaluation replaces Flower's client-side evaluation (fraction_evaluate=0):
-    the server scores every site's test split itself, every round."""
-    common = dict(fraction_train=cfg.fraction_train, fraction_evaluate=0.0,
-                  min_train_nodes=cfg.min_train_nodes, min_evaluate_nodes=0,
+    The central evaluator scores every site's test split on the server, every round; with
+    ``fraction-evaluate`` > 0 Flower's client-side evaluation runs beside it, each sampled site
+    scoring the global state on its own validation split (``clients/app.py``'s evaluate)."""
+    common = dict(fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
+                  min_train_nodes=cfg.min_train_nodes, min_evaluate_nodes=1 if cfg.fraction_evaluate else 0,
                   min_available_nodes=cfg.min_train_nodes)
     if cfg.strategy == "fedavg":
         strategy = FedFMFedAvg(**common)

@@ -48,6 +48,7 @@ def test_from_flower_resolves_paths_and_coerces_ints(tmp_path):
     ("head-refit-scope", "embedding", "one of head, features"),
     ("num-server-rounds", 0, "integer >= 1"),
     ("fraction-train", 1.5, "(0, 1]"),
+    ("fraction-evaluate", -0.5, "[0, 1] (0 = no federated evaluation)"),
     ("lr", "fast", "expected a number"),
     ("lora-r", True, "expected an integer"),
     ("nonsense-key", 1, "allowed keys"),
@@ -78,6 +79,13 @@ def test_a_knob_the_run_would_ignore_is_refused(given, needle):
     assert RunConfig.from_flower(fixed).to_flower()[key] == given[key]
     for strategy in ("fedavg", "fedprox", "fedadam", "fedavgm"):
         RunConfig.from_flower({**RunConfig().to_flower(), "strategy": strategy})
+
+
+def test_federated_evaluation_is_refused_under_the_pretrain_stage():
+    # the sites' evaluate scores the fine-tuned tasks: under stage=pretrain it would be ignored
+    with pytest.raises(ValueError, match=r"^run config: `fraction-evaluate` = 0.5 is used only with stage=finetune"):
+        RunConfig.from_flower({"stage": "pretrain", "fraction-evaluate": 0.5})
+    assert RunConfig.from_flower({"fraction-evaluate": 0.5}).fraction_evaluate == 0.5
 
 
 def test_broken_site_yaml_is_isolated(tmp_path):

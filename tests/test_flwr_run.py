@@ -1,7 +1,8 @@
 """One real `flwr run .` end to end: local simulation SuperLink + Ray, 2 sites, tiny preset,
 2 rounds, server-side pretraining of the backbone (no checkpoint given), personal PE heads;
 then a resumed third round, whose new nodes the server must ask which site they are (a
-QUERY message through Ray) to hand each its own head. Own FLWR_HOME in a temp dir; the
+QUERY message through Ray) to hand each its own head, with federated evaluation on the
+sites' validation splits switched on. Own FLWR_HOME in a temp dir; the
 SuperLink is stopped by PID in `run_federation`'s finally, also on failure."""
 import json
 import subprocess
@@ -40,9 +41,15 @@ def test_flwr_run_end_to_end(tmp_path, cache_dir):
     assert 0 < comm["adapter_fraction"] < 1
     assert (run / "checkpoints" / "round-002" / "adapter.safetensors").exists()
 
-    # resume for a third round: fresh SuperNodes, so the server asks them which site they are
-    _run({**rc, "num-server-rounds": 3, "resume": str(run)}, tmp_path, "resumed")
+    # resume for a third round: fresh SuperNodes, so the server asks them which site they are;
+    # with federated evaluation switched on (a resume may change it): each site scores round 3 on
+    # its own validation split through Flower's evaluate messages
+    _run({**rc, "num-server-rounds": 3, "resume": str(run), "fraction-evaluate": 1.0}, tmp_path, "resumed")
     assert read_jsonl(run / "events.jsonl") == []  # no site error, no rejected update, no timeout
+    val = [r for r in read_jsonl(run / "metrics.jsonl") if r["source"] == "site-val"]
+    assert sorted({(r["round"], r["site"]) for r in val}) == [(3, "alpha"), (3, "beta")]
+    assert all(len([r for r in val if r["site"] == s]) == 7 for s in ("alpha", "beta"))
+    assert all(np.isfinite(r["nmse_db"]) for r in val if r["task"] == "CE")
     ledger = read_jsonl(run / "ledger.jsonl")
     assert sorted((r["round"], r["site"], r["status"]) for r in ledger if r["round"] == 3) == [
         (3, "alpha", "ok"), (3, "beta", "ok")]

@@ -303,7 +303,8 @@ def test_site_model_local_scores_each_training_site_with_its_last_local_model(tm
     from fl_fixtures import NUM_BEAMS
 
     fed = write_federation(tmp_path / "fed")
-    rc = run_config(fed, tmp_path / "run", cache_dir, backbone[0], **{"site-model": "local", "num-server-rounds": 1})
+    rc = run_config(fed, tmp_path / "run", cache_dir, backbone[0], **{"site-model": "local", "num-server-rounds": 1,
+                                                                        "fraction-evaluate": 1.0})
     log = run_server(rc)
     glob, state, _ = log.load_checkpoint(1)
     local = {k.split("/", 2)[2]: v for k, v in state.items() if k.startswith("local/alpha/")}
@@ -319,7 +320,18 @@ def test_site_model_local_scores_each_training_site_with_its_last_local_model(tm
         nmse[name] = score("CE", predict(model, td), td)["nmse_db"]
     assert rows[("alpha", "CE")]["nmse_db"] == pytest.approx(nmse["local"], rel=1e-6)
     assert nmse["local"] != pytest.approx(nmse["global"], rel=1e-6)
-    assert "Local models (`site-model = local`)" in (log.dir / "report.md").read_text()
+    report = (log.dir / "report.md").read_text()
+    assert "Local models (`site-model = local`)" in report
+    # federated evaluation (fraction-evaluate=1): both training sites scored round 1 on their own
+    # val split, alpha with its local model as the central evaluator scores it, by site and task
+    val = [r for r in read_jsonl(log.dir / "metrics.jsonl") if r["source"] == "site-val"]
+    assert {(r["round"], r["site"], r["task"]) for r in val} == {(1, s, t) for s in ("alpha", "beta") for t in TASKS}
+    vtd = load_site_tasks(load_site(fed.parent / "alpha.yaml"), "val", str(cache_dir))["CE"]
+    set_adapter_state(model, torch_state(local))
+    alpha_ce = next(r for r in val if r["site"] == "alpha" and r["task"] == "CE")
+    assert alpha_ce["samples"] == vtd.num_samples
+    assert alpha_ce["nmse_db"] == pytest.approx(score("CE", predict(model, vtd), vtd)["nmse_db"], rel=1e-6)
+    assert "## Sites' own validation splits (federated evaluation)" in report and "| alpha | 1 | " in report
 
 
 def test_eval_every_scores_round_0_every_kth_and_the_last_and_checkpoints_all(tmp_path, cache_dir, backbone,

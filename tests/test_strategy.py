@@ -387,3 +387,31 @@ def test_a_node_that_never_says_which_site_it_is_is_asked_once():
     for r in (1, 2, 3):
         assert len(list(strategy.configure_train(r, arrays(a=[0.0]), ConfigRecord(), grid))) == 2
     assert sorted(grid.queried) == [1, 2, 3, 4]  # each once, not once per round (each query waits for the timeout)
+
+
+def test_federated_evaluation_logs_each_sites_scores_and_averages_them_by_examples(tmp_path):
+    log = RunLog(tmp_path)
+    off = build_strategy(RunConfig(min_train_nodes=3), log, FULL_MODEL_BYTES)
+    assert list(off.configure_evaluate(1, arrays(a=np.zeros(2)), ConfigRecord(), FakeGrid((11, 22, 33)))) == []
+    strategy = build_strategy(RunConfig(min_train_nodes=3, fraction_evaluate=1.0), log, FULL_MODEL_BYTES)
+    msgs = list(strategy.configure_evaluate(1, arrays(a=np.zeros(2)), ConfigRecord(), FakeGrid((11, 22, 33))))
+    assert sorted(m.metadata.dst_node_id for m in msgs) == [11, 22, 33]
+    assert all(m.metadata.message_type == "evaluate" for m in msgs)
+    sent = {m.metadata.dst_node_id: m for m in msgs}
+
+    def scores(to, site, n, ce, top1):
+        return Message(RecordDict({"metrics": MetricRecord({"num-examples": n, "CE-nmse_db": ce, "BF-top1": top1}),
+                                   "site": ConfigRecord({"name": site})}), reply_to=to)
+
+    replies = [scores(sent[11], "siteA", 10, -10.0, 0.2), scores(sent[22], "siteB", 30, -6.0, 0.6),
+               Message(Error(1, "site=siteC: ValueError: no val split"), reply_to=sent[33])]
+    agg = strategy.aggregate_evaluate(1, replies)
+    # by hand: (10·x_A + 30·x_B) / 40
+    assert agg["CE-nmse_db"] == pytest.approx((10 * -10.0 + 30 * -6.0) / 40)
+    assert agg["BF-top1"] == pytest.approx((10 * 0.2 + 30 * 0.6) / 40)
+    rows = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["source"] == "site-val"]
+    assert sorted((r["site"], r["task"], r.get("nmse_db", r.get("top1")), r["samples"]) for r in rows) == [
+        ("siteA", "BF", 0.2, 10), ("siteA", "CE", -10.0, 10), ("siteB", "BF", 0.6, 30), ("siteB", "CE", -6.0, 30)]
+    events = read_jsonl(tmp_path / "events.jsonl")
+    assert [e["site"] for e in events] == ["siteC"] and "site evaluation failed" in events[0]["message"]
+    assert strategy.aggregate_evaluate(2, [replies[2]]) is None  # no usable reply: no average
