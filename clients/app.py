@@ -9,6 +9,7 @@ error that starts with ``site=NAME:``; it never sends garbage.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -97,11 +98,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Score the global adapters on this site's own validation split (for deployments in
     which the server cannot see site data; simulations use the central evaluator)."""
     found: list = []
+    t0 = time.perf_counter()
     try:
         cfg, entry, conf, backbone, state = _received(msg, context, found)
         num_examples, scores = evaluate_site(cfg, entry.spec, state, num_beams=int(conf["num-beams"]),
                                              backbone=backbone, split="val")
     except Exception as exc:  # noqa: BLE001
         return _error(msg, context, found, exc)
-    return Message(RecordDict({"metrics": MetricRecord({"num-examples": num_examples, **scores}),
+    return Message(RecordDict({"metrics": MetricRecord({"num-examples": num_examples, **scores,
+                                                        "eval-time-s": time.perf_counter() - t0}),
                                "site": ConfigRecord({"name": entry.name})}), reply_to=msg)

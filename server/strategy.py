@@ -47,6 +47,7 @@ from fedfm.config import RunConfig
 from fedfm.federated import personal_keys
 from fedfm.runlog import RunLog
 from fedfm.scenarios import derive_seed
+from fedfm.tasks import TASKS
 
 _SITE_IN_ERROR = re.compile(r"site=([A-Za-z0-9_.\-]+)")
 
@@ -287,12 +288,13 @@ class FedFMMixin:
                 self._event(rnd, site, f"site evaluation failed: {why}")
                 continue
             self.node_sites[msg.metadata.src_node_id] = site
-            samples = int(metrics["num-examples"])
+            extra = {"samples": int(metrics["num-examples"]),
+                     **({"eval_time_s": float(metrics["eval-time-s"])} if "eval-time-s" in metrics else {})}
             for key, value in sorted(metrics.items()):
                 task, _, metric = key.partition("-")
-                if metric and key != "num-examples":
-                    rows.append({"round": rnd, "site": site, "source": "site-val", "task": task,
-                                 "samples": samples, metric: float(value)})
+                if task in TASKS and metric:  # CE-nmse_db, …; not num-examples or eval-time-s
+                    rows.append({"round": rnd, "site": site, "source": "site-val", "task": task, **extra,
+                                 metric: float(value)})
             usable.append(metrics)
         if self.runlog:
             self.runlog.append_metrics(rows)

@@ -400,7 +400,8 @@ def test_federated_evaluation_logs_each_sites_scores_and_averages_them_by_exampl
     sent = {m.metadata.dst_node_id: m for m in msgs}
 
     def scores(to, site, n, ce, top1):
-        return Message(RecordDict({"metrics": MetricRecord({"num-examples": n, "CE-nmse_db": ce, "BF-top1": top1}),
+        return Message(RecordDict({"metrics": MetricRecord({"num-examples": n, "CE-nmse_db": ce, "BF-top1": top1,
+                                                            "eval-time-s": 2.0}),
                                    "site": ConfigRecord({"name": site})}), reply_to=to)
 
     replies = [scores(sent[11], "siteA", 10, -10.0, 0.2), scores(sent[22], "siteB", 30, -6.0, 0.6),
@@ -410,6 +411,7 @@ def test_federated_evaluation_logs_each_sites_scores_and_averages_them_by_exampl
     assert agg["CE-nmse_db"] == pytest.approx((10 * -10.0 + 30 * -6.0) / 40)
     assert agg["BF-top1"] == pytest.approx((10 * 0.2 + 30 * 0.6) / 40)
     rows = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["source"] == "site-val"]
+    assert all(r["eval_time_s"] == 2.0 for r in rows)  # a site's evaluation time: a column, not a task
     assert sorted((r["site"], r["task"], r.get("nmse_db", r.get("top1")), r["samples"]) for r in rows) == [
         ("siteA", "BF", 0.2, 10), ("siteA", "CE", -10.0, 10), ("siteB", "BF", 0.6, 30), ("siteB", "CE", -6.0, 30)]
     events = read_jsonl(tmp_path / "events.jsonl")
