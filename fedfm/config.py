@@ -229,7 +229,7 @@ def resume_mismatch(cfg: "RunConfig", recorded: Mapping[str, Any]) -> str | None
             continue
         if mine[key] != recorded[key]:
             return (f"`{key}` is {mine[key]!r} here but the run was started with {recorded[key]!r}; a resume keeps "
-                    f"the run's settings (only {', '.join(RESUME_MAY_CHANGE[:6])} may change): set "
+                    f"the run's settings (only {', '.join(RESUME_MAY_CHANGE[:7])} may change): set "
                     f"{key}={recorded[key]!r} or start a new run")
     return None
 

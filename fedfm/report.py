@@ -136,7 +136,8 @@ def _site_val_lines(site_val: dict) -> list[str]:
              "|" + "---|" * (len(TASK_ORDER) + 3)]
     for site, e in site_val.items():
         cells = [_fmt(HEADLINE[t], e["tasks"].get(t)) for t in TASK_ORDER]
-        lines.append(f"| {site} | {e['round']} | {e['samples']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {site} | {e['round']} | {e['samples'] if e['samples'] is not None else '–'} | "
+                     + " | ".join(cells) + " |")
     return lines + ["", "Each site scored the global state of that round on its own validation split (no data "
                         "left it; `fraction-evaluate`), a training site with what the central evaluator scores it "
                         "with. No baseline: these are the sites' own readings, not the report's error ratios.", ""]
@@ -265,15 +266,19 @@ def _avg(model: dict, base: dict) -> float | None:
 
 def _communication(run: dict) -> dict:
     model = run["config"].get("model", {})
-    per_round = {}
+    per_round, evaluate_down = {}, 0
     for r in run["ledger"]:
+        if r.get("kind", "train") != "train":  # federated evaluation (fraction-evaluate): counted apart
+            evaluate_down += int(r.get("bytes_down", 0))
+            continue
         row = per_round.setdefault(r["round"], {"round": r["round"], "bytes_down": 0, "bytes_up": 0,
                                                 "sites_ok": 0, "sites_failed": 0})
         row["bytes_down"] += r["bytes_down"]
         row["bytes_up"] += r["bytes_up"]
         row["sites_ok" if r["status"] == "ok" else "sites_failed"] += 1
     return {"adapter_bytes": model.get("adapter_bytes"), "full_model_bytes": model.get("full_model_bytes"),
-            "adapter_fraction": model.get("adapter_fraction"), "per_round": [per_round[k] for k in sorted(per_round)]}
+            "adapter_fraction": model.get("adapter_fraction"), "per_round": [per_round[k] for k in sorted(per_round)],
+            "evaluate_bytes_down": evaluate_down}
 
 
 # ---- markdown -------------------------------------------------------------------------
@@ -414,6 +419,10 @@ def _bytes_and_events(s: dict) -> list[str]:
     lines = ["", "| round | bytes down | bytes up | sites ok | sites failed |", "|---|---|---|---|---|"]
     lines += [f"| {r['round']} | {r['bytes_down']:,} | {r['bytes_up']:,} | {r['sites_ok']} | {r['sites_failed']} |"
               for r in s["communication"]["per_round"]]
+    if s["communication"].get("evaluate_bytes_down"):
+        lines += ["", f"Federated evaluation (`fraction-evaluate`) sent the state down again to the sites it "
+                      f"sampled: {s['communication']['evaluate_bytes_down']:,} B over the run, beside the training "
+                      f"traffic above."]
     if s["events"]:
         lines += ["", "## Site errors and rejected updates", ""]
         lines += [f"- round {e['round']}, site `{e['site']}`: {e['message']}" for e in s["events"]]

@@ -174,7 +174,7 @@ def federated_steps(run_dir: Path) -> dict[str, int]:
                          f"finish it (resume={run_dir}) before comparing")
     ok: dict[str, int] = {}
     for r in read_jsonl(run_dir / "ledger.jsonl"):
-        if r.get("status") == "ok" and 0 < r.get("round", 0) <= planned:
+        if r.get("status") == "ok" and r.get("kind", "train") == "train" and 0 < r.get("round", 0) <= planned:
             ok[r["site"]] = ok.get(r["site"], 0) + 1
     return {s["name"]: ok.get(s["name"], 0) * int(rc["local-steps"])
             for s in conf["federation"]["sites"] if s["role"] == "train" and not s.get("error")}

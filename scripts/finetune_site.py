@@ -18,10 +18,12 @@ others (with its starts fitted on those), and the held-back samples choose, per 
 model it keeps: the fine-tuned one where its error on them is lower at 95 % (a paired
 bootstrap of their ratio), else the start ("kept").
 ``--holdout 0`` trains on every labelled sample and keeps the fine-tuned model. Scores are on
-the site's full test split.
+the site's full test split. On one of the run's training sites the held-back samples were
+trained on by the federation, i.e. by the start, so there the choice leans towards the start;
+on a held-out site neither model has seen them.
 ``--refit-epochs N`` then refits the pooled heads (BF, DE, PE, LoS) alone on the samples it fine-tunes on
 (``fedfm.train.refit_heads``; ``--refit-scope features`` moves only their paths from the classical
-side inputs). Writes ``<run>/finetune/<site>-<fraction>[-steps<N>][-refit<N>[-features]][-holdout<F>].json``
+side inputs). Writes ``<run>/finetune/<site>-<fraction>[-steps<N>][-refit<N>[-features]]-holdout<F>.json``
 (other flags, another file).
 """
 from __future__ import annotations
@@ -38,7 +40,7 @@ from fedfm.runlog import RunLog, read_run_config, write_json  # noqa: E402
 
 
 # the share of the labelled samples held back to choose, per task, between the start and the
-# fine-tuned model (refit_heads holds back the same fifth to choose its epoch)
+# fine-tuned model (refit_heads holds back the same share of what it trains on to choose its epoch)
 HOLDOUT = 0.2
 
 
@@ -168,7 +170,7 @@ def kept_models(held_before: list[dict], held_after: list[dict]) -> dict[str, di
 
 def result_name(site: str, fraction: float, steps: int | None, refit_epochs: int, refit_scope: str,
                 holdout: float = HOLDOUT) -> str:
-    """``<site>-<fraction>[-steps<N>][-refit<N>[-features]][-holdout<F>].json``: other flags, another
+    """``<site>-<fraction>[-steps<N>][-refit<N>[-features]]-holdout<F>.json``: other flags, another
     file (a run with --steps or --refit-epochs once overwrote the default run's result); the same
     flags on the same run reproduce the same result, which rewrites its file."""
     name = f"{site}-{fraction:g}"
@@ -176,9 +178,9 @@ def result_name(site: str, fraction: float, steps: int | None, refit_epochs: int
         name += f"-steps{steps}"
     if refit_epochs:
         name += f"-refit{refit_epochs}" + ("" if refit_scope == "head" else f"-{refit_scope}")
-    if holdout != HOLDOUT:
-        name += f"-holdout{holdout:g}"
-    return name + ".json"
+    # always named: a result from before --holdout existed (`<site>-<fraction>.json`, every label
+    # trained) is not overwritten by the default's, another experiment
+    return name + f"-holdout{holdout:g}.json"
 
 
 def _change_ci(before: dict, after: dict) -> list[float] | None:

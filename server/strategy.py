@@ -107,6 +107,7 @@ class FedFMMixin:
         self.node_sites: dict[int, str] = {}
         self._asked: set[int] = set()  # nodes sent a which-site QUERY (each is asked once)
         self._sent: dict[int, int] = {}
+        self._eval_sent: dict[int, int] = {}  # node → bytes of the state its evaluate message carried
         self._reference: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
         self.last_round_sites: list[str] = []
 
@@ -272,6 +273,7 @@ class FedFMMixin:
             self._learn_sites(rnd, grid, [m.metadata.dst_node_id for m in messages],
                               "it scores the global state this round")
             messages = [self._with_personal(m, self.site_state) for m in messages]
+        self._eval_sent = {m.metadata.dst_node_id: payload_bytes(m.content[self.arrayrecord_key]) for m in messages}
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -279,15 +281,24 @@ class FedFMMixin:
         task); an error reply or one without ``num-examples`` is an event, not a score. Returns
         Flower's example-weighted average of the usable replies' metrics."""
         rnd = server_round + self.round_offset
-        rows, usable = [], []
+        sent, self._eval_sent = getattr(self, "_eval_sent", {}), {}
+        rows, usable, ledger, replied = [], [], [], set()
         for msg in replies:
+            node = msg.metadata.src_node_id
+            replied.add(node)
             site = reply_site(msg, self.node_sites)
+            # the ledger counts the evaluation's traffic apart (kind evaluate): the state went down
+            # again, nothing but a few metrics came up
+            row = {"round": rnd, "site": site, "node_id": node, "kind": "evaluate", "bytes_down": sent.get(node, 0),
+                   "bytes_up": 0, "wire_bytes_up": 0, "full_model_bytes": self.full_model_bytes}
             metrics = None if msg.has_error() else next(iter(msg.content.metric_records.values()), None)
             if metrics is None or "num-examples" not in metrics:
                 why = msg.error.reason if msg.has_error() else "reply has no MetricRecord with `num-examples`"
                 self._event(rnd, site, f"site evaluation failed: {why}")
+                ledger.append({**row, "status": "error"})
                 continue
-            self.node_sites[msg.metadata.src_node_id] = site
+            ledger.append({**row, "status": "ok"})
+            self.node_sites[node] = site
             extra = {"samples": int(metrics["num-examples"]),
                      **({"eval_time_s": float(metrics["eval-time-s"])} if "eval-time-s" in metrics else {})}
             for key, value in sorted(metrics.items()):
@@ -296,8 +307,16 @@ class FedFMMixin:
                     rows.append({"round": rnd, "site": site, "source": "site-val", "task": task, **extra,
                                  metric: float(value)})
             usable.append(metrics)
+        for node, down in sent.items():
+            if node not in replied:
+                site = self.node_sites.get(node, f"node-{node}")
+                self._event(rnd, site, "no reply to the evaluation before the round timeout")
+                ledger.append({"round": rnd, "site": site, "node_id": node, "kind": "evaluate", "status": "timeout",
+                               "bytes_down": down, "bytes_up": 0, "wire_bytes_up": 0,
+                               "full_model_bytes": self.full_model_bytes})
         if self.runlog:
             self.runlog.append_metrics(rows)
+            self.runlog.append_ledger(ledger)
         if not usable:
             return None
         keys = sorted(set.intersection(*(set(m.keys()) for m in usable)))  # Flower skips it otherwise

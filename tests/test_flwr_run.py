@@ -51,8 +51,9 @@ def test_flwr_run_end_to_end(tmp_path, cache_dir):
     assert all(len([r for r in val if r["site"] == s]) == 7 for s in ("alpha", "beta"))
     assert all(np.isfinite(r["nmse_db"]) for r in val if r["task"] == "CE")
     ledger = read_jsonl(run / "ledger.jsonl")
-    assert sorted((r["round"], r["site"], r["status"]) for r in ledger if r["round"] == 3) == [
-        (3, "alpha", "ok"), (3, "beta", "ok")]
+    assert sorted((r["round"], r.get("kind", "train"), r["site"], r["status"]) for r in ledger if r["round"] == 3) == [
+        (3, "evaluate", "alpha", "ok"), (3, "evaluate", "beta", "ok"), (3, "train", "alpha", "ok"),
+        (3, "train", "beta", "ok")]
     state = load_file(str(run / "checkpoints" / "round-003" / "strategy.safetensors"))
     assert {k.split("/")[1] for k in state if k.startswith("personal/")} == {"alpha", "beta"}
 

@@ -95,6 +95,19 @@ def test_finetune_site_heldout_fraction(fed_run, capsys, monkeypatch):
 
     monkeypatch.setattr(fedfm.federated, "local_train", local_train)
     monkeypatch.setattr(fedfm.baselines, "fit_baseline", fit_baseline)
+    fitted_on = {"stats": [], "labels": []}  # how many train samples each start was fitted on
+    real_stats, real_labels = fedfm.federated.site_channel_stats, fedfm.federated.site_label_priors
+
+    def stats(spec, cache_dir, n, loaded):
+        fitted_on["stats"].append(n)
+        return real_stats(spec, cache_dir, n, loaded)
+
+    def labels(spec, tasks, cache_dir, n, loaded):
+        fitted_on["labels"].append(n)
+        return real_labels(spec, tasks, cache_dir, n, loaded)
+
+    monkeypatch.setattr(fedfm.federated, "site_channel_stats", stats)
+    monkeypatch.setattr(fedfm.federated, "site_label_priors", labels)
     site = fed_run["root"] / "gamma.yaml"
     steps = 12
     rc = script.main(["--run", str(fed_run["run"]), "--site", str(site), "--fraction", "0.5",
@@ -104,7 +117,7 @@ def test_finetune_site_heldout_fraction(fed_run, capsys, monkeypatch):
     assert f"gamma: fine-tuned on 26 of 32 labelled samples from round {ROUNDS}, 6 held back" in out
     assert sum(line.startswith("| ") and line.split("|")[1].strip() in TASKS for line in out.splitlines()) == 7
 
-    path = fed_run["run"] / "finetune" / f"gamma-0.5-steps{steps}.json"
+    path = fed_run["run"] / "finetune" / f"gamma-0.5-steps{steps}-holdout0.2.json"
     assert path.exists()
     res = json.loads(path.read_text())
     assert res["site"] == "gamma" and res["fraction"] == 0.5 and res["from_round"] == ROUNDS
@@ -139,6 +152,10 @@ def test_finetune_site_heldout_fraction(fed_run, capsys, monkeypatch):
     assert set(train_tasks) == TASKS
     assert all(_num_samples(td) == [26] for td in train_tasks.values())
     assert sorted(fitted) == sorted((t, 32) for t in TASKS)  # the baselines: every labelled sample
+    # the starts: on the 26 trained on for the training views and for the held-back ones (which
+    # must not see themselves), on all 32 for the labelled views and the test the table scores
+    for kind in ("stats", "labels"):
+        assert fitted_on[kind][:4] == [32, 26, 26, 32], (kind, fitted_on[kind])
     last, _, _ = RunLog(fed_run["run"]).load_checkpoint(ROUNDS)
     assert set(call["state_in"]) == set(last)
     assert all(np.array_equal(call["state_in"][k], last[k]) for k in last)
@@ -165,14 +182,14 @@ def test_finetune_site_refits_the_pooled_heads_on_the_labelled_fraction(fed_run,
     script = _load_script("finetune_site")
     assert script.main(["--run", str(fed_run["run"]), "--site", str(fed_run["root"] / "gamma.yaml"), "--fraction",
                         "0.5", "--steps", "2"]) == 0
-    plain = (fed_run["run"] / "finetune" / "gamma-0.5-steps2.json").read_bytes()
+    plain = (fed_run["run"] / "finetune" / "gamma-0.5-steps2-holdout0.2.json").read_bytes()
     rc = script.main(["--run", str(fed_run["run"]), "--site", str(fed_run["root"] / "gamma.yaml"), "--fraction",
                       "0.5", "--steps", "2", "--refit-epochs", "3"])
     assert rc == 0, capsys.readouterr().err
-    res = json.loads((fed_run["run"] / "finetune" / "gamma-0.5-steps2-refit3.json").read_text())
+    res = json.loads((fed_run["run"] / "finetune" / "gamma-0.5-steps2-refit3-holdout0.2.json").read_text())
     assert res["refit_epochs"] == 3 and set(res["refit"]) == {"BF", "DE", "PE", "LoS"}
     assert all(r["samples"] == 26 and r["val_loss_after"] <= r["val_loss_before"] for r in res["refit"].values())
-    assert (fed_run["run"] / "finetune" / "gamma-0.5-steps2.json").read_bytes() == plain  # not overwritten
+    assert (fed_run["run"] / "finetune" / "gamma-0.5-steps2-holdout0.2.json").read_bytes() == plain  # not overwritten
     assert script.main(["--run", str(fed_run["run"]), "--site", str(fed_run["root"] / "gamma.yaml"),
                         "--refit-epochs", "-1"]) == 2
     assert capsys.readouterr().err.startswith("error: --refit-epochs -1 is not allowed")
@@ -191,7 +208,7 @@ def test_finetune_site_bad_fraction_one_line_error(fed_run, capsys, fraction):
     assert rc == 2 and out == ""
     assert err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith(f"error: --fraction {float(fraction)} is not allowed") and "(0, 1]" in err
-    assert not (fed_run["run"] / "finetune" / f"gamma-{float(fraction):g}.json").exists()
+    assert not (fed_run["run"] / "finetune" / f"gamma-{float(fraction):g}-holdout0.2.json").exists()
 
 
 def test_finetune_site_fraction_giving_one_label_one_line_error(fed_run, capsys):
@@ -204,7 +221,7 @@ def test_finetune_site_fraction_giving_one_label_one_line_error(fed_run, capsys)
     assert rc == 2 and out == ""
     assert err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith("error: --fraction 0.001 gives 1 labelled sample of the site's") and "at least 2" in err
-    assert not (fed_run["run"] / "finetune" / "gamma-0.001.json").exists()
+    assert not (fed_run["run"] / "finetune" / "gamma-0.001-holdout0.2.json").exists()
 
 
 # ---- compare.py -------------------------------------------------------------------------
@@ -510,7 +527,7 @@ def test_finetune_site_fraction_is_of_the_labels_the_run_capped(fed_run, tmp_pat
     (run / "config.json").write_text(json.dumps(conf))
     assert script.main(["--run", str(run), "--site", str(fed_run["root"] / "alpha.yaml"), "--fraction", "0.5",
                         "--steps", "1"]) == 0
-    out = json.loads((run / "finetune" / "alpha-0.5-steps1.json").read_text())
+    out = json.loads((run / "finetune" / "alpha-0.5-steps1-holdout0.2.json").read_text())
     assert out["labelled_samples"] == 5  # half of the 10 the run gave each site, not of its whole train split
 
 

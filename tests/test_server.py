@@ -332,6 +332,12 @@ def test_site_model_local_scores_each_training_site_with_its_last_local_model(tm
     assert alpha_ce["samples"] == vtd.num_samples
     assert alpha_ce["nmse_db"] == pytest.approx(score("CE", predict(model, vtd), vtd)["nmse_db"], rel=1e-6)
     assert "## Sites' own validation splits (federated evaluation)" in report and "| alpha | 1 | " in report
+    evaluated = [r for r in read_jsonl(log.dir / "ledger.jsonl") if r.get("kind") == "evaluate"]
+    assert sorted((r["round"], r["site"], r["status"]) for r in evaluated) == [(1, "alpha", "ok"), (1, "beta", "ok")]
+    adapter = log.read_config()["model"]["adapter_bytes"]
+    assert all(r["bytes_down"] == adapter for r in evaluated)
+    assert f"Federated evaluation (`fraction-evaluate`) sent the state down again to the sites it sampled: " \
+           f"{2 * adapter:,} B over the run" in report
 
 
 def test_eval_every_scores_round_0_every_kth_and_the_last_and_checkpoints_all(tmp_path, cache_dir, backbone,

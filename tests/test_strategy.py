@@ -416,4 +416,18 @@ def test_federated_evaluation_logs_each_sites_scores_and_averages_them_by_exampl
         ("siteA", "BF", 0.2, 10), ("siteA", "CE", -10.0, 10), ("siteB", "BF", 0.6, 30), ("siteB", "CE", -6.0, 30)]
     events = read_jsonl(tmp_path / "events.jsonl")
     assert [e["site"] for e in events] == ["siteC"] and "site evaluation failed" in events[0]["message"]
-    assert strategy.aggregate_evaluate(2, [replies[2]]) is None  # no usable reply: no average
+    # the ledger counts the evaluation's traffic apart: the state (2 float32 = 8 B) went down again
+    ledger = read_jsonl(tmp_path / "ledger.jsonl")
+    assert sorted((r["kind"], r["site"], r["status"], r["bytes_down"], r["bytes_up"]) for r in ledger) == [
+        ("evaluate", "siteA", "ok", 8, 0), ("evaluate", "siteB", "ok", 8, 0), ("evaluate", "siteC", "error", 8, 0)]
+    # a site that does not answer before the timeout: an event and a ledger row, no score
+    msgs = list(strategy.configure_evaluate(2, arrays(a=np.zeros(2)), ConfigRecord(), FakeGrid((11, 22, 33))))
+    sent = {m.metadata.dst_node_id: m for m in msgs}
+    assert strategy.aggregate_evaluate(2, [scores(sent[11], "siteA", 10, -9.0, 0.3)])["CE-nmse_db"] == -9.0
+    # (node 33 has only ever replied with an error: it is named by its node id)
+    assert [(e["round"], e["site"]) for e in read_jsonl(tmp_path / "events.jsonl")][1:] == [(2, "siteB"), (2, "node-33")]
+    assert all("no reply to the evaluation" in e["message"] for e in read_jsonl(tmp_path / "events.jsonl")[1:])
+    assert sorted(r["status"] for r in read_jsonl(tmp_path / "ledger.jsonl") if r["round"] == 2) == [
+        "ok", "timeout", "timeout"]
+    strategy.configure_evaluate(3, arrays(a=np.zeros(2)), ConfigRecord(), FakeGrid((11, 22, 33)))
+    assert strategy.aggregate_evaluate(3, []) is None  # no usable reply: no average
