@@ -281,7 +281,7 @@ class FedFMMixin:
         task); an error reply or one without ``num-examples`` is an event, not a score. Returns
         Flower's example-weighted average of the usable replies' metrics."""
         rnd = server_round + self.round_offset
-        sent, self._eval_sent = getattr(self, "_eval_sent", {}), {}
+        sent, self._eval_sent = self._eval_sent, {}
         rows, usable, ledger, replied = [], [], [], set()
         for msg in replies:
             node = msg.metadata.src_node_id
