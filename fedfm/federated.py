@@ -508,11 +508,32 @@ def write_run_config(cfg: RunConfig, s: RunSetup, backbone_source: str) -> None:
     })
 
 
+_SPLIT_BASELINES: dict = {}  # (site hash, split, cache dir, train cap) → {task: metrics}: fitted once per process
+
+
+def split_baselines(cfg: RunConfig, spec: SiteSpec, split: str, tds: dict) -> dict[str, dict[str, float]]:
+    """{task: metrics} of the site's classical baselines, fitted on its own train split (its
+    first ``train-max-samples``) and scored on ``tds``, a view of ``split``; computed once per
+    process (a Ray actor serving the site again reuses them)."""
+    from fedfm.baselines import fit_baseline
+    from fedfm.metrics import score
+
+    key = (spec_hash(spec), split, cfg.cache_dir, cfg.train_max_samples)
+    if key not in _SPLIT_BASELINES:
+        train = load_site_tasks(spec, "train", cfg.cache_dir, cfg.train_max_samples, labels=False)
+        _SPLIT_BASELINES[key] = {t: score(t, fit_baseline(t, train[t], spec).predict(td), td) for t, td in tds.items()}
+    return _SPLIT_BASELINES[key]
+
+
 def evaluate_site(cfg: RunConfig, spec: SiteSpec, state: dict[str, np.ndarray], *, num_beams: int,
                   backbone: str, split: str = "val") -> tuple[int, dict[str, float]]:
-    """(samples, {'CE-nmse_db': ..., ...}) of the adapters on one of the site's own splits."""
+    """(samples, scores) of the adapters on one of the site's own splits: each task's headline
+    metric ('CE-nmse_db', ...) and its error ratio to the site's classical baseline on the same
+    samples ('CE-ratio', ...; :func:`split_baselines`), and their mean, 'avg-score' (the
+    report's average score, on this split)."""
     from fedfm.evaluate import predict
-    from fedfm.metrics import HEADLINE, score
+    from fedfm.metrics import HEADLINE, average_score, error_for_score, error_ratio, score
+
     from fedfm.model import set_adapter_state
     from fedfm.model.lora import merged_copy
 
@@ -520,9 +541,14 @@ def evaluate_site(cfg: RunConfig, spec: SiteSpec, state: dict[str, np.ndarray], 
     set_adapter_state(model, torch_state(state))
     model.eval()
     tds = load_site_tasks(spec, split, cfg.cache_dir, stats_samples=cfg.train_max_samples)
+    base = split_baselines(cfg, spec, split, tds)
     net = merged_copy(model)   # LoRA merged once for all the site's tasks
-    out = {}
+    out, scored = {}, {}
     for task, td in tds.items():
         pred = predict(net, td, device=resolve_device(cfg.device))
-        out[f"{task}-{HEADLINE[task]}"] = float(score(task, pred, td)[HEADLINE[task]])
+        scored[task] = score(task, pred, td)
+        out[f"{task}-{HEADLINE[task]}"] = float(scored[task][HEADLINE[task]])
+        out[f"{task}-ratio"] = float(error_ratio(task, error_for_score(task, scored[task]),
+                                                 error_for_score(task, base[task])))
+    out["avg-score"] = float(average_score(scored, base))
     return int(next(iter(tds.values())).targets.shape[0]), out

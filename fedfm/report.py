@@ -113,34 +113,50 @@ def summarize(run: dict) -> dict:
 
 
 def _site_val(run: dict) -> dict:
-    """Federated evaluation (``fraction-evaluate``): the last round each site scored the global
-    state on its own validation split, {site: {"round", "samples", "tasks": {task: value}}} of
-    the headline metrics; {} when the run had none."""
-    out: dict[str, dict] = {}
+    """Federated evaluation (``fraction-evaluate``): {"sites": {site: {"round", "samples",
+    "avg_score", "tasks": {task: value}, "ratios": {task: ratio}}} of the last round each site
+    scored the global state on its own validation split (headline metrics, and error ratios
+    to the site's baseline on the same samples), "per_round": {round: mean avg score over the
+    sites that scored it}}; {} when the run had none."""
+    sites: dict[str, dict] = {}
+    by_round: dict[int, dict[str, float]] = {}
     for r in run["metrics"]:
         if r.get("source") != "site-val" or r.get("task") not in HEADLINE or HEADLINE[r["task"]] not in r:
             continue
-        entry = out.get(r["site"])
+        if isinstance(r.get("avg_score"), (int, float)):
+            by_round.setdefault(r["round"], {})[r["site"]] = float(r["avg_score"])
+        entry = sites.get(r["site"])
         if entry is None or r["round"] > entry["round"]:
-            entry = out[r["site"]] = {"round": r["round"], "samples": r.get("samples"), "tasks": {}}
+            entry = sites[r["site"]] = {"round": r["round"], "samples": r.get("samples"),
+                                        "avg_score": r.get("avg_score"), "tasks": {}, "ratios": {}}
         if r["round"] == entry["round"]:
             entry["tasks"][r["task"]] = r[HEADLINE[r["task"]]]
-    return {site: out[site] for site in sorted(out)}
+            entry["ratios"][r["task"]] = r.get("ratio")
+    if not sites:
+        return {}
+    per_round = {rnd: float(np.mean([v for v in vals.values() if math.isfinite(v)]))
+                 for rnd, vals in sorted(by_round.items()) if any(math.isfinite(v) for v in vals.values())}
+    return {"sites": {site: sites[site] for site in sorted(sites)}, "per_round": per_round}
 
 
 def _site_val_lines(site_val: dict) -> list[str]:
     if not site_val:
         return []
     lines = ["## Sites' own validation splits (federated evaluation)", "",
-             "| site | round | samples | " + " | ".join(f"{t} {HEADLINE[t]}" for t in TASK_ORDER) + " |",
-             "|" + "---|" * (len(TASK_ORDER) + 3)]
-    for site, e in site_val.items():
+             "| site | round | samples | " + " | ".join(f"{t} {HEADLINE[t]}" for t in TASK_ORDER) + " | avg score |",
+             "|" + "---|" * (len(TASK_ORDER) + 4)]
+    for site, e in site_val["sites"].items():
         cells = [_fmt(HEADLINE[t], e["tasks"].get(t)) for t in TASK_ORDER]
         lines.append(f"| {site} | {e['round']} | {e['samples'] if e['samples'] is not None else '–'} | "
-                     + " | ".join(cells) + " |")
-    return lines + ["", "Each site scored the global state of that round on its own validation split (no data "
-                        "left it; `fraction-evaluate`), a training site with what the central evaluator scores it "
-                        "with. No baseline: these are the sites' own readings, not the report's error ratios.", ""]
+                     + " | ".join(cells) + f" | {_ratio(e.get('avg_score'))} |")
+    lines += ["", "Each site scored the global state of that round on its own validation split (no data left "
+                  "it; `fraction-evaluate`), a training site with what the central evaluator scores it with. "
+                  "Avg score: the mean over tasks of its error ÷ the site's baseline error on the same samples "
+                  "(the baselines fitted on the site's train split, as the central evaluator's)."]
+    if site_val.get("per_round"):
+        lines.append("Mean over the sites, by round: " + ", ".join(
+            f"round {rnd} {_ratio(v, 3)}" for rnd, v in site_val["per_round"].items()) + ".")
+    return lines + [""]
 
 
 def _intervals_vs_baseline(run_dir: Path, final: int | None, sites: dict) -> dict:

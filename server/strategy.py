@@ -300,15 +300,18 @@ class FedFMMixin:
             ledger.append({**row, "status": "ok"})
             self.node_sites[node] = site
             extra = {"samples": int(metrics["num-examples"]),
-                     **({"eval_time_s": float(metrics["eval-time-s"])} if "eval-time-s" in metrics else {})}
+                     **{name: float(metrics[key]) for key, name in (("avg-score", "avg_score"),
+                                                                    ("eval-time-s", "eval_time_s")) if key in metrics}}
+            per_task: dict[str, dict[str, float]] = {}
             for key, value in sorted(metrics.items()):
                 task, _, metric = key.partition("-")
-                if task in TASKS and metric:  # CE-nmse_db, …; not num-examples or eval-time-s
-                    rows.append({"round": rnd, "site": site, "source": "site-val", "task": task, **extra,
-                                 metric: float(value)})
+                if task in TASKS and metric:  # CE-nmse_db, CE-ratio, …; not num-examples, avg-score, eval-time-s
+                    per_task.setdefault(task, {})[metric] = float(value)
+            rows += [{"round": rnd, "site": site, "source": "site-val", "task": task, **extra, **m}
+                     for task, m in per_task.items()]
             usable.append(metrics)
-        for node, down in sent.items():
-            if node not in replied:
+        for node, down in sorted(sent.items(), key=lambda nd: self.node_sites.get(nd[0], f"node-{nd[0]}")):
+            if node not in replied:  # by site name: node ids are random, the log should not be
                 site = self.node_sites.get(node, f"node-{node}")
                 self._event(rnd, site, "no reply to the evaluation before the round timeout")
                 ledger.append({"round": rnd, "site": site, "node_id": node, "kind": "evaluate", "status": "timeout",

@@ -330,7 +330,18 @@ def test_site_model_local_scores_each_training_site_with_its_last_local_model(tm
     set_adapter_state(model, torch_state(local))
     alpha_ce = next(r for r in val if r["site"] == "alpha" and r["task"] == "CE")
     assert alpha_ce["samples"] == vtd.num_samples
-    assert alpha_ce["nmse_db"] == pytest.approx(score("CE", predict(model, vtd), vtd)["nmse_db"], rel=1e-6)
+    alpha_scored = score("CE", predict(model, vtd), vtd)
+    assert alpha_ce["nmse_db"] == pytest.approx(alpha_scored["nmse_db"], rel=1e-6)
+    # its ratio to the site's own baseline, fitted on its train split and scored on the same val samples
+    from fedfm.baselines import fit_baseline
+
+    spec = load_site(fed.parent / "alpha.yaml")
+    train_ce = load_site_tasks(spec, "train", str(cache_dir), labels=False)["CE"]
+    base = score("CE", fit_baseline("CE", train_ce, spec).predict(vtd), vtd)
+    assert alpha_ce["ratio"] == pytest.approx(alpha_scored["nmse"] / base["nmse"], rel=1e-6)
+    alpha_rows = [r for r in val if r["site"] == "alpha"]
+    assert alpha_ce["avg_score"] == pytest.approx(np.mean([r["ratio"] for r in alpha_rows]), rel=1e-9)
+    assert "Mean over the sites, by round: round 1 " in report
     assert "## Sites' own validation splits (federated evaluation)" in report and "| alpha | 1 | " in report
     evaluated = [r for r in read_jsonl(log.dir / "ledger.jsonl") if r.get("kind") == "evaluate"]
     assert sorted((r["round"], r["site"], r["status"]) for r in evaluated) == [(1, "alpha", "ok"), (1, "beta", "ok")]

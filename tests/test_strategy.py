@@ -401,6 +401,7 @@ def test_federated_evaluation_logs_each_sites_scores_and_averages_them_by_exampl
 
     def scores(to, site, n, ce, top1):
         return Message(RecordDict({"metrics": MetricRecord({"num-examples": n, "CE-nmse_db": ce, "BF-top1": top1,
+                                                            "CE-ratio": 0.5, "BF-ratio": 1.1, "avg-score": 0.8,
                                                             "eval-time-s": 2.0}),
                                    "site": ConfigRecord({"name": site})}), reply_to=to)
 
@@ -411,7 +412,10 @@ def test_federated_evaluation_logs_each_sites_scores_and_averages_them_by_exampl
     assert agg["CE-nmse_db"] == pytest.approx((10 * -10.0 + 30 * -6.0) / 40)
     assert agg["BF-top1"] == pytest.approx((10 * 0.2 + 30 * 0.6) / 40)
     rows = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["source"] == "site-val"]
-    assert all(r["eval_time_s"] == 2.0 for r in rows)  # a site's evaluation time: a column, not a task
+    # one row per site and task: its metric and error ratio; the site's avg score and evaluation
+    # time are columns, not tasks
+    assert all(r["eval_time_s"] == 2.0 and r["avg_score"] == 0.8 for r in rows)
+    assert sorted((r["task"], r["ratio"]) for r in rows) == [("BF", 1.1), ("BF", 1.1), ("CE", 0.5), ("CE", 0.5)]
     assert sorted((r["site"], r["task"], r.get("nmse_db", r.get("top1")), r["samples"]) for r in rows) == [
         ("siteA", "BF", 0.2, 10), ("siteA", "CE", -10.0, 10), ("siteB", "BF", 0.6, 30), ("siteB", "CE", -6.0, 30)]
     events = read_jsonl(tmp_path / "events.jsonl")
@@ -424,8 +428,8 @@ def test_federated_evaluation_logs_each_sites_scores_and_averages_them_by_exampl
     msgs = list(strategy.configure_evaluate(2, arrays(a=np.zeros(2)), ConfigRecord(), FakeGrid((11, 22, 33))))
     sent = {m.metadata.dst_node_id: m for m in msgs}
     assert strategy.aggregate_evaluate(2, [scores(sent[11], "siteA", 10, -9.0, 0.3)])["CE-nmse_db"] == -9.0
-    # (node 33 has only ever replied with an error: it is named by its node id)
-    assert [(e["round"], e["site"]) for e in read_jsonl(tmp_path / "events.jsonl")][1:] == [(2, "siteB"), (2, "node-33")]
+    # (node 33 has only ever replied with an error: it is named by its node id; events by name)
+    assert [(e["round"], e["site"]) for e in read_jsonl(tmp_path / "events.jsonl")][1:] == [(2, "node-33"), (2, "siteB")]
     assert all("no reply to the evaluation" in e["message"] for e in read_jsonl(tmp_path / "events.jsonl")[1:])
     assert sorted(r["status"] for r in read_jsonl(tmp_path / "ledger.jsonl") if r["round"] == 2) == [
         "ok", "timeout", "timeout"]
