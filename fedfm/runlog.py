@@ -13,6 +13,8 @@
                              baseline.safetensors, and local_only / centralized.safetensors
                              from scripts/compare.py: what its paired bootstrap resamples
       report.md, report.json, plots/*.png   (fedfm.report)
+      finetune/              scripts/finetune_site.py: <name>.json (before/after table) and
+                             <name>.safetensors (the site's two models and which task uses which)
 
 A checkpoint folder is written under a temporary name and renamed when complete, so a
 ``round-NNN`` folder is always whole. Resuming truncates the JSONL files to that round,
@@ -151,6 +153,56 @@ def read_samples(path: str | Path) -> dict[str, dict[str, np.ndarray]] | None:
             raise ValueError(f"{p}: `{key}` is not a site/task vector of per-sample errors")
         out.setdefault(site, {})[task] = v
     return out
+
+
+PERSONAL_MODELS = ("before", "after")
+
+
+def write_personal_models(path: str | Path, models: dict[str, dict[str, np.ndarray]], kept: dict[str, str],
+                          meta: dict) -> None:
+    """Atomic write of a site's personalised adapter states (scripts/finetune_site.py): tensors
+    ``before/<key>`` (the run's state it started from, with its own heads or local model) and
+    ``after/<key>`` (fine-tuned), float32, and in the header's metadata ``kept`` (JSON {task:
+    "before" | "after"}: the model the site deploys for each task) and ``meta`` (JSON: run, site,
+    round, the labelled samples its side inputs are fitted on)."""
+    if set(models) != set(PERSONAL_MODELS) or set(kept.values()) - set(PERSONAL_MODELS):
+        raise ValueError(f"write_personal_models: expected models {PERSONAL_MODELS} and kept values among them")
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    save_file({f"{m}/{k}": np.ascontiguousarray(v, dtype=np.float32) for m, st in models.items() for k, v in st.items()},
+              str(tmp), metadata={"kept": json.dumps(kept), "meta": json.dumps(_jsonable(meta))})
+    os.replace(tmp, p)
+
+
+def read_personal_models(path: str | Path) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, str], dict]:
+    """``(models, kept, meta)`` from :func:`write_personal_models`; ValueError naming the file when
+    it is missing, unreadable or not such a file (a model the site would deploy is never guessed)."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{p}: no such file; scripts/finetune_site.py writes it")
+    try:
+        with safe_open(str(p), framework="np") as f:
+            header = f.metadata() or {}
+            flat = {k: f.get_tensor(k) for k in f.keys()}
+        kept, meta = json.loads(header["kept"]), json.loads(header["meta"])
+    except Exception as e:  # SafetensorError on a corrupt header, KeyError/JSONDecodeError on its metadata
+        raise ValueError(f"{p}: not a personalised-models file of scripts/finetune_site.py ({type(e).__name__}: "
+                         f"{e}); re-run it") from None
+    models: dict[str, dict[str, np.ndarray]] = {m: {} for m in PERSONAL_MODELS}
+    for key, v in flat.items():
+        m, _, k = key.partition("/")
+        if m not in models or not k:
+            raise ValueError(f"{p}: tensor `{key}` is not before/<key> or after/<key>")
+        if v.dtype.kind == "f" and not np.isfinite(v).all():
+            raise ValueError(f"{p}: `{key}` holds NaN or inf values; the file is damaged (re-run finetune_site.py)")
+        models[m][k] = v
+    if (not isinstance(kept, dict) or set(kept.values()) - set(PERSONAL_MODELS) or not all(models.values())
+            or set(models["before"]) != set(models["after"])):
+        raise ValueError(f"{p}: its models or its `kept` choice are incomplete; re-run finetune_site.py")
+    return models, kept, meta
 
 
 def _ends_cleanly(path: Path) -> bool:

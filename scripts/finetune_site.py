@@ -24,7 +24,9 @@ on a held-out site neither model has seen them.
 ``--refit-epochs N`` then refits the pooled heads (BF, DE, PE, LoS) alone on the samples it fine-tunes on
 (``fedfm.train.refit_heads``; ``--refit-scope features`` moves only their paths from the classical
 side inputs). Writes ``<run>/finetune/<site>-<fraction>[-steps<N>][-refit<N>[-features]]-holdout<F>.json``
-(other flags, another file).
+(other flags, another file) and beside it ``….safetensors``: the start and the fine-tuned adapter
+state and, per task, the one kept (``fedfm.runlog.read_personal_models``). Either is scored with
+side inputs fitted on the first ``labelled_samples`` train samples, as the table's are.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedfm.config import RunConfig  # noqa: E402
-from fedfm.runlog import RunLog, read_run_config, write_json  # noqa: E402
+from fedfm.runlog import RunLog, read_run_config, write_json, write_personal_models  # noqa: E402
 
 
 # the share of the labelled samples held back to choose, per task, between the start and the
@@ -116,9 +118,10 @@ def finetune_site(run_dir: str, site_path: str, fraction: float = 1.0, steps: in
     baselines = {spec.name: {t: fit_baseline(t, td, spec) for t, td in labelled_tds.items()}}
     model = build_run_model(cfg, num_beams, backbone)
     set_adapter_state(model, torch_state(adapter))
+    start = numpy_state(get_adapter_state(model))
     before = evaluate_sites(model, test, baselines, keep_errors=True)
     held_before = evaluate_sites(model, held, {}, keep_errors=True) if held else None
-    res = local_train(cfg, spec, numpy_state(get_adapter_state(model)), last + 1, num_beams=num_beams,
+    res = local_train(cfg, spec, start, last + 1, num_beams=num_beams,
                       backbone=backbone, tasks=train,
                       steps=steps if steps is not None else cfg.local_steps * max(cfg.num_server_rounds, 1))
     set_adapter_state(model, torch_state(res.state))
@@ -140,12 +143,20 @@ def finetune_site(run_dir: str, site_path: str, fraction: float = 1.0, steps: in
                      "ratio_before": b["ratio"], "ratio_after": a["ratio"], "ratio_after_ci": a["ratio_ci"],
                      "change_ci": _change_ci(b, a), "kept": c["kept"], "ratio_kept": k["ratio"],
                      "held_back_ratio": c["held_back_ratio"]})
+    name = result_name(spec.name, fraction, steps, refit_epochs, refit_scope, holdout)
+    models_file = name.removesuffix(".json") + ".safetensors"
     out = {"run": str(run_dir), "site": spec.name, "fraction": fraction, "labelled_samples": labelled,
            "trained_samples": fit_n, "held_back_samples": held_n, "holdout": holdout,
            "from_round": last, "refit_epochs": refit_epochs, "refit_scope": refit_scope, "refit": refit,
-           "rows": rows}
-    (log.dir / "finetune").mkdir(exist_ok=True)
-    write_json(log.dir / "finetune" / result_name(spec.name, fraction, steps, refit_epochs, refit_scope, holdout), out)
+           "models_file": models_file, "rows": rows}
+    # what the site deploys: both models and, per task, which one (the JSON, written last, marks
+    # the result complete; a file of the same flags is rewritten with it)
+    write_personal_models(log.dir / "finetune" / models_file,
+                          {"before": start, "after": numpy_state(get_adapter_state(model))},
+                          {r["task"]: r["kept"] for r in rows},
+                          {k: out[k] for k in ("run", "site", "fraction", "labelled_samples", "trained_samples",
+                                               "held_back_samples", "from_round")})
+    write_json(log.dir / "finetune" / name, out)
     return out
 
 
@@ -267,6 +278,9 @@ def main(argv=None) -> int:
           f"the site's own starts (channel statistics, BF spectrum, DE/PE kNN, LoS regression) fitted on the "
           f"{out['labelled_samples']} labelled samples, as the baselines are")
     print("\n".join(table_lines(out["rows"], held)))
+    where = Path(out["run"]) / "finetune" / out["models_file"]
+    print(f"written: {where.with_suffix('.json')} (this table) and {where} (both models and the one each task "
+          f"keeps; fedfm.runlog.read_personal_models)")
     return 0
 
 

@@ -1,5 +1,6 @@
 """Run folder: checkpoints are whole or absent; resume truncates an interrupted round."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -192,3 +193,45 @@ def test_report_averages_each_task_over_sites_at_round_0_and_the_last(tmp_path):
     md = _markdown(s)
     assert "| training | 1 | 1.000 | – | – | – | – | – | 0.750 | 1 of 2 |" in md
     assert "| held-out | 0 | 0.800 | – | – | – | – | – | – | 1 of 1 |" in md
+
+
+def test_personal_models_round_trip_and_damaged_files_are_named(tmp_path):
+    from fedfm.runlog import read_personal_models, write_personal_models
+
+    a = {"lora.A": np.arange(6, dtype=np.float32).reshape(2, 3), "head.w": np.ones(4, np.float32)}
+    b = {k: v + 0.5 for k, v in a.items()}
+    path = tmp_path / "finetune" / "gamma-0.1-holdout0.2.safetensors"
+    write_personal_models(path, {"before": a, "after": b}, {"CE": "after", "BF": "before"},
+                          {"site": "gamma", "labelled_samples": 7, "ratio": float("nan")})
+    models, kept, meta = read_personal_models(path)
+    assert kept == {"CE": "after", "BF": "before"}
+    assert meta == {"site": "gamma", "labelled_samples": 7, "ratio": None}  # JSON has no NaN
+    for name, want in (("before", a), ("after", b)):
+        assert set(models[name]) == set(want) and all(np.array_equal(models[name][k], want[k]) for k in want)
+    assert not list(path.parent.glob("*.tmp"))
+    with pytest.raises(ValueError, match="expected models"):
+        write_personal_models(path, {"after": b}, {"CE": "after"}, {})
+    with pytest.raises(ValueError, match="expected models"):
+        write_personal_models(path, {"before": a, "after": b}, {"CE": "global"}, {})
+    assert read_personal_models(path)[1] == kept  # a refused write leaves the file as it was
+
+    with pytest.raises(ValueError, match=r"no such file; scripts/finetune_site.py writes it"):
+        read_personal_models(tmp_path / "missing.safetensors")
+    torn = tmp_path / "torn.safetensors"
+    torn.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(torn))}: not a personalised-models file"):
+        read_personal_models(torn)
+    from safetensors.numpy import save_file
+
+    plain = tmp_path / "plain.safetensors"  # a checkpoint's adapter file: no `kept` in its header
+    save_file(a, str(plain))
+    with pytest.raises(ValueError, match="not a personalised-models file .*KeyError"):
+        read_personal_models(plain)
+    bad = tmp_path / "nan.safetensors"
+    write_personal_models(bad, {"before": a, "after": {**b, "head.w": np.full(4, np.nan, np.float32)}}, kept, {})
+    with pytest.raises(ValueError, match=r"`after/head.w` holds NaN or inf values"):
+        read_personal_models(bad)
+    half = tmp_path / "half.safetensors"
+    write_personal_models(half, {"before": a, "after": {"lora.A": b["lora.A"]}}, kept, {})
+    with pytest.raises(ValueError, match="incomplete"):
+        read_personal_models(half)

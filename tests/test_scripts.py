@@ -177,6 +177,31 @@ def test_finetune_site_heldout_fraction(fed_run, capsys, monkeypatch):
     # site's kNN, 5.27 → 3.70 before; 0.98 leaves a margin above the noise of 32 samples)
     assert sum(after_loss.values()) < 0.98 * sum(before.values()), (before, after_loss)
 
+    # the models file holds exactly the two models the table scored, and the choice per task:
+    # each, with side inputs fitted on the 32 labelled samples, reproduces its column's ratio
+    from fedfm.baselines import fit_baseline as fit
+    from fedfm.evaluate import evaluate_sites
+    from fedfm.federated import load_site_tasks
+    from fedfm.runlog import read_personal_models
+    from fedfm.scenarios import load_site
+
+    models_path = fed_run["run"] / "finetune" / res["models_file"]
+    assert res["models_file"] == path.name.removesuffix(".json") + ".safetensors"
+    assert f"written: {path} (this table) and {models_path}" in out
+    models, kept, meta = read_personal_models(models_path)
+    assert kept == {r["task"]: r["kept"] for r in res["rows"]}
+    assert meta["labelled_samples"] == 32 and meta["site"] == "gamma" and meta["from_round"] == ROUNDS
+    assert all(np.array_equal(models["before"][k], last[k]) for k in last)  # gamma: no own heads, the global state
+    assert all(np.array_equal(models["after"][k], call["res"].state[k]) for k in call["res"].state)
+    spec = load_site(site)
+    test = {"gamma": load_site_tasks(spec, "test", cfg.cache_dir, cfg.eval_max_samples, stats_samples=32)}
+    base = {"gamma": {t: fit(t, td, spec) for t, td in load_site_tasks(spec, "train", cfg.cache_dir,
+                                                                        max_samples=32).items()}}
+    for which in ("before", "after"):
+        set_adapter_state(model, torch_state(models[which]))
+        scored = {r["task"]: r["ratio"] for r in evaluate_sites(model, test, base)}
+        assert scored == pytest.approx({r["task"]: r[f"ratio_{which}"] for r in res["rows"]}, rel=1e-9), which
+
 
 def test_finetune_site_refits_the_pooled_heads_on_the_labelled_fraction(fed_run, capsys):
     script = _load_script("finetune_site")
@@ -624,7 +649,8 @@ def test_finetune_site_prints_a_zero_ratio_as_zero(monkeypatch, capsys):
              "after": {"nmse_db": -14.0}, "ratio_before": 0.0, "ratio_after": 0.0},
             {"task": "BF", "baseline": None, "before": {"top1": 0.5}, "after": {"top1": 0.6},
              "ratio_before": None, "ratio_after": None}]
-    out = {"site": "gamma", "labelled_samples": 8, "from_round": 2, "rows": rows}
+    out = {"site": "gamma", "labelled_samples": 8, "from_round": 2, "rows": rows,
+           "run": "unused", "models_file": "gamma-1-holdout0.2.safetensors"}
     monkeypatch.setattr(script, "finetune_site", lambda *a, **kw: out)
     assert script.main(["--run", "unused", "--site", "unused.yaml"]) == 0
     lines = {ln.split("|")[1].strip(): ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")}
