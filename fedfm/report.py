@@ -109,7 +109,8 @@ def summarize(run: dict) -> dict:
             # federated minus each comparison arm per training site, with its paired bootstrap
             # interval (scripts/compare.py), when compare.json holds one
             "bootstrap": run["compare"].get("bootstrap"),
-            "site_val": _site_val(run)}
+            "site_val": (site_val := _site_val(run)),
+            "val_choice": _val_choice(site_val, per_round)}
 
 
 def _site_val(run: dict) -> dict:
@@ -120,11 +121,14 @@ def _site_val(run: dict) -> dict:
     sites that scored it}}; {} when the run had none."""
     sites: dict[str, dict] = {}
     by_round: dict[int, dict[str, float]] = {}
+    ratios: dict[int, dict[str, dict[str, float]]] = {}  # round → site → task → val error ratio
     for r in run["metrics"]:
         if r.get("source") != "site-val" or r.get("task") not in HEADLINE or HEADLINE[r["task"]] not in r:
             continue
         if isinstance(r.get("avg_score"), (int, float)):
             by_round.setdefault(r["round"], {})[r["site"]] = float(r["avg_score"])
+        if isinstance(r.get("ratio"), (int, float)) and math.isfinite(r["ratio"]):
+            ratios.setdefault(r["round"], {}).setdefault(r["site"], {})[r["task"]] = float(r["ratio"])
         entry = sites.get(r["site"])
         if entry is None or r["round"] > entry["round"]:
             entry = sites[r["site"]] = {"round": r["round"], "samples": r.get("samples"),
@@ -136,7 +140,75 @@ def _site_val(run: dict) -> dict:
         return {}
     per_round = {rnd: float(np.mean([v for v in vals.values() if math.isfinite(v)]))
                  for rnd, vals in sorted(by_round.items()) if any(math.isfinite(v) for v in vals.values())}
-    return {"sites": {site: sites[site] for site in sorted(sites)}, "per_round": per_round}
+    # each task's val ratio averaged over the sites, in the rounds every site that ever scored
+    # scored every task in: rounds scored by other sites (fraction-evaluate < 1, a failed site)
+    # are not compared, a mean over other sites being another quantity
+    everyone = sorted({site for by_site in ratios.values() for site in by_site})
+    complete = {rnd: by_site for rnd, by_site in sorted(ratios.items())
+                if sorted(by_site) == everyone and all(set(m) == set(TASK_ORDER) for m in by_site.values())}
+    task_means = {rnd: {t: float(np.mean([m[t] for m in by_site.values()])) for t in TASK_ORDER}
+                  for rnd, by_site in complete.items()}
+    return {"sites": {site: sites[site] for site in sorted(sites)}, "per_round": per_round,
+            "task_means": task_means, "task_mean_sites": everyone}
+
+
+def _val_choice(site_val: dict, per_round: list[dict]) -> dict:
+    """Model selection on the sites' own val splits: per task, the round whose mean val error
+    ratio over the sites is lowest (the earliest of equals), among the rounds the sites all
+    scored and the central evaluator scored too; and beside it the test split's mean ratio of
+    that round and of the final one, training and held-out sites. The choice reads only val
+    scores, so the test numbers of the chosen rounds are an honest estimate of deploying, per
+    task, that round's checkpoint. {} with fewer than two such rounds."""
+    test = {r["round"]: r for r in per_round}
+    means = {rnd: m for rnd, m in (site_val or {}).get("task_means", {}).items() if rnd in test}
+    if len(means) < 2 or not per_round:
+        return {}
+    final = per_round[-1]["round"]
+    if final not in means:  # the comparison is with the final round, as every other table's
+        return {}
+    out: dict = {"rounds": sorted(means), "sites": site_val["task_mean_sites"], "per_task": {}}
+    for t in TASK_ORDER:
+        best = min(sorted(means), key=lambda rnd: means[rnd][t])
+        row = {"round": best, "val": means[best][t], "val_final": means[final][t]}
+        for role in ("train", "heldout"):
+            row[role] = (test[best].get(f"task_ratio_{role}") or {}).get(t)
+            row[f"{role}_final"] = (test[final].get(f"task_ratio_{role}") or {}).get(t)
+        out["per_task"][t] = row
+    for role in ("train", "heldout"):
+        for key in (role, f"{role}_final"):
+            vals = [r[key] for r in out["per_task"].values()]
+            out[f"beaten_{key}"] = None if None in vals else sum(v < 1 for v in vals)
+            out[f"mean_{key}"] = None if None in vals else float(np.mean(vals))
+    return out
+
+
+def _val_choice_lines(choice: dict) -> list[str]:
+    if not choice:
+        return []
+    lines = ["### Each task's round chosen on the sites' validation splits", "",
+             "| task | round chosen | val: chosen / final round | test, training sites: chosen / final | "
+             "test, held-out sites: chosen / final |", "|---|---|---|---|---|"]
+    for t, r in choice["per_task"].items():
+        lines.append(f"| {t} | {r['round']} | {_ratio(r['val'], 3)} / {_ratio(r['val_final'], 3)} | "
+                     f"{_ratio(r['train'], 3)} / {_ratio(r['train_final'], 3)} | "
+                     f"{_ratio(r['heldout'], 3)} / {_ratio(r['heldout_final'], 3)} |")
+    final = choice["rounds"][-1]
+    lines += ["", f"Cells: error ÷ baseline error averaged over the sites. Per task the round (of "
+                  f"{', '.join(map(str, choice['rounds']))}) with the lowest mean val ratio over "
+                  f"{', '.join(choice['sites'])}, read from their val scores alone (a point estimate: "
+                  f"no per-sample errors leave a site); deploying it means that round's checkpoint "
+                  f"(`checkpoints/round-NNN/`) for that task. The test columns are the central evaluator's "
+                  f"scores of those rounds, read after the choice."]
+    parts = []
+    for role, name in (("train", "training"), ("heldout", "held-out")):
+        if choice.get(f"beaten_{role}") is not None and choice.get(f"beaten_{role}_final") is not None:
+            parts.append(f"{name} sites: {choice[f'beaten_{role}']} of {len(choice['per_task'])} tasks beaten "
+                         f"with the chosen rounds, mean ratio {_ratio(choice[f'mean_{role}'], 3)}, against "
+                         f"{choice[f'beaten_{role}_final']} and {_ratio(choice[f'mean_{role}_final'], 3)} at round "
+                         f"{final}")
+    if parts:
+        lines.append("On the test split, " + "; ".join(parts) + ".")
+    return lines + [""]
 
 
 def _site_val_lines(site_val: dict) -> list[str]:
@@ -422,7 +494,8 @@ def _markdown(s: dict) -> str:
     for r in s["per_round"]:
         lines.append(f"| {r['round']} | " + " | ".join(
             _ratio(r[k], 3) for k in ("avg_score_train", "avg_score_heldout")) + " |")
-    lines += [""] + _site_val_lines(s.get("site_val") or {}) + ["## Communication", ""]
+    lines += [""] + _site_val_lines(s.get("site_val") or {}) + _val_choice_lines(s.get("val_choice") or {})
+    lines += ["## Communication", ""]
     c = s["communication"]
     if c.get("full_model_bytes"):
         lines.append(f"Adapter state {c['adapter_bytes']:,} B vs full model {c['full_model_bytes']:,} B "

@@ -59,16 +59,24 @@ def main(grid: Grid, context: Context) -> None:
     evaluate = get_evaluate_fn(cfg, run.sites, run.model, run.runlog, on_round_end=checkpoint,
                                personal_for=strategy.site_state)
 
+    site_config = ConfigRecord({"backbone-path": run.backbone, "backbone-sha256": run.backbone_sha256,
+                                "num-beams": run.num_beams, "run-key": run.run_key})
+
     def evaluate_fn(round_: int, arrays: ArrayRecord) -> MetricRecord | None:
         if round_ == 0 and offset > 0:
             return None  # resumed: round `offset` was evaluated and checkpointed already
         if not cfg.evaluates_round(round_ + offset):  # eval-every: the round is complete all the same
             checkpoint(round_ + offset, arrays)
             return None
-        return evaluate(round_ + offset, arrays)
-
-    site_config = ConfigRecord({"backbone-path": run.backbone, "backbone-sha256": run.backbone_sha256,
-                                "num-beams": run.num_beams, "run-key": run.run_key})
+        scores = evaluate(round_ + offset, arrays)
+        if round_ == 0 and cfg.fraction_evaluate > 0:
+            # Flower's start() evaluates on the sites after rounds 1.. only; round 0 (the heads'
+            # classical starts) through the same strategy methods, so a round can be chosen on
+            # the sites' val splits against the untrained model too (fedfm.report)
+            strategy.aggregate_evaluate(0, grid.send_and_receive(
+                strategy.configure_evaluate(0, arrays, ConfigRecord(dict(site_config)), grid),
+                timeout=cfg.round_timeout))
+        return scores
     remaining = cfg.num_server_rounds - offset
     if remaining > 0:
         strategy.start(

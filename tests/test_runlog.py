@@ -235,3 +235,44 @@ def test_personal_models_round_trip_and_damaged_files_are_named(tmp_path):
     write_personal_models(half, {"before": a, "after": {"lora.A": b["lora.A"]}}, kept, {})
     with pytest.raises(ValueError, match="incomplete"):
         read_personal_models(half)
+
+
+def test_each_tasks_round_is_chosen_on_the_sites_val_ratios_alone():
+    from fedfm.metrics import HEADLINE
+    from fedfm.report import TASK_ORDER, _site_val, _val_choice, _val_choice_lines
+
+    def val(rnd, site, ratios):  # a site's site-val rows of one round (headline metrics unused here)
+        return [{"round": rnd, "site": site, "source": "site-val", "task": t, "ratio": ratios.get(t, 0.8),
+                 HEADLINE[t]: 0.0, "samples": 8} for t in TASK_ORDER]
+
+    # rounds 0–2 scored by both sites; round 3 by a alone (not compared: another mean); BF's
+    # means 1.0, 1.03, 0.99 → round 2; CE's 0.9, 0.7, 0.8 → round 1; the rest tie at 0.8 → round 0
+    rows = (val(0, "a", {"BF": 1.0, "CE": 0.9}) + val(0, "b", {"BF": 1.0, "CE": 0.9})
+            + val(1, "a", {"BF": 1.1, "CE": 0.6}) + val(1, "b", {"BF": 0.96, "CE": 0.8})
+            + val(2, "a", {"BF": 0.98, "CE": 0.8}) + val(2, "b", {"BF": 1.0, "CE": 0.8})
+            + val(3, "a", {"BF": 0.1, "CE": 0.1}))
+    sv = _site_val({"metrics": rows})
+    assert sorted(sv["task_means"]) == [0, 1, 2] and sv["task_mean_sites"] == ["a", "b"]
+    assert sv["task_means"][1]["BF"] == pytest.approx(1.03) and sv["task_means"][2]["CE"] == pytest.approx(0.8)
+    # the central evaluator's test ratios per round (round 1 unscored centrally: eval-every)
+    test = {0: {"BF": 1.0, "CE": 0.5}, 2: {"BF": 1.2, "CE": 0.4}}
+    per_round = [{"round": rnd, "task_ratio_train": {t: m.get(t, 0.9) for t in TASK_ORDER},
+                  "task_ratio_heldout": {t: 2 * m.get(t, 0.9) for t in TASK_ORDER}} for rnd, m in test.items()]
+    c = _val_choice(sv, per_round)
+    assert c["rounds"] == [0, 2]  # round 1 has no test score to report: not a candidate
+    assert c["per_task"]["BF"] == {"round": 2, "val": pytest.approx(0.99), "val_final": pytest.approx(0.99),
+                                   "train": 1.2, "train_final": 1.2, "heldout": 2.4, "heldout_final": 2.4}
+    # CE: 0.9 at round 0, 0.8 at round 2 → 2; the others tie at 0.8 → the earliest, round 0
+    assert c["per_task"]["CE"]["round"] == 2
+    assert all(c["per_task"][t]["round"] == 0 for t in TASK_ORDER if t not in ("BF", "CE"))
+    assert c["per_task"]["PE"]["train"] == 0.9 and c["per_task"]["PE"]["train_final"] == 0.9
+    # beaten on the training sites' test: CE 0.4 and five at 0.9 with the chosen rounds, BF 1.2 not
+    assert c["beaten_train"] == 6 and c["mean_train"] == pytest.approx((0.4 + 1.2 + 5 * 0.9) / 7)
+    assert c["beaten_heldout"] == 1  # 0.8, 2.4 and five at 1.8
+    lines = "\n".join(_val_choice_lines(c))
+    assert "| BF | 2 | 0.990 / 0.990 | 1.200 / 1.200 | 2.400 / 2.400 |" in lines
+    assert "training sites: 6 of 7 tasks beaten with the chosen rounds, mean ratio 0.871" in lines
+    # fewer than two comparable rounds, or the final round not among them: no choice
+    assert _val_choice(sv, per_round[:1]) == {}
+    assert _val_choice(_site_val({"metrics": rows[:14]}), per_round) == {}  # round 0 only
+    assert _val_choice({}, per_round) == {} and _val_choice_lines({}) == []

@@ -322,11 +322,17 @@ def test_site_model_local_scores_each_training_site_with_its_last_local_model(tm
     assert nmse["local"] != pytest.approx(nmse["global"], rel=1e-6)
     report = (log.dir / "report.md").read_text()
     assert "Local models (`site-model = local`)" in report
-    # federated evaluation (fraction-evaluate=1): both training sites scored round 1 on their own
-    # val split, alpha with its local model as the central evaluator scores it, by site and task
+    # federated evaluation (fraction-evaluate=1): both training sites scored rounds 0 (the
+    # initial state) and 1 on their own val split, alpha at round 1 with its local model as the
+    # central evaluator scores it, by site and task
     val = [r for r in read_jsonl(log.dir / "metrics.jsonl") if r["source"] == "site-val"]
-    assert {(r["round"], r["site"], r["task"]) for r in val} == {(1, s, t) for s in ("alpha", "beta") for t in TASKS}
+    assert {(r["round"], r["site"], r["task"]) for r in val} == {
+        (rnd, s, t) for rnd in (0, 1) for s in ("alpha", "beta") for t in TASKS}
     vtd = load_site_tasks(load_site(fed.parent / "alpha.yaml"), "val", str(cache_dir))["CE"]
+    set_adapter_state(model, torch_state(log.load_checkpoint(0)[0]))
+    alpha_ce0 = next(r for r in val if r["site"] == "alpha" and r["task"] == "CE" and r["round"] == 0)
+    assert alpha_ce0["nmse_db"] == pytest.approx(score("CE", predict(model, vtd), vtd)["nmse_db"], rel=1e-6)
+    val = [r for r in val if r["round"] == 1]
     set_adapter_state(model, torch_state(local))
     alpha_ce = next(r for r in val if r["site"] == "alpha" and r["task"] == "CE")
     assert alpha_ce["samples"] == vtd.num_samples
@@ -341,14 +347,15 @@ def test_site_model_local_scores_each_training_site_with_its_last_local_model(tm
     assert alpha_ce["ratio"] == pytest.approx(alpha_scored["nmse"] / base["nmse"], rel=1e-6)
     alpha_rows = [r for r in val if r["site"] == "alpha"]
     assert alpha_ce["avg_score"] == pytest.approx(np.mean([r["ratio"] for r in alpha_rows]), rel=1e-9)
-    assert "Mean over the sites, by round: round 1 " in report
+    assert "Mean over the sites, by round: round 0 " in report and ", round 1 " in report
     assert "## Sites' own validation splits (federated evaluation)" in report and "| alpha | 1 | " in report
     evaluated = [r for r in read_jsonl(log.dir / "ledger.jsonl") if r.get("kind") == "evaluate"]
-    assert sorted((r["round"], r["site"], r["status"]) for r in evaluated) == [(1, "alpha", "ok"), (1, "beta", "ok")]
+    assert sorted((r["round"], r["site"], r["status"]) for r in evaluated) == [
+        (rnd, s, "ok") for rnd in (0, 1) for s in ("alpha", "beta")]
     adapter = log.read_config()["model"]["adapter_bytes"]
     assert all(r["bytes_down"] == adapter for r in evaluated)
     assert f"Federated evaluation (`fraction-evaluate`) sent the state down again to the sites it sampled: " \
-           f"{2 * adapter:,} B over the run" in report
+           f"{4 * adapter:,} B over the run" in report
 
 
 def test_eval_every_scores_round_0_every_kth_and_the_last_and_checkpoints_all(tmp_path, cache_dir, backbone,
