@@ -61,8 +61,11 @@ def generate_split(spec: SiteSpec, split: str, samples: int | None = None) -> di
     gen = SiteChannelGenerator(spec)
     root = split_seed(spec, split)
     chunks = [gen.generate(min(CHUNK, n - i), derive_seed(root, "chunk", i // CHUNK)) for i in range(0, n, CHUNK)]
-    out = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
-    out["codebook"] = gen.codebook
+    # C order, as the cache file reads back: the generator's channels are transposed views, and
+    # NumPy reductions over another memory layout sum in another order, so a run that generated
+    # a site's data would score it a few ulps apart from every later run that loads it
+    out = {k: np.ascontiguousarray(np.concatenate([c[k] for c in chunks])) for k in chunks[0]}
+    out["codebook"] = np.ascontiguousarray(gen.codebook)
     return out
 
 

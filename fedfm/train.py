@@ -44,6 +44,13 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return dev
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    import os
+
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
 @contextlib.contextmanager
 def all_cores():
     """Use every core this process may run on, then restore the thread count.
@@ -51,11 +58,8 @@ def all_cores():
     For the server's work between rounds (central evaluation, server-side pretraining): the
     sites wait for the next round then, so the server has the machine to itself, while the
     simulated sites train with one thread each (OMP_NUM_THREADS=1, see run_federation.py)."""
-    import os
-
     before = torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, cores))
+    torch.set_num_threads(usable_cores())
     try:
         yield
     finally:

@@ -21,6 +21,12 @@ def test_cache_roundtrip_and_spec_change(tmp_path):
     assert path.stat().st_mtime_ns == mtime  # served from the cache
     for k in a:
         assert np.array_equal(a[k], b[k])
+        # and laid out alike: reductions over another layout sum in another order (the site
+        # channel statistics of a run that generated its data were a few ulps off a later run's)
+        assert a[k].flags.c_contiguous and b[k].flags.c_contiguous, k
+    from fedfm.estimators import kron_covariances
+
+    assert all(np.array_equal(x, y) for x, y in zip(kron_covariances(a["h_sub6"]), kron_covariances(b["h_sub6"])))
     changed = tiny_site("cache", "umi", sub6={"antennas": 4})
     c = load_split(changed, "test", tmp_path, samples=12)
     assert site_cache_dir(changed, tmp_path) != site_cache_dir(spec, tmp_path)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedfm.metrics import HEADLINE
-from fedfm.runlog import RunLog, read_json, read_jsonl
+from fedfm.runlog import RunLog, read_json, read_jsonl, read_samples, samples_path
 from fl_fixtures import (InProcessGrid, make_backbone, run_config, server_context, task_identity,  # noqa: F401
                          write_federation)
 from server.app import main as server_main
@@ -238,6 +238,48 @@ def test_a_site_whose_test_data_cannot_be_made_is_excluded_from_evaluation(tmp_p
     events = [e for e in read_jsonl(log.dir / "events.jsonl") if e["site"] == "gamma"]
     assert len(events) == 1 and "excluded from central evaluation" in events[0]["message"]
     assert "No space left on device" in capsys.readouterr().err
+
+
+def test_the_evaluators_sites_prepared_on_several_threads_equal_one_after_another(tmp_path, cache_dir, backbone,
+                                                                                  monkeypatch):
+    import fedfm.federated
+    import fedfm.train
+    from fedfm.config import RunConfig, load_federation_sites
+    from fedfm.federated import build_run_model
+    from fl_fixtures import NUM_BEAMS
+    from server.evaluator import CentralEvaluator
+
+    cfg = RunConfig.from_flower(run_config(write_federation(tmp_path / "fed"), tmp_path / "run", cache_dir,
+                                           backbone[0]))
+    sites = load_federation_sites(cfg.federation)
+    model = build_run_model(cfg, NUM_BEAMS, backbone[0])
+    made = {}
+    for cores in (1, 3):
+        monkeypatch.setattr(fedfm.train, "usable_cores", lambda: cores)
+        # fitted afresh each time: the side inputs are cached per process
+        monkeypatch.setattr(fedfm.federated, "_STATS", {})
+        monkeypatch.setattr(fedfm.federated, "_LABEL_PRIORS", {})
+        log = RunLog(tmp_path / f"cores{cores}")
+        ev = CentralEvaluator(cfg, sites, model, log)
+        made[cores] = (ev, read_samples(samples_path(log.dir, "baseline")),
+                       (log.dir / "baselines.json").read_text())
+    (one, e1, j1), (three, e3, j3) = made[1], made[3]
+    assert [e.name for e in three.sites] == [e.name for e in one.sites] == ["alpha", "beta", "gamma"]
+    assert j3 == j1 and list(three.baselines) == ["alpha", "beta", "gamma"]
+    assert all(np.array_equal(e3[s][t], e1[s][t]) for s in e1 for t in e1[s])
+    def same(a, b) -> bool:  # a fitted side input (ChannelStats, KnnPrior, ...) attribute by attribute
+        if isinstance(a, (np.ndarray, tuple, list)):
+            return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b)) if not isinstance(a, np.ndarray) \
+                else np.array_equal(a, b)
+        if hasattr(a, "__dict__"):
+            return type(a) is type(b) and all(same(v, vars(b)[k]) for k, v in vars(a).items() if k != "factors")
+        return a == b
+
+    for s in ("alpha", "gamma"):  # the test views' side inputs alike (a training and a held-out site)
+        for t, td in one._tds[s].items():
+            a, b = td.extras.get("stats"), three._tds[s][t].extras.get("stats")
+            assert same(a, b), (s, t)
+            assert a is None or a is not b  # fitted twice, not one cached object
 
 
 def test_personal_heads_resume_and_score_each_site_with_its_own(tmp_path, cache_dir, backbone, task_identity):
