@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,13 +127,18 @@ def load_split(spec: SiteSpec, split: str, cache_dir: str | Path | None = None,
         cached = None
     if cached is not None:
         return cached
-    arrays = generate_split(spec, split, n)
-    try:
-        _write_atomic(path, arrays, spec, split)
-    except OSError as e:  # a cache dir that is a file, read-only or full: one line naming it
-        raise ValueError(f"{path.parent}: cannot write the site's data cache ({e.strerror or e}); "
-                         f"choose a writable cache folder (--cache-dir, cache-dir= or FEDFM_CACHE_DIR)") from None
+    with _GENERATING:  # one split at a time in a process: generation seeds Sionna's global config
+        arrays = generate_split(spec, split, n)
+        try:
+            _write_atomic(path, arrays, spec, split)
+        except OSError as e:  # a cache dir that is a file, read-only or full: one line naming it
+            raise ValueError(f"{path.parent}: cannot write the site's data cache ({e.strerror or e}); "
+                             f"choose a writable cache folder (--cache-dir, cache-dir= or FEDFM_CACHE_DIR)") from None
     return arrays
+
+
+# load_split may run on several threads (server/evaluator.py prepares its sites in parallel)
+_GENERATING = threading.Lock()
 
 
 def _fill_split(spec: SiteSpec, split: str, cache_dir) -> None:

@@ -404,6 +404,7 @@ class RunSetup:
     random_state: list | None        # python `random` state to restore (Flower's own draws)
     full_model_bytes: int
     run_key: str = ""                # this run's id for site-side state (kept across resumes)
+    resumed: bool = False            # from a checkpoint (round_offset may be 0: one of round 0)
 
 
 def setup_run(cfg: RunConfig) -> RunSetup:
@@ -460,7 +461,7 @@ def setup_run(cfg: RunConfig) -> RunSetup:
     # continue another run's optimizer state
     run_key = (runlog.read_config().get("run_key", "") if resumed else "") or uuid.uuid4().hex
     setup = RunSetup(runlog, sites, num_beams, backbone, digest, model, initial, strategy_state, offset, rstate,
-                     full_model_bytes(model), run_key)
+                     full_model_bytes(model), run_key, resumed=last is not None)
     write_run_config(cfg, setup, source)
     return setup
 

@@ -118,7 +118,8 @@ def _site_val(run: dict) -> dict:
     "avg_score", "tasks": {task: value}, "ratios": {task: ratio}}} of the last round each site
     scored the global state on its own validation split (headline metrics, and error ratios
     to the site's baseline on the same samples), "per_round": {round: mean avg score over the
-    sites that scored it}}; {} when the run had none."""
+    sites that scored it}, "task_means": {round: {task: mean val ratio over "task_mean_sites"}}
+    for the rounds and tasks all of those sites scored}; {} when the run had none."""
     sites: dict[str, dict] = {}
     by_round: dict[int, dict[str, float]] = {}
     ratios: dict[int, dict[str, dict[str, float]]] = {}  # round → site → task → val error ratio
@@ -141,13 +142,17 @@ def _site_val(run: dict) -> dict:
     per_round = {rnd: float(np.mean([v for v in vals.values() if math.isfinite(v)]))
                  for rnd, vals in sorted(by_round.items()) if any(math.isfinite(v) for v in vals.values())}
     # each task's val ratio averaged over the sites, in the rounds every site that ever scored
-    # scored every task in: rounds scored by other sites (fraction-evaluate < 1, a failed site)
-    # are not compared, a mean over other sites being another quantity
+    # gave that task a finite ratio in: rounds scored by other sites (fraction-evaluate < 1, a
+    # failed site) are not compared, a mean over other sites being another quantity
     everyone = sorted({site for by_site in ratios.values() for site in by_site})
-    complete = {rnd: by_site for rnd, by_site in sorted(ratios.items())
-                if sorted(by_site) == everyone and all(set(m) == set(TASK_ORDER) for m in by_site.values())}
-    task_means = {rnd: {t: float(np.mean([m[t] for m in by_site.values()])) for t in TASK_ORDER}
-                  for rnd, by_site in complete.items()}
+    task_means: dict[int, dict[str, float]] = {}
+    for rnd, by_site in sorted(ratios.items()):
+        if sorted(by_site) != everyone:
+            continue
+        means = {t: float(np.mean([m[t] for m in by_site.values()])) for t in TASK_ORDER
+                 if all(t in m for m in by_site.values())}
+        if means:
+            task_means[rnd] = means
     return {"sites": {site: sites[site] for site in sorted(sites)}, "per_round": per_round,
             "task_means": task_means, "task_mean_sites": everyone}
 
@@ -158,22 +163,29 @@ def _val_choice(site_val: dict, per_round: list[dict]) -> dict:
     scored and the central evaluator scored too; and beside it the test split's mean ratio of
     that round and of the final one, training and held-out sites. The choice reads only val
     scores, so the test numbers of the chosen rounds are an honest estimate of deploying, per
-    task, that round's checkpoint. {} with fewer than two such rounds."""
+    task, that round's checkpoint. A task goes without a choice (listed in "unchosen") when the
+    final round, the one every other table shows, or a second round lacks its val mean; {} when
+    no task has one."""
     test = {r["round"]: r for r in per_round}
     means = {rnd: m for rnd, m in (site_val or {}).get("task_means", {}).items() if rnd in test}
-    if len(means) < 2 or not per_round:
+    if not per_round or not means:
         return {}
     final = per_round[-1]["round"]
-    if final not in means:  # the comparison is with the final round, as every other table's
-        return {}
-    out: dict = {"rounds": sorted(means), "sites": site_val["task_mean_sites"], "per_task": {}}
+    out: dict = {"rounds": sorted(means), "final": final, "sites": site_val["task_mean_sites"], "per_task": {},
+                 "unchosen": []}
     for t in TASK_ORDER:
-        best = min(sorted(means), key=lambda rnd: means[rnd][t])
+        cands = [rnd for rnd in sorted(means) if t in means[rnd]]
+        if final not in cands or len(cands) < 2:
+            out["unchosen"].append(t)
+            continue
+        best = min(cands, key=lambda rnd: means[rnd][t])
         row = {"round": best, "val": means[best][t], "val_final": means[final][t]}
         for role in ("train", "heldout"):
             row[role] = (test[best].get(f"task_ratio_{role}") or {}).get(t)
             row[f"{role}_final"] = (test[final].get(f"task_ratio_{role}") or {}).get(t)
         out["per_task"][t] = row
+    if not out["per_task"]:
+        return {}
     for role in ("train", "heldout"):
         for key in (role, f"{role}_final"):
             vals = [r[key] for r in out["per_task"].values()]
@@ -192,7 +204,7 @@ def _val_choice_lines(choice: dict) -> list[str]:
         lines.append(f"| {t} | {r['round']} | {_ratio(r['val'], 3)} / {_ratio(r['val_final'], 3)} | "
                      f"{_ratio(r['train'], 3)} / {_ratio(r['train_final'], 3)} | "
                      f"{_ratio(r['heldout'], 3)} / {_ratio(r['heldout_final'], 3)} |")
-    final = choice["rounds"][-1]
+    final = choice["final"]
     lines += ["", f"Cells: error ÷ baseline error averaged over the sites. Per task the round (of "
                   f"{', '.join(map(str, choice['rounds']))}) with the lowest mean val ratio over "
                   f"{', '.join(choice['sites'])}, read from their val scores alone (a point estimate: "
@@ -208,6 +220,10 @@ def _val_choice_lines(choice: dict) -> list[str]:
                          f"{final}")
     if parts:
         lines.append("On the test split, " + "; ".join(parts) + ".")
+    if choice.get("unchosen"):
+        lines.append(f"No round chosen for {', '.join(choice['unchosen'])}: some site gave no finite val ratio "
+                     f"at round {final} or at every other round (a baseline without error on its val samples, "
+                     f"or a site that did not answer).")
     return lines + [""]
 
 

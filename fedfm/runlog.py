@@ -158,26 +158,50 @@ def read_samples(path: str | Path) -> dict[str, dict[str, np.ndarray]] | None:
 PERSONAL_MODELS = ("before", "after")
 
 
+def _check_personal_models(models: dict, kept: Any) -> str | None:
+    """Why ``models`` / ``kept`` are not a site's two personalised models and its choice, else None."""
+    if set(models) != set(PERSONAL_MODELS) or not all(models.values()):
+        return f"expected the models {', '.join(PERSONAL_MODELS)}, each with tensors"
+    if set(models["before"]) != set(models["after"]):
+        return "its two models hold other keys"
+    bad = next((f"{m}/{k}" for m, st in models.items() for k, v in st.items()
+                if np.asarray(v).dtype.kind == "f" and not np.isfinite(v).all()), None)
+    if bad:
+        return f"`{bad}` holds NaN or inf values"
+    if not isinstance(kept, dict) or not kept or not all(isinstance(v, str) and v in PERSONAL_MODELS
+                                                         for v in kept.values()):
+        return f"`kept` is not a non-empty {{task: {' | '.join(PERSONAL_MODELS)}}}"
+    return None
+
+
 def write_personal_models(path: str | Path, models: dict[str, dict[str, np.ndarray]], kept: dict[str, str],
                           meta: dict) -> None:
     """Atomic write of a site's personalised adapter states (scripts/finetune_site.py): tensors
     ``before/<key>`` (the run's state it started from, with its own heads or local model) and
     ``after/<key>`` (fine-tuned), float32, and in the header's metadata ``kept`` (JSON {task:
     "before" | "after"}: the model the site deploys for each task) and ``meta`` (JSON: run, site,
-    round, the labelled samples its side inputs are fitted on)."""
-    if set(models) != set(PERSONAL_MODELS) or set(kept.values()) - set(PERSONAL_MODELS):
-        raise ValueError(f"write_personal_models: expected models {PERSONAL_MODELS} and kept values among them")
+    round, the labelled samples its side inputs are fitted on). What
+    :func:`read_personal_models` would refuse is refused here, before anything is written."""
+    why = _check_personal_models(models, kept)
+    if why:
+        raise ValueError(f"write_personal_models: {why}")
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")
-    save_file({f"{m}/{k}": np.ascontiguousarray(v, dtype=np.float32) for m, st in models.items() for k, v in st.items()},
-              str(tmp), metadata={"kept": json.dumps(kept), "meta": json.dumps(_jsonable(meta))})
-    os.replace(tmp, p)
+    try:
+        save_file({f"{m}/{k}": np.ascontiguousarray(v, dtype=np.float32) for m, st in models.items()
+                   for k, v in st.items()},
+                  str(tmp), metadata={"kept": json.dumps(kept), "meta": json.dumps(_jsonable(meta))})
+        os.replace(tmp, p)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_personal_models(path: str | Path) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, str], dict]:
     """``(models, kept, meta)`` from :func:`write_personal_models`; ValueError naming the file when
-    it is missing, unreadable or not such a file (a model the site would deploy is never guessed)."""
+    it is missing, unreadable or not such a file, and when the table finetune_site.py writes after
+    it (the same name, ``.json``) is missing or is of another result: that run did not finish, or
+    the file is not the one the table describes (a model the site would deploy is never guessed)."""
     from safetensors import safe_open
 
     p = Path(path)
@@ -196,12 +220,19 @@ def read_personal_models(path: str | Path) -> tuple[dict[str, dict[str, np.ndarr
         m, _, k = key.partition("/")
         if m not in models or not k:
             raise ValueError(f"{p}: tensor `{key}` is not before/<key> or after/<key>")
-        if v.dtype.kind == "f" and not np.isfinite(v).all():
-            raise ValueError(f"{p}: `{key}` holds NaN or inf values; the file is damaged (re-run finetune_site.py)")
         models[m][k] = v
-    if (not isinstance(kept, dict) or set(kept.values()) - set(PERSONAL_MODELS) or not all(models.values())
-            or set(models["before"]) != set(models["after"])):
-        raise ValueError(f"{p}: its models or its `kept` choice are incomplete; re-run finetune_site.py")
+    why = _check_personal_models(models, kept)
+    if why:
+        raise ValueError(f"{p}: {why}; the file is damaged (re-run scripts/finetune_site.py)")
+    table = read_json(p.with_suffix(".json"), _MISSING)
+    if table is _MISSING:
+        raise ValueError(f"{p}: its table {p.with_suffix('.json').name} is missing, so the run that wrote it did not "
+                         f"finish; re-run scripts/finetune_site.py")
+    rows = table.get("rows") if isinstance(table, dict) else None
+    if (not isinstance(rows, list) or table.get("models_file") != p.name
+            or {r.get("task"): r.get("kept") for r in rows if isinstance(r, dict)} != kept):
+        raise ValueError(f"{p}: {p.with_suffix('.json').name} beside it is the table of another result; "
+                         f"re-run scripts/finetune_site.py")
     return models, kept, meta
 
 

@@ -149,8 +149,11 @@ def finetune_site(run_dir: str, site_path: str, fraction: float = 1.0, steps: in
            "trained_samples": fit_n, "held_back_samples": held_n, "holdout": holdout,
            "from_round": last, "refit_epochs": refit_epochs, "refit_scope": refit_scope, "refit": refit,
            "models_file": models_file, "rows": rows}
-    # what the site deploys: both models and, per task, which one (the JSON, written last, marks
-    # the result complete; a file of the same flags is rewritten with it)
+    # what the site deploys: both models and, per task, which one. The table (JSON), written
+    # last, marks the result complete (read_personal_models requires it): an earlier result's
+    # table of the same flags goes first, so a stop between the two writes leaves no table
+    # describing another models file
+    (log.dir / "finetune" / name).unlink(missing_ok=True)
     write_personal_models(log.dir / "finetune" / models_file,
                           {"before": start, "after": numpy_state(get_adapter_state(model))},
                           {r["task"]: r["kept"] for r in rows},

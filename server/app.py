@@ -63,8 +63,10 @@ def main(grid: Grid, context: Context) -> None:
                                 "num-beams": run.num_beams, "run-key": run.run_key})
 
     def evaluate_fn(round_: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if round_ == 0 and offset > 0:
-            return None  # resumed: round `offset` was evaluated and checkpointed already
+        if round_ == 0 and run.resumed:
+            # round `offset` was evaluated and checkpointed already, round 0 included (a run
+            # stopped in round 1): scoring it again would log its rows twice
+            return None
         if not cfg.evaluates_round(round_ + offset):  # eval-every: the round is complete all the same
             checkpoint(round_ + offset, arrays)
             return None

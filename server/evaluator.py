@@ -99,8 +99,9 @@ class CentralEvaluator:
         # process into keyed caches). Each BLAS call on one thread (threadpoolctl; torch runs
         # one between rounds), so the numbers do not depend on how many sites run at once or on
         # OMP_NUM_THREADS: a multi-threaded BLAS sums in another order when two calls share it.
-        # Threads only read caches: when some site's data is still to be generated, one after
-        # another (generation seeds and runs Sionna, not something to share between threads)
+        # When some site's data is still to be generated, one after another (generation seeds
+        # and runs Sionna; fedfm.data also lets one thread at a time generate, for a cache file
+        # found damaged on reading)
         from threadpoolctl import threadpool_limits
 
         from fedfm.data import split_path

@@ -196,24 +196,43 @@ def test_report_averages_each_task_over_sites_at_round_0_and_the_last(tmp_path):
 
 
 def test_personal_models_round_trip_and_damaged_files_are_named(tmp_path):
-    from fedfm.runlog import read_personal_models, write_personal_models
+    from fedfm.runlog import read_personal_models, write_json, write_personal_models
 
     a = {"lora.A": np.arange(6, dtype=np.float32).reshape(2, 3), "head.w": np.ones(4, np.float32)}
     b = {k: v + 0.5 for k, v in a.items()}
+    kept = {"CE": "after", "BF": "before"}
     path = tmp_path / "finetune" / "gamma-0.1-holdout0.2.safetensors"
-    write_personal_models(path, {"before": a, "after": b}, {"CE": "after", "BF": "before"},
+
+    def table(p, choice=kept, models_file=None):  # the JSON finetune_site.py writes after the models
+        write_json(p.with_suffix(".json"), {"models_file": models_file or p.name,
+                                            "rows": [{"task": t, "kept": k} for t, k in choice.items()]})
+
+    write_personal_models(path, {"before": a, "after": b}, kept,
                           {"site": "gamma", "labelled_samples": 7, "ratio": float("nan")})
-    models, kept, meta = read_personal_models(path)
-    assert kept == {"CE": "after", "BF": "before"}
+    # written, but its table not yet: the result is not complete
+    with pytest.raises(ValueError, match=r"gamma-0.1-holdout0.2.json is missing, so the run that wrote it did not"):
+        read_personal_models(path)
+    table(path)
+    models, got, meta = read_personal_models(path)
+    assert got == kept
     assert meta == {"site": "gamma", "labelled_samples": 7, "ratio": None}  # JSON has no NaN
     for name, want in (("before", a), ("after", b)):
         assert set(models[name]) == set(want) and all(np.array_equal(models[name][k], want[k]) for k in want)
     assert not list(path.parent.glob("*.tmp"))
-    with pytest.raises(ValueError, match="expected models"):
-        write_personal_models(path, {"after": b}, {"CE": "after"}, {})
-    with pytest.raises(ValueError, match="expected models"):
-        write_personal_models(path, {"before": a, "after": b}, {"CE": "global"}, {})
-    assert read_personal_models(path)[1] == kept  # a refused write leaves the file as it was
+    table(path, {"CE": "before", "BF": "before"})  # a table of another result beside it
+    with pytest.raises(ValueError, match="is the table of another result"):
+        read_personal_models(path)
+    table(path)
+    # the writer refuses what the reader would, and leaves the file as it was
+    for models, choice, why in (({"after": b}, kept, "expected the models before, after"),
+                                ({"before": a, "after": b}, {"CE": "global"}, "`kept` is not"),
+                                ({"before": a, "after": b}, {}, "`kept` is not"),
+                                ({"before": a, "after": {"lora.A": b["lora.A"]}}, kept, "other keys"),
+                                ({"before": a, "after": {**b, "head.w": np.full(4, np.nan, np.float32)}}, kept,
+                                 r"`after/head.w` holds NaN")):
+        with pytest.raises(ValueError, match=why):
+            write_personal_models(path, models, choice, {})
+    assert read_personal_models(path)[1] == kept
 
     with pytest.raises(ValueError, match=r"no such file; scripts/finetune_site.py writes it"):
         read_personal_models(tmp_path / "missing.safetensors")
@@ -227,14 +246,13 @@ def test_personal_models_round_trip_and_damaged_files_are_named(tmp_path):
     save_file(a, str(plain))
     with pytest.raises(ValueError, match="not a personalised-models file .*KeyError"):
         read_personal_models(plain)
-    bad = tmp_path / "nan.safetensors"
-    write_personal_models(bad, {"before": a, "after": {**b, "head.w": np.full(4, np.nan, np.float32)}}, kept, {})
-    with pytest.raises(ValueError, match=r"`after/head.w` holds NaN or inf values"):
-        read_personal_models(bad)
-    half = tmp_path / "half.safetensors"
-    write_personal_models(half, {"before": a, "after": {"lora.A": b["lora.A"]}}, kept, {})
-    with pytest.raises(ValueError, match="incomplete"):
-        read_personal_models(half)
+    forged = tmp_path / "forged.safetensors"  # tensors of a file edited by hand
+    save_file({**{f"before/{k}": v for k, v in a.items()}, "after/lora.A": b["lora.A"],
+               "after/head.w": np.full(4, np.inf, np.float32)}, str(forged),
+              metadata={"kept": '{"CE": ["after"]}', "meta": "{}"})
+    with pytest.raises(ValueError, match=r"forged.safetensors: `after/head.w` holds NaN or inf values; the file is "
+                                         r"damaged"):
+        read_personal_models(forged)
 
 
 def test_each_tasks_round_is_chosen_on_the_sites_val_ratios_alone():
@@ -272,7 +290,16 @@ def test_each_tasks_round_is_chosen_on_the_sites_val_ratios_alone():
     lines = "\n".join(_val_choice_lines(c))
     assert "| BF | 2 | 0.990 / 0.990 | 1.200 / 1.200 | 2.400 / 2.400 |" in lines
     assert "training sites: 6 of 7 tasks beaten with the chosen rounds, mean ratio 0.871" in lines
+    assert c["final"] == 2 and c["unchosen"] == []
     # fewer than two comparable rounds, or the final round not among them: no choice
     assert _val_choice(sv, per_round[:1]) == {}
     assert _val_choice(_site_val({"metrics": rows[:14]}), per_round) == {}  # round 0 only
     assert _val_choice({}, per_round) == {} and _val_choice_lines({}) == []
+    # a site without a finite LoS ratio at round 2 (a baseline without error on its val samples):
+    # LoS goes unchosen, the other tasks keep their choice
+    inf = [dict(r, ratio=float("inf")) if (r["round"], r["site"], r["task"]) == (2, "b", "LoS") else r for r in rows]
+    c2 = _val_choice(_site_val({"metrics": inf}), per_round)
+    assert c2["unchosen"] == ["LoS"] and set(c2["per_task"]) == set(TASK_ORDER) - {"LoS"}
+    assert c2["per_task"]["BF"] == c["per_task"]["BF"]
+    assert "No round chosen for LoS: some site gave no finite val ratio at round 2" in "\n".join(_val_choice_lines(c2))
+    assert "of 6 tasks beaten" in "\n".join(_val_choice_lines(c2))

@@ -105,6 +105,30 @@ def test_resume_matches_uninterrupted_run(full_run, tmp_path, cache_dir, backbon
     assert len(read_jsonl(resumed.dir / "ledger.jsonl")) == 2 * 2
 
 
+def test_a_run_stopped_in_round_1_resumes_without_scoring_round_0_twice(full_run, tmp_path, cache_dir, backbone,
+                                                                       task_identity):
+    import shutil
+
+    rc_full, full = full_run
+    rc = run_config(rc_full["federation"], tmp_path / "run", cache_dir, backbone[0],
+                    **{"num-server-rounds": 1, "fraction-evaluate": 1.0})
+    log = run_server(rc)
+    once = read_jsonl(log.dir / "metrics.jsonl")
+    # the run as a stop in round 1 leaves it: round 0 checkpointed and logged, round 1 not
+    shutil.rmtree(log.checkpoint_dir(1))
+    log.truncate_after(0)
+    assert log.last_complete_round() == 0
+    run_server({**rc, "resume": str(log.dir)})
+    rows = read_jsonl(log.dir / "metrics.jsonl")
+    keys = [(r["round"], r["source"], r["site"], r["task"]) for r in rows if r["source"] in ("federated", "site-val")]
+    assert len(keys) == len(set(keys))  # no row twice
+    assert [r for r in rows if r["round"] == 0] == [r for r in once if r["round"] == 0]
+    assert {r["round"] for r in rows if r["source"] == "site-val"} == {0, 1}
+    evaluated = [(r["round"], r["site"]) for r in read_jsonl(log.dir / "ledger.jsonl") if r.get("kind") == "evaluate"]
+    assert sorted(evaluated) == [(0, "alpha"), (0, "beta"), (1, "alpha"), (1, "beta")]
+    assert log.read_config()["resumed_at_rounds"] == [0] and log.complete_rounds() == [0, 1]
+
+
 def test_broken_site_yaml_logged_and_round_completes(tmp_path, cache_dir, backbone, task_identity):
     rc = run_config(write_federation(tmp_path / "fed", broken_site=True), tmp_path / "run", cache_dir, backbone[0])
     log = run_server(rc)
@@ -253,6 +277,17 @@ def test_the_evaluators_sites_prepared_on_several_threads_equal_one_after_anothe
                                            backbone[0]))
     sites = load_federation_sites(cfg.federation)
     model = build_run_model(cfg, NUM_BEAMS, backbone[0])
+    import threading
+
+    import server.evaluator
+
+    threads, real_fit = {}, server.evaluator.fit_site_baselines
+
+    def fit(cfg, entry, tds):  # which thread prepared which site
+        threads.setdefault(len(made), set()).add(threading.get_ident())
+        return real_fit(cfg, entry, tds)
+
+    monkeypatch.setattr(server.evaluator, "fit_site_baselines", fit)
     made = {}
     for cores in (1, 3):
         monkeypatch.setattr(fedfm.train, "usable_cores", lambda: cores)
@@ -264,6 +299,8 @@ def test_the_evaluators_sites_prepared_on_several_threads_equal_one_after_anothe
         made[cores] = (ev, read_samples(samples_path(log.dir, "baseline")),
                        (log.dir / "baselines.json").read_text())
     (one, e1, j1), (three, e3, j3) = made[1], made[3]
+    assert len(threads[0]) == 1  # one worker
+    assert len(threads[1]) > 1  # three sites on up to three threads: more than one ran
     assert [e.name for e in three.sites] == [e.name for e in one.sites] == ["alpha", "beta", "gamma"]
     assert j3 == j1 and list(three.baselines) == ["alpha", "beta", "gamma"]
     assert all(np.array_equal(e3[s][t], e1[s][t]) for s in e1 for t in e1[s])
