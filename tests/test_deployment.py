@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedfm.runlog import read_jsonl
 from fl_fixtures import run_config, write_federation
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +40,9 @@ def _processes_mentioning(text: str) -> list[str]:
 
 def test_deployment_end_to_end(tmp_path, cache_dir):
     fed = write_federation(tmp_path / "fed")
-    rc = run_config(fed, tmp_path / "run", cache_dir, backbone="", **{"num-server-rounds": 1})
+    # with federated evaluation: the SuperNodes score rounds 0 and 1 on their own val splits
+    rc = run_config(fed, tmp_path / "run", cache_dir, backbone="", **{"num-server-rounds": 1,
+                                                                      "fraction-evaluate": 1.0})
     home = tmp_path / "flwr-home"
     with open(tmp_path / "stream.log", "w") as log:
         result = run_deployment(rc, num_supernodes=2, num_partitions=2, flwr_home=home, log=log, timeout_s=300)
@@ -67,3 +70,9 @@ def test_deployment_end_to_end(tmp_path, cache_dir):
     comm = report["communication"]
     assert [r["sites_ok"] for r in comm["per_round"]] == [2]
     assert all(r["bytes_up"] == 2 * comm["adapter_bytes"] for r in comm["per_round"])
+    val = [r for r in read_jsonl(run / "metrics.jsonl") if r["source"] == "site-val"]
+    assert sorted({(r["round"], r["site"]) for r in val}) == [(0, "alpha"), (0, "beta"), (1, "alpha"), (1, "beta")]
+    assert len(val) == 4 * 7 and all(np.isfinite(r["ratio"]) for r in val)
+    choice = report["val_choice"]
+    assert choice["rounds"] == [0, 1] and len(choice["per_task"]) == 7 and choice["unchosen"] == []
+    assert "### Each task's round chosen on the sites' validation splits" in (run / "report.md").read_text()
