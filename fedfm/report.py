@@ -579,6 +579,26 @@ def _plots(run: dict, s: dict, out: Path) -> list[str]:
     ax.legend(fontsize=7)
     fig.tight_layout()
     written.append(_save(fig, out / "final_vs_baseline.png"))
+    means = (s.get("site_val") or {}).get("task_means") or {}
+    if len(means) >= 2:  # federated evaluation: each task's val and test ratio by round, the choice marked
+        choice = (s.get("val_choice") or {}).get("per_task", {})
+        test = {r["round"]: r.get("task_ratio_train") or {} for r in s["per_round"]}
+        fig, axes = plt.subplots(1, len(TASK_ORDER), figsize=(16, 3.2))
+        for ax, t in zip(axes, TASK_ORDER):
+            val = sorted((rnd, m[t]) for rnd, m in means.items() if t in m)
+            tst = sorted((rnd, m[t]) for rnd, m in test.items() if t in m)
+            if val:
+                ax.plot(*zip(*val), marker="o", label="val (sites' own)")
+            if tst:
+                ax.plot(*zip(*tst), marker="s", label="test (central, training sites)")
+            if t in choice:
+                ax.axvline(choice[t]["round"], color="k", ls=":", lw=1, label="chosen on val")
+            ax.set(title=t, xlabel="round")   # no line at 1: CE and CP sit far below it, flattened by it
+        axes[0].set_ylabel("error ÷ baseline error (1 = baseline)")
+        axes[0].legend(fontsize=6)
+        fig.suptitle("mean error ratio over the training sites by round: their val splits and the test splits")
+        fig.tight_layout()
+        written.append(_save(fig, out / "val_and_test_by_round.png"))
     comm = s["communication"]["per_round"]
     if comm:
         fig, ax = plt.subplots(figsize=(6, 4))

@@ -83,6 +83,7 @@ def test_report_files(full_run):
     assert all(means[t]["ratio"] == pytest.approx(final[t], rel=1e-4) for t in means)
     assert "| training | 0 |" in md and "| training | 2 |" in md and " at 95 %) |" in md
     assert {"CE_vs_round.png", "final_vs_baseline.png", "bytes_per_round.png"} <= set(report["plots"])
+    assert "val_and_test_by_round.png" not in report["plots"]  # no federated evaluation in this run
     assert all((log.dir / "plots" / p).stat().st_size > 1000 for p in report["plots"])
 
 
@@ -427,6 +428,7 @@ def test_site_model_local_scores_each_training_site_with_its_last_local_model(tm
     alpha_rows = [r for r in val if r["site"] == "alpha"]
     assert alpha_ce["avg_score"] == pytest.approx(np.mean([r["ratio"] for r in alpha_rows]), rel=1e-9)
     assert "Mean over the sites, by round: round 0 " in report and ", round 1 " in report
+    assert (log.dir / "plots" / "val_and_test_by_round.png").stat().st_size > 10_000
     assert "## Sites' own validation splits (federated evaluation)" in report and "| alpha | 1 | " in report
     evaluated = [r for r in read_jsonl(log.dir / "ledger.jsonl") if r.get("kind") == "evaluate"]
     assert sorted((r["round"], r["site"], r["status"]) for r in evaluated) == [
