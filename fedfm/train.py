@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from fedfm.model.config import DENSE_TASKS, POOLED_OUTPUTS
 from fedfm.config import REFIT_SCOPES
-from fedfm.model.lora import base_model, lora_parameters
+from fedfm.model.lora import base_model, lora_parameters, without_lora
 from fedfm.model.network import pooled_output
 from fedfm.model.pretrain import MASK_PRIORS, MASK_TYPES, Pretrainer, make_mask, masked_nmse
 from fedfm.model.prior import classical_prior
@@ -588,7 +588,10 @@ def pretrain(model: nn.Module, sites, steps: int, batch_size: int = 32, lr: floa
         raise ValueError(f"pretrain: `steps` and `batch_size` should be positive, got {steps}, {batch_size}")
     offset, total = schedule if schedule is not None else (0, steps)
     device = resolve_device(device)
-    pre = model if isinstance(model, Pretrainer) else Pretrainer(base_model(model).cfg, base_model(model).backbone)
+    # a wrapped model's backbone without its LoRA layers (the same weights): they would only
+    # add B = 0 products, a fifth of the step (fedfm.model.lora.without_lora)
+    pre = model if isinstance(model, Pretrainer) else Pretrainer(base_model(model).cfg,
+                                                                 without_lora(base_model(model).backbone))
     pre.to(device).train()
     grids = _site_grids(sites)
     sizes = torch.tensor([float(g[0].shape[0]) for g in grids])

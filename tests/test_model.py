@@ -221,6 +221,38 @@ def test_merged_copy_predicts_as_the_unmerged_model_and_leaves_it_untouched():
     assert any(p.requires_grad for n, p in model.named_parameters() if "lora_B" in n)
 
 
+def test_pretraining_view_without_lora_gives_the_wrapped_backbone_outputs_and_gradients_to_the_bit():
+    # pretraining trains a wrapped model's backbone through fedfm.model.lora.without_lora: its
+    # LoRA (B = 0) left out, the same parameter objects, the same outputs and gradients exactly
+    from fedfm.model.lora import without_lora
+    from fedfm.model.pretrain import Pretrainer
+
+    model = build_model(tiny_cfg(seed=2))
+    bb = base_model(model).backbone
+    view = without_lora(bb)
+    assert view is not bb and not any("lora_" in n for n, _ in view.named_parameters())
+    assert any("lora_" in n for n, _ in bb.named_parameters())  # the model keeps its adapters
+    assert without_lora(view) is view  # nothing left to leave out
+    grads = {}
+    frozen = [p for p in view.parameters() if not p.requires_grad]  # peft froze the backbone; pretraining thaws it
+    for p in frozen:
+        p.requires_grad_(True)
+    for name, b in (("wrapped", bb), ("view", view)):
+        pre = Pretrainer(base_model(model).cfg, b)
+        x = grid(SHAPES[0], batch=2)
+        known = torch.rand(SHAPES[0], generator=torch.Generator().manual_seed(1)) > 0.5
+        out = pre(x, known)
+        model.zero_grad(set_to_none=True)
+        pre.zero_grad(set_to_none=True)
+        out.square().sum().backward()
+        grads[name] = (out.detach(), {n: p.grad.clone() for n, p in view.named_parameters() if p.grad is not None})
+    for p in frozen:
+        p.requires_grad_(False)
+    (o1, g1), (o2, g2) = grads["wrapped"], grads["view"]
+    assert torch.equal(o1, o2) and g1.keys() == g2.keys() and len(g1) > 10
+    assert all(torch.equal(g1[k], g2[k]) for k in g1)
+
+
 def test_predict_side_cache_gives_the_same_predictions_and_computes_the_side_inputs_once(monkeypatch):
     # The central evaluator passes predict a side_cache per (site, task): the pooled heads'
     # classical side inputs are computed in the first round and read back in the later ones.

@@ -42,6 +42,23 @@ def base_model(model: nn.Module) -> nn.Module:
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
+def without_lora(module: nn.Module) -> nn.Module:
+    """A view of ``module`` with each peft LoRA layer replaced by its base layer: the same
+    parameter objects (training the view trains ``module``), none of LoRA's extra products.
+    For masked pretraining of a wrapped model's backbone, whose LoRA stays at B = 0, so each
+    layer's output and gradients are the base layer's to the bit (with ``lora_dropout`` 0,
+    the default: a dropout would also draw from the global RNG); ``module`` is untouched."""
+    from peft.tuners.lora import LoraLayer
+
+    if isinstance(module, LoraLayer):
+        return module.get_base_layer()
+    if not any(isinstance(m, LoraLayer) for m in module.modules()):
+        return module  # nothing to leave out: the module itself
+    view = copy.copy(module)  # shallow: shares the parameters and buffers, own child list
+    view._modules = {name: None if child is None else without_lora(child) for name, child in module._modules.items()}
+    return view
+
+
 def merged_copy(model: nn.Module) -> nn.Module:
     """An inference copy of ``model`` with LoRA merged into the projections it adapts (W +
     (α/r)·B·A, peft's ``merge_and_unload``; the trained adapters and heads of
