@@ -138,7 +138,7 @@ def load_split(spec: SiteSpec, split: str, cache_dir: str | Path | None = None,
 
 
 # load_split may run on several threads (server/evaluator.py prepares its sites in parallel)
-_GENERATING = threading.Lock()
+_GENERATING = threading.RLock()  # reentrant: a generation that loaded another split would not deadlock
 
 
 def _fill_split(spec: SiteSpec, split: str, cache_dir) -> None:
