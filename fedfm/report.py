@@ -164,13 +164,18 @@ def _val_choice(site_val: dict, per_round: list[dict]) -> dict:
     that round and of the final one, training and held-out sites. The choice reads only val
     scores, so the test numbers of the chosen rounds are an honest estimate of deploying, per
     task, that round's checkpoint. A task goes without a choice (listed in "unchosen") when the
-    final round, the one every other table shows, or a second round lacks its val mean; {} when
-    no task has one."""
-    test = {r["round"]: r for r in per_round}
-    means = {rnd: m for rnd, m in (site_val or {}).get("task_means", {}).items() if rnd in test}
-    if not per_round or not means:
+    final round, the one every other table shows, or a second round lacks its val mean; {} without
+    federated evaluation, {"missing": why} when it ran but no task could be chosen."""
+    if not site_val or not per_round:
         return {}
+    test = {r["round"]: r for r in per_round}
+    means = {rnd: m for rnd, m in site_val.get("task_means", {}).items() if rnd in test}
     final = per_round[-1]["round"]
+    why = ("the sites scored differ between rounds (fraction-evaluate < 1, or a site that failed or did not "
+           "answer): a mean over other sites is another quantity, so no two rounds compare")
+    if not means:
+        return {"missing": why if not site_val.get("task_means") else
+                "no round both the sites and the central evaluator scored (eval-every)"}
     out: dict = {"rounds": sorted(means), "final": final, "sites": site_val["task_mean_sites"], "per_task": {},
                  "unchosen": []}
     for t in TASK_ORDER:
@@ -185,7 +190,8 @@ def _val_choice(site_val: dict, per_round: list[dict]) -> dict:
             row[f"{role}_final"] = (test[final].get(f"task_ratio_{role}") or {}).get(t)
         out["per_task"][t] = row
     if not out["per_task"]:
-        return {}
+        return {"missing": f"no task has a val mean at round {final} and another round ({why}, or a site's "
+                           f"baseline without error on its val samples)"}
     for role in ("train", "heldout"):
         for key in (role, f"{role}_final"):
             vals = [r[key] for r in out["per_task"].values()]
@@ -197,6 +203,8 @@ def _val_choice(site_val: dict, per_round: list[dict]) -> dict:
 def _val_choice_lines(choice: dict) -> list[str]:
     if not choice:
         return []
+    if "missing" in choice:
+        return [f"No task's round was chosen on the sites' validation splits: {choice['missing']}.", ""]
     lines = ["### Each task's round chosen on the sites' validation splits", "",
              "| task | round chosen | val: chosen / final round | test, training sites: chosen / final | "
              "test, held-out sites: chosen / final |", "|---|---|---|---|---|"]

@@ -291,10 +291,17 @@ def test_each_tasks_round_is_chosen_on_the_sites_val_ratios_alone():
     assert "| BF | 2 | 0.990 / 0.990 | 1.200 / 1.200 | 2.400 / 2.400 |" in lines
     assert "training sites: 6 of 7 tasks beaten with the chosen rounds, mean ratio 0.871" in lines
     assert c["final"] == 2 and c["unchosen"] == []
-    # fewer than two comparable rounds, or the final round not among them: no choice
-    assert _val_choice(sv, per_round[:1]) == {}
-    assert _val_choice(_site_val({"metrics": rows[:14]}), per_round) == {}  # round 0 only
-    assert _val_choice({}, per_round) == {} and _val_choice_lines({}) == []
+    # fewer than two comparable rounds, or the final round not among them: no choice, and why
+    assert "missing" in _val_choice(sv, per_round[:1])
+    only0 = _val_choice(_site_val({"metrics": rows[:14]}), per_round)  # round 0 only
+    assert "no task has a val mean at round 2 and another round" in only0["missing"]
+    assert _val_choice({}, per_round) == {} and _val_choice_lines({}) == []  # no federated evaluation
+    # sites sampled per round (fraction-evaluate < 1): no round has them all, the report says so
+    sampled = [r for r in rows if (r["round"], r["site"]) in {(0, "a"), (1, "b"), (2, "a")}]
+    c3 = _val_choice(_site_val({"metrics": sampled}), per_round)
+    assert c3 == {"missing": c3["missing"]} and "the sites scored differ between rounds" in c3["missing"]
+    assert _val_choice_lines(c3)[0].startswith("No task's round was chosen on the sites' validation splits: the "
+                                               "sites scored differ")
     # a site without a finite LoS ratio at round 2 (a baseline without error on its val samples):
     # LoS goes unchosen, the other tasks keep their choice
     inf = [dict(r, ratio=float("inf")) if (r["round"], r["site"], r["task"]) == (2, "b", "LoS") else r for r in rows]
