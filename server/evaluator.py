@@ -99,18 +99,13 @@ class CentralEvaluator:
         # process into keyed caches). Each BLAS call on one thread (threadpoolctl; torch runs
         # one between rounds), so the numbers do not depend on how many sites run at once or on
         # OMP_NUM_THREADS: a multi-threaded BLAS sums in another order when two calls share it.
-        # When some site's data is still to be generated, one after another (generation seeds
-        # and runs Sionna; fedfm.data also lets one thread at a time generate, for a cache file
-        # found damaged on reading)
+        # A site whose data is still to be generated waits for fedfm.data's lock: one thread at
+        # a time generates (generation seeds and runs Sionna)
         from threadpoolctl import threadpool_limits
 
-        from fedfm.data import split_path
         from fedfm.train import usable_cores
 
-        cached_data = all(split_path(e.spec, split, self.cfg.cache_dir or None).exists()
-                          for e in self.sites for split in ("train", "test"))
-        workers = min(len(self.sites), usable_cores()) if cached_data else 1
-        with threadpool_limits(limits=1), ThreadPoolExecutor(max(1, workers)) as pool:
+        with threadpool_limits(limits=1), ThreadPoolExecutor(max(1, min(len(self.sites), usable_cores()))) as pool:
             results = list(pool.map(prepare, list(self.sites)))
         for entry, res in zip(list(self.sites), results):  # in the federation's order
             if isinstance(res, Exception):
