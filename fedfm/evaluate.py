@@ -11,10 +11,12 @@ PE float32 [S] dB; LoS float32 [S] probability of LoS.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
+from threadpoolctl import threadpool_limits
 
 from fedfm.model.config import DENSE_TASKS
 from fedfm.model.lora import base_model, merged_copy
@@ -51,16 +53,21 @@ def predict(model: nn.Module, td, batch_size: int = 64, device=None, side_cache:
             side_cache.update(key=key, of=of, batches={})
         sides = side_cache["batches"]
     outs = []
-    for j, i in enumerate(range(0, x.shape[0], batch_size)):
-        xb = x[i:i + batch_size].to(device)
-        with autocast(device):
-            side = None
-            if sides is not None:
-                side = sides.get(j)
-                if side is None:
-                    side = sides[j] = fedfm_net.classical_inputs(td.task, xb, context, stats)
-            out = net(td.task, xb, known, context, stats, side)
-        outs.append(out.float().cpu())
+    # the heads' classical priors run in NumPy (PF's AR start, the LMMSE, the side inputs): one
+    # BLAS thread, as on the run's server (OMP_NUM_THREADS=1, scripts/run_federation.py), so a
+    # prediction does not depend on how its process was started (with 2 OpenBLAS threads PF's
+    # NMSE moved by 7e-4 of itself on a default site); torch's own threads are left as they are
+    with threadpool_limits(limits=1, user_api="blas"):
+        for j, i in enumerate(range(0, x.shape[0], batch_size)):
+            xb = x[i:i + batch_size].to(device)
+            with autocast(device):
+                side = None
+                if sides is not None:
+                    side = sides.get(j)
+                    if side is None:
+                        side = sides[j] = fedfm_net.classical_inputs(td.task, xb, context, stats)
+                out = net(td.task, xb, known, context, stats, side)
+            outs.append(out.float().cpu())
     out = torch.cat(outs)
     model.train()
     if td.task in DENSE_TASKS:
@@ -181,3 +188,186 @@ def markdown_table(rows: list[dict]) -> str:
                      f"{r['baseline_name'] or '—'} | {fmt(r['ratio'])} | "
                      f"{f'[{ci[0]:.3f}, {ci[1]:.3f}]' if ci else '—'} |")
     return "\n".join(lines)
+
+
+def map_sites(fn, items: list) -> list:
+    """``[fn(item) for item in items]`` with the items one per core: a site's set-up (its test
+    views, its baselines' fits) on the central evaluator and in scripts/evaluate.py (64 s → 37 s
+    for default.yaml's six sites on 2 cores). NumPy and torch release the GIL in their kernels and
+    the sites are independent (fitted once per process into keyed caches). Each BLAS call runs on
+    one thread (threadpoolctl; torch runs one between rounds), so the numbers depend neither on
+    how many sites run at once nor on OMP_NUM_THREADS: a multi-threaded BLAS sums in another
+    order when two calls share it, and PF's AR start amplifies that (7e-4 of its NMSE on a
+    site). A site whose data is still to be generated waits for fedfm.data's lock: one thread at
+    a time generates (generation seeds and runs Sionna). ``fn``'s exceptions propagate; return
+    one to report it per item."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
+    from fedfm.train import usable_cores
+
+    with threadpool_limits(limits=1), ThreadPoolExecutor(max(1, min(len(items), usable_cores()))) as pool:
+        return list(pool.map(fn, items))
+
+
+# ---- a run's checkpoint, scored again (scripts/evaluate.py) ------------------------------
+# "train": a training site of the run (its labels-fitted starts, its own heads or local model);
+# "heldout": one of the run's held-out sites; "new": a site the run's federation does not name,
+# scored as a held-out one (no label of its own reaches the model; its baselines fit its train split)
+CHECKPOINT_ROLES = ("train", "heldout", "new")
+PERSONAL_CHOICES = ("kept", "before", "after")
+
+
+def own_state(strategy_state: dict[str, np.ndarray], site: str) -> dict[str, np.ndarray]:
+    """What the central evaluator loads over the global state to score training site ``site``,
+    read from a checkpoint's strategy state: its last local model (``local/<site>/…``,
+    ``site-model=local``), else its own heads and adapters (``personal/<site>/…``), else nothing
+    (server/strategy.py ``site_state``)."""
+    for prefix in (f"local/{site}/", f"personal/{site}/"):
+        mine = {k[len(prefix):]: v for k, v in strategy_state.items() if k.startswith(prefix)}
+        if mine:
+            return mine
+    return {}
+
+
+def checkpoint_sites(conf: dict, site_paths=(), where: str = "config.json") -> list[tuple]:
+    """``[(spec, role, path)]`` to score: the run's own sites (config.json's federation, in its
+    order, those that loaded) or the given site YAMLs. A YAML named as one of the run's sites
+    must be that site (its spec hash), so that a training site's own state and label-fitted
+    starts are never applied to another site of the same name."""
+    from fedfm.scenarios import load_site, spec_hash
+
+    try:
+        record = conf["federation"]["sites"]
+        by_name = {s["name"]: s for s in record}
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{where}: lacks the federation's sites ({e}); a run of another fedfm version, "
+                         f"or an edited file") from None
+    paths = list(site_paths) or [s["path"] for s in record if not s.get("error")]
+    out, seen = [], {}
+    for path in paths:
+        if not site_paths and not Path(path).is_file():
+            raise ValueError(f"{where}: site YAML {path} (recorded by the run) is not there; pass the "
+                             f"site files with --site")
+        spec = load_site(path)  # ConfigError (a ValueError) naming the file, key and value
+        if spec.name in seen:
+            raise ValueError(f"{path}: site {spec.name!r} is given twice (also {seen[spec.name]})")
+        seen[spec.name] = path
+        rec = by_name.get(spec.name)
+        role = "new"
+        if rec is not None:
+            if rec.get("spec_hash") != spec_hash(spec):
+                raise ValueError(f"{path}: site {spec.name!r} is a {rec.get('role')} site of the run, but this YAML "
+                                 f"is not the run's (spec hash {spec_hash(spec)}, the run's {rec.get('spec_hash')}); "
+                                 f"rename the site to score it as a new one")
+            role = rec.get("role")
+        out.append((spec, role, str(path)))
+    return out
+
+
+def evaluate_checkpoint(run_dir, round_: int | None = None, site_paths=(), models_path=None,
+                        which: str = "kept", max_test: int | None = None, device=None) -> dict:
+    """Score round ``round_`` (default: the last complete one) of a federated run on sites ×
+    tasks beside each site's classical baseline, as the run's central evaluator scores a round:
+    every site of the run's federation, or the site YAMLs given (a new site is scored as a
+    held-out one); a training site with its own heads or local model from the checkpoint.
+
+    ``models_path``: a site's personalised models (scripts/finetune_site.py's
+    ``finetune/….safetensors``) in place of the checkpoint: ``which`` of them (``kept``: per task
+    the one the site deploys), on that site only, with its side inputs and baselines fitted on
+    the labelled train samples it was personalised with, as finetune_site's table is scored.
+
+    ``max_test``: the first N test samples of each site (0 = all; None = the run's
+    ``eval-max-samples``). Returns {"run", "round", "models", "sites", "rows", "summary"}: rows
+    of :func:`evaluate_sites` without per-sample errors, the summary of :func:`summarise`.
+    Raises ValueError (one line naming the file or flag) on anything it cannot use; it writes
+    nothing."""
+    from fedfm.baselines import fit_baseline
+    from fedfm.config import RunConfig
+    from fedfm.federated import build_run_model, check_backbone, load_site_tasks, resolve_device as run_device
+    from fedfm.federated import torch_state
+    from fedfm.model import set_adapter_state
+    from fedfm.runlog import RunLog, read_personal_models, read_run_config
+
+    if which not in PERSONAL_CHOICES:
+        raise ValueError(f"--which {which!r} is not allowed; expected one of {', '.join(PERSONAL_CHOICES)}")
+    if max_test is not None and max_test < 0:
+        raise ValueError(f"--max-test {max_test} is not allowed; expected an integer >= 0 (0 = every test sample)")
+    conf = read_run_config(run_dir)  # before RunLog, which would create checkpoints/ in any folder
+    where = str(Path(run_dir) / "config.json")
+    try:
+        cfg = RunConfig.from_flower(conf["run_config"])
+        num_beams = conf["model"]["config"]["num_beams"]
+        backbone, digest = conf["backbone"]["path"], conf["backbone"]["sha256"]
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{where}: lacks {e} (a run of another fedfm version, or an edited file)") from None
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    if cfg.stage == "pretrain":
+        raise ValueError(f"{run_dir}: a federated pretraining run (stage=pretrain) has no task heads to score; "
+                         f"fine-tune from its backbone (backbone=<run>/backbone/backbone.safetensors)")
+    log = RunLog(run_dir)
+    rounds = log.complete_rounds()
+    if not rounds:
+        raise ValueError(f"{run_dir}: no complete round to score")
+    if round_ is None:
+        round_ = rounds[-1]
+    elif round_ not in rounds:
+        raise ValueError(f"--round {round_}: {run_dir} has no complete checkpoint for it; complete rounds: "
+                         f"{', '.join(map(str, rounds))}")
+    check_backbone(backbone, digest)  # the file the run used: one line if it moved or changed
+    personal = None
+    if models_path is not None:
+        models, kept, meta = read_personal_models(models_path)
+        if Path(meta.get("run", "")).resolve() != Path(run_dir).resolve():
+            raise ValueError(f"{models_path}: personalised from run {meta.get('run')}, not {run_dir}; pass that run")
+        personal = {"file": str(models_path), "which": which, "site": meta["site"], "kept": kept,
+                    "from_round": meta["from_round"], "labelled_samples": meta["labelled_samples"]}
+        if round_ != meta["from_round"] and round_ != rounds[-1]:
+            raise ValueError(f"--round {round_}: {models_path} was personalised from round {meta['from_round']}; "
+                             f"leave --round out")
+        round_ = meta["from_round"]
+    sites = checkpoint_sites(conf, site_paths, where)
+    if personal:
+        sites = [s for s in sites if s[0].name == personal["site"]]
+        if not sites:
+            raise ValueError(f"{models_path}: the models of site {personal['site']!r}; pass its YAML with --site")
+    for spec, _, path in sites:
+        if spec.mmwave.codebook_beams != num_beams:  # the BF head's width is the run's codebook
+            raise ValueError(f"{path}: mmwave.codebook_beams is {spec.mmwave.codebook_beams}, the run's model has "
+                             f"{num_beams} beams; score sites with the run's codebook")
+    glob, strategy_state, _ = log.load_checkpoint(round_)
+    dev = run_device(cfg.device if device is None else device)
+    model = build_run_model(cfg, num_beams, backbone, dev)
+    n_test = cfg.eval_max_samples if max_test is None else max_test
+    def prepare(site):  # its test views and baselines, as the evaluator prepares them (map_sites)
+        spec, role, _ = site
+        if personal:  # scored as finetune_site.py scores its table
+            labelled = personal["labelled_samples"]
+            test = load_site_tasks(spec, "test", cfg.cache_dir, n_test, stats_samples=labelled)
+            train = load_site_tasks(spec, "train", cfg.cache_dir, max_samples=labelled, labels=False)
+        else:  # scored as server/evaluator.py scores a round
+            test = load_site_tasks(spec, "test", cfg.cache_dir, n_test, stats_samples=cfg.train_max_samples,
+                                   labels=role == "train")
+            train = load_site_tasks(spec, "train", cfg.cache_dir, cfg.train_max_samples, labels=False)
+        return test, {t: fit_baseline(t, train[t], spec) for t in test}
+
+    from fedfm.train import all_cores
+
+    rows = []
+    prepared = map_sites(prepare, sites)
+    for (spec, role, _), (test, baselines) in zip(sites, prepared):
+        if personal:
+            states = {t: models[personal["kept"][t] if which == "kept" else which] for t in test}
+        else:
+            state = {**glob, **(own_state(strategy_state, spec.name) if role == "train" else {})}
+            states = {t: state for t in test}
+        for task, td in test.items():  # one merge per task (merged_copy in evaluate_sites)
+            set_adapter_state(model, torch_state(states[task]))
+            with all_cores():
+                rows += evaluate_sites(model, {spec.name: {task: td}}, {spec.name: baselines}, {spec.name: role},
+                                       device=dev)
+    return {"run": str(run_dir), "round": round_, "backbone_sha256": digest, "models": personal,
+            "max_test": n_test, "sites": [{"name": s.name, "role": r, "path": p} for s, r, p in sites],
+            "rows": rows, "summary": summarise(rows)}

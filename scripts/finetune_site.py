@@ -49,7 +49,7 @@ HOLDOUT = 0.2
 def finetune_site(run_dir: str, site_path: str, fraction: float = 1.0, steps: int | None = None,
                   refit_epochs: int = 0, refit_scope: str = "head", holdout: float = HOLDOUT) -> dict:
     from fedfm.baselines import fit_baseline
-    from fedfm.evaluate import evaluate_sites
+    from fedfm.evaluate import evaluate_sites, own_state
     from fedfm.federated import build_run_model, load_site_tasks, local_train, numpy_state, torch_state
     from fedfm.model import get_adapter_state, set_adapter_state
     from fedfm.scenarios import load_site
@@ -86,11 +86,7 @@ def finetune_site(run_dir: str, site_path: str, fraction: float = 1.0, steps: in
                          f"has {num_beams} beams; fine-tune a site with the run's codebook")
     # a training site starts from what the evaluator scored it with: its own last local model
     # (`site-model=local`), else its own heads (`personal-heads`), over the global state
-    for own in (f"local/{spec.name}/", f"personal/{spec.name}/"):
-        mine = {k[len(own):]: v for k, v in strategy_state.items() if k.startswith(own)}
-        if mine:
-            adapter = {**adapter, **mine}
-            break
+    adapter = {**adapter, **own_state(strategy_state, spec.name)}
     # the fraction is of the labels a site has in this run: train-max-samples caps them as it
     # capped the federation's sites (a benchmark's "250 labels per site")
     available = cfg.train_samples(spec)

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
 from flwr.app import ArrayRecord, MetricRecord
 
 from fedfm.config import RunConfig, SiteEntry
+from fedfm.evaluate import map_sites
 from fedfm.federated import load_site_tasks, personal_keys, resolve_device, torch_state
 from fedfm.runlog import RunLog, read_json, read_samples, samples_path, write_json, write_samples
 
@@ -94,19 +94,7 @@ class CentralEvaluator:
                 return cached[entry.name], cached_errors[entry.name]
             return fit_site_baselines(self.cfg, entry, tds)  # no per-sample errors cached: refit (deterministic)
 
-        # the sites one per core (64 s → 37 s for the default six on 2 cores): NumPy and torch
-        # release the GIL in their kernels and the sites are independent (fitted once per
-        # process into keyed caches). Each BLAS call on one thread (threadpoolctl; torch runs
-        # one between rounds), so the numbers do not depend on how many sites run at once or on
-        # OMP_NUM_THREADS: a multi-threaded BLAS sums in another order when two calls share it.
-        # A site whose data is still to be generated waits for fedfm.data's lock: one thread at
-        # a time generates (generation seeds and runs Sionna)
-        from threadpoolctl import threadpool_limits
-
-        from fedfm.train import usable_cores
-
-        with threadpool_limits(limits=1), ThreadPoolExecutor(max(1, min(len(self.sites), usable_cores()))) as pool:
-            results = list(pool.map(prepare, list(self.sites)))
+        results = map_sites(prepare, list(self.sites))  # one site per core, one BLAS thread each
         for entry, res in zip(list(self.sites), results):  # in the federation's order
             if isinstance(res, Exception):
                 self.sites.remove(entry)

@@ -367,6 +367,15 @@ def test_personal_heads_resume_and_score_each_site_with_its_own(tmp_path, cache_
         mae[name] = score("PE", predict(model, td), td)["mae_db"]
     assert rows[("alpha", "PE")]["mae_db"] == pytest.approx(mae["own"], rel=1e-6)
     assert mae["own"] != pytest.approx(mae["global"], rel=1e-6)
+    # scripts/evaluate.py's scoring of the checkpoint loads each training site's own heads and
+    # adapters as the evaluator did: every cell of round 2 as logged
+    from fedfm.evaluate import evaluate_checkpoint
+
+    again = evaluate_checkpoint(full.dir)
+    assert again["round"] == 2 and len(again["rows"]) == len(rows) == 21
+    for r in again["rows"]:
+        logged = rows[(r["site"], r["task"])]
+        assert r["model"] == pytest.approx({k: logged[k] for k in r["model"]}, rel=1e-9), (r["site"], r["task"])
     report = (full.dir / "report.md").read_text()
     assert "Personal heads (`personal-heads = PE,LoS`)" in report and "(`personal-adapters = CE`)" in report
     assert "(`local-optimizer = keep`)" in report
