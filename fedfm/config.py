@@ -54,6 +54,7 @@ class RunConfig:
     lora_alpha: int = 8
     dwa_temperature: float = 2.0    # Dynamic Weight Averaging of task losses (LLM4WM)
     head_prior_mu: float = 0.0      # L2-SP pull of the BF/DE/PE/LoS heads towards their classical start
+    head_prior_tasks: str = "all"   # the heads head-prior-mu holds: all (BF, DE, PE, LoS) or a list of them, "BF"
     head_lr_scale: float = 10.0     # the BF/DE/PE/LoS heads' learning rate as a multiple of lr
     head_refit_epochs: int = 0      # after its local steps a site refits its BF/DE/PE/LoS heads alone (0 = off)
     head_refit_scope: str = "head"  # what that refit moves: head (all of it) | features (paths from the classical inputs)
@@ -129,6 +130,14 @@ class RunConfig:
             raise ValueError(f"run config: `head-refit-scope` = {self.head_refit_scope!r} is used only with "
                              f"`head-refit-epochs` >= 1, and it is 0; set head-refit-epochs, or leave "
                              f"`head-refit-scope` at its default {defaults['head_refit_scope']!r}")
+        pooled = ("BF", "DE", "PE", "LoS")
+        named = _named_tasks(self.head_prior_tasks, pooled)
+        _check("head-prior-tasks", self.head_prior_tasks, bool(named) and set(named) <= set(pooled),
+               f"'all' or a comma-separated list of {', '.join(pooled)} (the pooled heads)")
+        if self.head_prior_tasks != defaults["head_prior_tasks"] and self.head_prior_mu == 0:
+            raise ValueError(f"run config: `head-prior-tasks` = {self.head_prior_tasks!r} is used only with "
+                             f"`head-prior-mu` > 0, and it is 0; set head-prior-mu, or leave `head-prior-tasks` "
+                             f"at its default {defaults['head_prior_tasks']!r}")
         from fedfm.tasks import TASKS
 
         for key in ("personal_heads", "personal_adapters"):
@@ -152,6 +161,13 @@ class RunConfig:
 
         named = _named_tasks(self.personal_heads)
         return tuple(t for t in TASKS if t in named)
+
+    @property
+    def prior_tasks(self) -> tuple[str, ...]:
+        """The pooled heads ``head-prior-mu`` holds near their classical start (``head-prior-tasks``)."""
+        pooled = ("BF", "DE", "PE", "LoS")
+        named = _named_tasks(self.head_prior_tasks, pooled)
+        return tuple(t for t in pooled if t in named)
 
     @property
     def personal_adapter_tasks(self) -> tuple[str, ...]:
@@ -211,12 +227,13 @@ RESUME_MAY_CHANGE = ("num-server-rounds", "round-timeout", "min-train-nodes", "e
                      "device", "cache-dir", "out-dir", "resume", "backbone", "federation", "pretrain-steps")
 
 
-def _named_tasks(value: str) -> list[str]:
-    """The tasks a ``personal-*`` value names: '' → none, 'all' → every task, else its list."""
+def _named_tasks(value: str, every: tuple[str, ...] | None = None) -> list[str]:
+    """The tasks a ``personal-*`` / ``head-prior-tasks`` value names: '' → none, 'all' → every
+    task (``every``, default all seven), else its list."""
     from fedfm.tasks import TASKS
 
     if value.strip() == "all":
-        return list(TASKS)
+        return list(every or TASKS)
     return [t.strip() for t in value.split(",") if t.strip()]
 
 

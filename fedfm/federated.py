@@ -312,7 +312,8 @@ def local_train(cfg: RunConfig, spec: SiteSpec, state: dict[str, np.ndarray], ro
     if cfg.lr_schedule == "run" and steps is None:
         kwargs["schedule"] = round_schedule(round_, cfg.local_steps, cfg.num_server_rounds)
     if cfg.head_prior_mu > 0:  # anchored at the heads as built, not as received: every round pulls
-        kwargs.update(prior_mu=cfg.head_prior_mu, prior=_LAST["prior"])  # towards the same classical start
+        kwargs.update(prior_mu=cfg.head_prior_mu, prior=_LAST["prior"],  # towards the same classical start
+                      prior_tasks=cfg.prior_tasks)
     keep = cfg.local_optimizer == "keep" and bool(run_key) and steps is None
     if keep:
         folder = optimizer_folder(cfg, run_key, spec.name)

@@ -188,6 +188,7 @@ def finetune(model: nn.Module, tasks: dict, steps: int, batch_size: int = 32, lr
              weight_decay: float = 0.0, history: list | None = None,
              head_lr_scale: float = 10.0, schedule: tuple[int, int] | None = None,
              prior_mu: float = 0.0, prior: dict[str, torch.Tensor] | None = None,
+             prior_tasks: tuple[str, ...] = POOLED_TASKS,
              optimizer_state: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
     """Multi-task fine-tuning of the trainable state (LoRA + adapters + heads) with DWA.
 
@@ -198,7 +199,8 @@ def finetune(model: nn.Module, tasks: dict, steps: int, batch_size: int = 32, lr
     μ/2·‖θ − θ_start‖². ``history`` (if given) receives one dict per window.
     ``prior_mu``: L2-SP (Li et al. 2018) on the pooled heads (BF, DE, PE, LoS):
     μ/2·‖θ − θ_prior‖² over their parameters, θ_prior = ``prior`` ({name: tensor}, e.g.
-    :func:`head_prior` of the model as the factory built it) or their values at the call's start.
+    :func:`head_prior` of the model as the factory built it) or their values at the call's start;
+    ``prior_tasks``: the pooled heads it holds (default all four; run-config ``head-prior-tasks``).
     Those heads start at the classical readings (Capon beam, deployment prior, K-factor rule),
     and with few labels their MLPs fit the training samples and end below where they started
     (measured in RESULTS.md); the penalty is a Gaussian prior centred on the classical reading.
@@ -233,12 +235,16 @@ def finetune(model: nn.Module, tasks: dict, steps: int, batch_size: int = 32, lr
         windows = load_dwa_state(optimizer_state, tuple(samplers))
     anchor = []
     if prior_mu > 0:
+        if not prior_tasks or not set(prior_tasks) <= set(POOLED_TASKS):
+            raise ValueError(f"finetune: `prior_tasks` {prior_tasks!r} should be a non-empty subset of "
+                             f"{', '.join(POOLED_TASKS)}")
         prior = prior if prior is not None else head_prior(model)
-        missing = [n for (n, _), f in zip(named, pooled) if f and n not in prior]
+        held = [_pooled_head(n, prior_tasks) for n, _ in named]
+        missing = [n for (n, _), f in zip(named, held) if f and n not in prior]
         if missing:
             raise ValueError(f"finetune: `prior` has no value for {missing[0]} ({len(missing)} pooled-head "
                              f"parameters missing); pass head_prior(model) of this model")
-        anchor = [(p, prior[n].to(p.device, p.dtype)) for (n, p), f in zip(named, pooled) if f]
+        anchor = [(p, prior[n].to(p.device, p.dtype)) for (n, p), f in zip(named, held) if f]
     acc = {t: 0.0 for t in samplers}
     n_acc = 0
     try:
@@ -349,8 +355,8 @@ def load_adam_state(opt: torch.optim.Optimizer, named: list, state: dict[str, to
                         "exp_avg_sq": state[f"{name}/exp_avg_sq"].to(p.device, p.dtype).clone()}
 
 
-def _pooled_head(name: str) -> bool:
-    return any(f"heads.{t}." in name for t in POOLED_TASKS)
+def _pooled_head(name: str, tasks: tuple[str, ...] = POOLED_TASKS) -> bool:
+    return any(f"heads.{t}." in name for t in tasks)
 
 
 def head_prior(model: nn.Module) -> dict[str, torch.Tensor]:
