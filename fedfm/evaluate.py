@@ -56,7 +56,8 @@ def predict(model: nn.Module, td, batch_size: int = 64, device=None, side_cache:
     # the heads' classical priors run in NumPy (PF's AR start, the LMMSE, the side inputs): one
     # BLAS thread, as on the run's server (OMP_NUM_THREADS=1, scripts/run_federation.py), so a
     # prediction does not depend on how its process was started (with 2 OpenBLAS threads PF's
-    # NMSE moved by 7e-4 of itself on a default site); torch's own threads are left as they are
+    # NMSE moved by 7e-4 of itself on a default site). Torch's threads are its own where its BLAS
+    # is not the one threadpoolctl sees (the PyPI x86 wheels: MKL linked in, OpenMP for the rest)
     with threadpool_limits(limits=1, user_api="blas"):
         for j, i in enumerate(range(0, x.shape[0], batch_size)):
             xb = x[i:i + batch_size].to(device)
@@ -112,7 +113,8 @@ def evaluate_sites(model: nn.Module, site_tds: dict, baselines: dict, roles: dic
                    "baseline_error": None, "ratio": None, "ratio_ci": None}
             b = baselines.get(site, {}).get(task)
             if b is not None:
-                bpred = b.predict(td)
+                with threadpool_limits(limits=1, user_api="blas"):  # as predict's, and the evaluator's fit
+                    bpred = b.predict(td)
                 bm = score(task, bpred, td)
                 be = float(error_for_score(task, bm))
                 row.update(baseline=bm, baseline_name=b.name, baseline_error=be,
@@ -231,20 +233,25 @@ def own_state(strategy_state: dict[str, np.ndarray], site: str) -> dict[str, np.
     return {}
 
 
-def checkpoint_sites(conf: dict, site_paths=(), where: str = "config.json") -> list[tuple]:
+# the event server/evaluator.py logs for a site whose data could not be made or read at round 0
+EXCLUDED = "site excluded from central evaluation"
+
+
+def checkpoint_sites(conf: dict, site_paths=(), where: str = "config.json", excluded=()) -> list[tuple]:
     """``[(spec, role, path)]`` to score: the run's own sites (config.json's federation, in its
-    order, those that loaded) or the given site YAMLs. A YAML named as one of the run's sites
-    must be that site (its spec hash), so that a training site's own state and label-fitted
-    starts are never applied to another site of the same name."""
+    order, less those that failed to load and those in ``excluded``) or the given site YAMLs. A
+    YAML named as one of the run's sites must be that site (its spec hash), so that a training
+    site's own state and label-fitted starts are never applied to another site of the same name."""
     from fedfm.scenarios import load_site, spec_hash
 
     try:
         record = conf["federation"]["sites"]
         by_name = {s["name"]: s for s in record}
+        recorded = [s["path"] for s in record if not s.get("error") and s["name"] not in excluded]
     except (KeyError, TypeError) as e:
         raise ValueError(f"{where}: lacks the federation's sites ({e}); a run of another fedfm version, "
                          f"or an edited file") from None
-    paths = list(site_paths) or [s["path"] for s in record if not s.get("error")]
+    paths = list(site_paths) or recorded
     out, seen = [], {}
     for path in paths:
         if not site_paths and not Path(path).is_file():
@@ -266,44 +273,62 @@ def checkpoint_sites(conf: dict, site_paths=(), where: str = "config.json") -> l
     return out
 
 
+def _personal_meta(models_path, meta, run_dir) -> dict:
+    """The parts of a personalised-models file's ``meta`` this needs, checked, naming the file."""
+    ok = (isinstance(meta, dict) and isinstance(meta.get("site"), str)
+          and all(isinstance(meta.get(k), int) and not isinstance(meta.get(k), bool) and meta[k] >= 0
+                  for k in ("from_round", "labelled_samples")))
+    if not ok:
+        raise ValueError(f"{models_path}: its header lacks the site, round or labelled samples it was personalised "
+                         f"with; re-run scripts/finetune_site.py")
+    # finetune_site.py writes into <run>/finetune/; `run` is the path as it was given there
+    inside = Path(models_path).resolve().parent.parent == Path(run_dir).resolve()
+    if not inside and Path(str(meta.get("run", ""))).resolve() != Path(run_dir).resolve():
+        raise ValueError(f"{models_path}: personalised from run {meta.get('run')}, not {run_dir}; pass that run")
+    return meta
+
+
 def evaluate_checkpoint(run_dir, round_: int | None = None, site_paths=(), models_path=None,
-                        which: str = "kept", max_test: int | None = None, device=None) -> dict:
+                        which: str = "kept", max_test: int | None = None, device=None,
+                        against: int | None = None) -> dict:
     """Score round ``round_`` (default: the last complete one) of a federated run on sites ×
     tasks beside each site's classical baseline, as the run's central evaluator scores a round:
-    every site of the run's federation, or the site YAMLs given (a new site is scored as a
-    held-out one); a training site with its own heads or local model from the checkpoint.
+    every site of the run's federation (less any it excluded for its data), or the site YAMLs
+    given (a new site is scored as a held-out one); a training site with its own heads or local
+    model from the checkpoint.
 
     ``models_path``: a site's personalised models (scripts/finetune_site.py's
     ``finetune/….safetensors``) in place of the checkpoint: ``which`` of them (``kept``: per task
     the one the site deploys), on that site only, with its side inputs and baselines fitted on
-    the labelled train samples it was personalised with, as finetune_site's table is scored.
+    the labelled train samples it was personalised with, as finetune_site's table is scored;
+    ``round_``, if given, must be the round they were personalised from.
+
+    ``against``: another complete round, scored on the same test samples with the same
+    baselines, and per site and task the change of the error ratio (this round − that one) with
+    its 95 % paired bootstrap interval (:func:`fedfm.metrics.paired_bootstrap`, the tasks of a site
+    sharing the draw for its average): whether training moved a site, e.g. one it never saw,
+    beyond what its test split can resolve (not with ``models_path``, whose before / after
+    ``which`` compares).
 
     ``max_test``: the first N test samples of each site (0 = all; None = the run's
-    ``eval-max-samples``). Returns {"run", "round", "models", "sites", "rows", "summary"}: rows
-    of :func:`evaluate_sites` without per-sample errors, the summary of :func:`summarise`.
-    Raises ValueError (one line naming the file or flag) on anything it cannot use; it writes
-    nothing."""
+    ``eval-max-samples``). Returns {"run", "round", "models", "max_test", "sites", "skipped",
+    "rows", "summary", "against"}: rows of :func:`evaluate_sites` without per-sample errors, the
+    summary of :func:`summarise`, ``against`` None or {"round", "rows": that round's rows,
+    "change": {site: {"average": [delta, lo, hi], task: [delta, lo, hi], ...}}}. Raises ValueError (one line naming the file or flag) on anything it cannot
+    use; it writes nothing but a new site's data, into the run's cache."""
     from fedfm.baselines import fit_baseline
-    from fedfm.config import RunConfig
-    from fedfm.federated import build_run_model, check_backbone, load_site_tasks, resolve_device as run_device
-    from fedfm.federated import torch_state
+    from fedfm.federated import build_run_model, check_backbone, load_site_tasks, read_run, torch_state
+    from fedfm.federated import resolve_device as run_device
     from fedfm.model import set_adapter_state
-    from fedfm.runlog import RunLog, read_personal_models, read_run_config
+    from fedfm.runlog import RunLog, read_jsonl, read_personal_models
+    from fedfm.train import all_cores
 
     if which not in PERSONAL_CHOICES:
         raise ValueError(f"--which {which!r} is not allowed; expected one of {', '.join(PERSONAL_CHOICES)}")
     if max_test is not None and max_test < 0:
         raise ValueError(f"--max-test {max_test} is not allowed; expected an integer >= 0 (0 = every test sample)")
-    conf = read_run_config(run_dir)  # before RunLog, which would create checkpoints/ in any folder
-    where = str(Path(run_dir) / "config.json")
-    try:
-        cfg = RunConfig.from_flower(conf["run_config"])
-        num_beams = conf["model"]["config"]["num_beams"]
-        backbone, digest = conf["backbone"]["path"], conf["backbone"]["sha256"]
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{where}: lacks {e} (a run of another fedfm version, or an edited file)") from None
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
+    run = read_run(run_dir)  # before RunLog, which would create checkpoints/ in any folder
+    cfg, num_beams = run.cfg, run.num_beams
     if cfg.stage == "pretrain":
         raise ValueError(f"{run_dir}: a federated pretraining run (stage=pretrain) has no task heads to score; "
                          f"fine-tune from its backbone (backbone=<run>/backbone/backbone.safetensors)")
@@ -311,24 +336,37 @@ def evaluate_checkpoint(run_dir, round_: int | None = None, site_paths=(), model
     rounds = log.complete_rounds()
     if not rounds:
         raise ValueError(f"{run_dir}: no complete round to score")
-    if round_ is None:
+    check_backbone(run.backbone, run.backbone_sha256)  # the file the run used: one line if it moved or changed
+    personal = None
+    if models_path is not None:
+        models, kept, meta = read_personal_models(models_path)
+        meta = _personal_meta(models_path, meta, run_dir)
+        if round_ is not None and round_ != meta["from_round"]:
+            raise ValueError(f"--round {round_}: {models_path} was personalised from round {meta['from_round']}; "
+                             f"leave --round out")
+        round_ = meta["from_round"]
+        personal = {"file": str(models_path), "which": which, "site": meta["site"], "kept": kept,
+                    "from_round": round_, "labelled_samples": meta["labelled_samples"]}
+    elif round_ is None:
         round_ = rounds[-1]
     elif round_ not in rounds:
         raise ValueError(f"--round {round_}: {run_dir} has no complete checkpoint for it; complete rounds: "
                          f"{', '.join(map(str, rounds))}")
-    check_backbone(backbone, digest)  # the file the run used: one line if it moved or changed
-    personal = None
-    if models_path is not None:
-        models, kept, meta = read_personal_models(models_path)
-        if Path(meta.get("run", "")).resolve() != Path(run_dir).resolve():
-            raise ValueError(f"{models_path}: personalised from run {meta.get('run')}, not {run_dir}; pass that run")
-        personal = {"file": str(models_path), "which": which, "site": meta["site"], "kept": kept,
-                    "from_round": meta["from_round"], "labelled_samples": meta["labelled_samples"]}
-        if round_ != meta["from_round"] and round_ != rounds[-1]:
-            raise ValueError(f"--round {round_}: {models_path} was personalised from round {meta['from_round']}; "
-                             f"leave --round out")
-        round_ = meta["from_round"]
-    sites = checkpoint_sites(conf, site_paths, where)
+    if against is not None:
+        if personal:
+            raise ValueError("--against compares two rounds of the run; a site's personalised models are compared "
+                             "with --which before and --which after")
+        if against == round_:
+            raise ValueError(f"--against {against}: the round scored; give another round to compare it with")
+        if against not in rounds:
+            raise ValueError(f"--against {against}: {run_dir} has no complete checkpoint for it; complete rounds: "
+                             f"{', '.join(map(str, rounds))}")
+    excluded = {}
+    if not site_paths:  # the sites the run's evaluator left out, as it did
+        for e in read_jsonl(log.dir / "events.jsonl") if (log.dir / "events.jsonl").is_file() else []:
+            if str(e.get("message", "")).startswith(EXCLUDED):
+                excluded[e.get("site")] = e["message"]
+    sites = checkpoint_sites(run.conf, site_paths, run.where, excluded)
     if personal:
         sites = [s for s in sites if s[0].name == personal["site"]]
         if not sites:
@@ -337,10 +375,18 @@ def evaluate_checkpoint(run_dir, round_: int | None = None, site_paths=(), model
         if spec.mmwave.codebook_beams != num_beams:  # the BF head's width is the run's codebook
             raise ValueError(f"{path}: mmwave.codebook_beams is {spec.mmwave.codebook_beams}, the run's model has "
                              f"{num_beams} beams; score sites with the run's codebook")
-    glob, strategy_state, _ = log.load_checkpoint(round_)
+    checkpoints = {}
+    if personal:
+        states = {m: models[m] for m in ("before", "after")}
+        where = models_path
+    else:
+        for r in {round_, *(() if against is None else (against,))}:
+            glob, strategy_state, _ = log.load_checkpoint(r)
+            checkpoints[r] = (glob, strategy_state)
     dev = run_device(cfg.device if device is None else device)
-    model = build_run_model(cfg, num_beams, backbone, dev)
+    model = build_run_model(cfg, num_beams, run.backbone, dev)
     n_test = cfg.eval_max_samples if max_test is None else max_test
+
     def prepare(site):  # its test views and baselines, as the evaluator prepares them (map_sites)
         spec, role, _ = site
         if personal:  # scored as finetune_site.py scores its table
@@ -353,21 +399,73 @@ def evaluate_checkpoint(run_dir, round_: int | None = None, site_paths=(), model
             train = load_site_tasks(spec, "train", cfg.cache_dir, cfg.train_max_samples, labels=False)
         return test, {t: fit_baseline(t, train[t], spec) for t in test}
 
-    from fedfm.train import all_cores
+    def score(spec, role, test, baselines, states, groups, where) -> list[dict]:
+        by_task = {}
+        for name, tasks in groups.items():  # one merge per state (merged_copy in evaluate_sites)
+            try:
+                set_adapter_state(model, torch_state(states[name]))
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+            with all_cores():  # as the evaluator between rounds
+                for r in evaluate_sites(model, {spec.name: {t: test[t] for t in tasks}}, {spec.name: baselines},
+                                        {spec.name: role}, device=dev, keep_errors=against is not None):
+                    by_task[r["task"]] = r
+        return [by_task[t] for t in test]  # in the tasks' order
 
-    rows = []
-    prepared = map_sites(prepare, sites)
-    for (spec, role, _), (test, baselines) in zip(sites, prepared):
-        if personal:
-            states = {t: models[personal["kept"][t] if which == "kept" else which] for t in test}
-        else:
-            state = {**glob, **(own_state(strategy_state, spec.name) if role == "train" else {})}
-            states = {t: state for t in test}
-        for task, td in test.items():  # one merge per task (merged_copy in evaluate_sites)
-            set_adapter_state(model, torch_state(states[task]))
-            with all_cores():
-                rows += evaluate_sites(model, {spec.name: {task: td}}, {spec.name: baselines}, {spec.name: role},
-                                       device=dev)
-    return {"run": str(run_dir), "round": round_, "backbone_sha256": digest, "models": personal,
+    scored = {r: [] for r in checkpoints} if checkpoints else {round_: []}
+    for (spec, role, _), (test, baselines) in zip(sites, map_sites(prepare, sites)):
+        if personal:  # per task the model asked for (kept: the one the site deploys)
+            groups = {}
+            for t in test:
+                groups.setdefault(kept[t] if which == "kept" else which, []).append(t)
+            scored[round_] += score(spec, role, test, baselines, states, groups, models_path)
+            continue
+        for r, (glob, strategy_state) in checkpoints.items():
+            own = own_state(strategy_state, spec.name) if role == "train" else {}
+            scored[r] += score(spec, role, test, baselines, {"run": {**glob, **own}}, {"run": list(test)},
+                               log.checkpoint_dir(r))
+    comparison = None
+    if against is not None:
+        comparison = {"round": against, "rows": [_without_errors(r) for r in scored[against]],
+                      "change": ratio_changes(scored[round_], scored[against])}
+    rows = [_without_errors(r) for r in scored[round_]]
+    return {"run": str(run_dir), "round": round_, "backbone_sha256": run.backbone_sha256, "models": personal,
             "max_test": n_test, "sites": [{"name": s.name, "role": r, "path": p} for s, r, p in sites],
-            "rows": rows, "summary": summarise(rows)}
+            "skipped": [{"name": k, "why": v} for k, v in excluded.items()], "rows": rows,
+            "summary": summarise(rows), "against": comparison}
+
+
+def _without_errors(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in ("model_errors", "baseline_errors")}
+
+
+def ratio_changes(rows_a: list[dict], rows_b: list[dict]) -> dict[str, dict[str, list[float] | None]]:
+    """{site: {"average": [delta, lo, hi], task: [delta, lo, hi], ...}}: model a's error ratio
+    (its average score for "average") minus model b's on the same test samples, with the 95 %
+    paired bootstrap interval (:func:`fedfm.metrics.paired_bootstrap`, the baseline rescored on
+    each draw; a site's tasks share the draw). Rows of :func:`evaluate_sites` with
+    ``keep_errors``, the same sites and tasks in both; None where a ratio is not finite."""
+    from fedfm.metrics import paired_bootstrap
+
+    b_rows = {(r["site"], r["task"]): r for r in rows_b}
+    sites: dict[str, list[tuple[dict, dict]]] = {}
+    for a in rows_a:
+        b = b_rows[(a["site"], a["task"])]
+        sites.setdefault(a["site"], []).append((a, b))
+    out = {}
+    for site, pairs in sites.items():
+        usable = [(a, b) for a, b in pairs if "baseline_errors" in a and all(
+            x["ratio"] is not None and math.isfinite(x["ratio"]) for x in (a, b))]
+
+        def change(chosen):
+            if not chosen:
+                return None
+            ci = paired_bootstrap({a["task"]: a["model_errors"] for a, _ in chosen},
+                                  {a["task"]: b["model_errors"] for a, b in chosen},
+                                  {a["task"]: a["baseline_errors"] for a, _ in chosen})
+            return [ci["delta"], ci["lo"], ci["hi"]]
+
+        ok = {id(a) for a, _ in usable}
+        out[site] = {a["task"]: change([(a, b)] if id(a) in ok else []) for a, b in pairs}
+        out[site]["average"] = change(usable) if len(usable) == len(pairs) else None
+    return out

@@ -390,6 +390,37 @@ def pretrain_backbone_centrally(cfg: RunConfig, train_specs: list[SiteSpec], num
 
 
 @dataclass
+class RunRecord:
+    """What the scripts that read a finished run need from its config.json (:func:`read_run`)."""
+
+    conf: dict          # the file's contents
+    cfg: RunConfig      # its run config, validated
+    num_beams: int
+    backbone: str       # the backbone file the run used, and its sha256
+    backbone_sha256: str
+    where: str          # the config.json path, for messages
+
+
+def read_run(run_dir) -> RunRecord:
+    """A run folder's recorded settings (scripts/finetune_site.py, scripts/evaluate.py); ValueError
+    naming its config.json when it is missing, not JSON, or lacks or mistypes what they need (a
+    run of another fedfm version, or an edited file). Reads nothing else and writes nothing."""
+    from fedfm.runlog import read_run_config
+
+    conf = read_run_config(run_dir)
+    where = str(Path(run_dir) / "config.json")
+    try:
+        cfg = RunConfig.from_flower(conf["run_config"])
+        num_beams, backbone = conf["model"]["config"]["num_beams"], conf["backbone"]["path"]
+        digest = conf["backbone"].get("sha256") or ""
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{where}: lacks {e} (a run of another fedfm version, or an edited file)") from None
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    return RunRecord(conf, cfg, num_beams, backbone, digest, where)
+
+
+@dataclass
 class RunSetup:
     """Everything the server needs before round 1 (or before the resumed round)."""
 

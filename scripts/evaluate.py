@@ -4,6 +4,7 @@
     python scripts/evaluate.py runs/<id>                                  # its last round, its own sites
     python scripts/evaluate.py runs/<id> --round 0                        # the heads' classical starts
     python scripts/evaluate.py runs/<id> --site my_new_site.yaml          # a base station it never saw
+    python scripts/evaluate.py runs/<id> --site my_new_site.yaml --against 0   # and what training changed there
     python scripts/evaluate.py runs/<id> --site scenarios/sites/uma_2g4.yaml \\
         --models runs/<id>/finetune/uma_2g4-0.1-holdout0.2.safetensors   # what finetune_site.py personalised
 
@@ -12,15 +13,17 @@ training site of the run with its label-fitted starts and, with ``personal-heads
 ``site-model=local``, its own heads or local model from the checkpoint; a held-out site, or a
 site the run's federation does not name ("new"), with the global state and no label of its own.
 The baseline is each site's own, fitted on its train split (a new site's data is generated
-into the run's cache on first use). On the run's own sites and round the numbers are those of
-its metrics.jsonl. ``--models`` scores a site's personalised models instead (``--which kept``:
+into the run's cache on first use). On a round the run scored, its own sites get the cells of its
+metrics.jsonl (a site the run excluded for its data is left out again, and said so; a round
+``eval-every`` skipped is scored as the run would have). ``--models`` scores a site's personalised models instead (``--which kept``:
 per task the one the site deploys; ``before`` / ``after``), with its starts and baselines fitted
 on the labelled samples it was personalised with, as finetune_site.py's table is.
 
 Writes ``evaluation.md`` (the sites × tasks table of error ratios, then every row with its
 metric and 95 % interval) and ``evaluation.json`` (rows, per-site averages, what was scored)
 to ``--out`` (default ``<run>/evaluations/round-NNN[-<sites>][-<models>-<which>][-test<N>]``);
-the JSON, written last, marks the result complete. Nothing is written when anything fails.
+the JSON, written last, marks the result complete. When anything fails no result is written
+(a new site's generated data stays in the cache, as any site's does).
 """
 from __future__ import annotations
 
@@ -34,8 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedfm.evaluate import PERSONAL_CHOICES, evaluate_checkpoint, markdown_table  # noqa: E402
 from fedfm.runlog import write_json  # noqa: E402
-
-TASK_ORDER = ("CE", "CP", "PF", "BF", "DE", "PE", "LoS")
+from fedfm.tasks import TASKS  # noqa: E402
 
 
 def default_out(res: dict, names_given: bool, max_test_given: bool) -> Path:
@@ -52,6 +54,8 @@ def default_out(res: dict, names_given: bool, max_test_given: bool) -> Path:
         name += f"-{Path(res['models']['file']).stem}-{res['models']['which']}"
     if max_test_given:
         name += f"-test{res['max_test']}"
+    if res["against"]:
+        name += f"-vs{res['against']['round']:03d}"
     return Path(res["run"]) / "evaluations" / name
 
 
@@ -70,7 +74,7 @@ def _avg(v) -> str:
 def summary_lines(res: dict) -> list[str]:
     """The sites × tasks table of error ratios, with per-site and per-role averages."""
     rows = {(r["site"], r["task"]): r for r in res["rows"]}
-    tasks = [t for t in TASK_ORDER if any(k[1] == t for k in rows)]
+    tasks = [t for t in TASKS if any(k[1] == t for k in rows)]
     s = res["summary"]
     lines = ["| site | role | " + " | ".join(tasks) + " | average |",
              "| --- | --- |" + " ---: |" * (len(tasks) + 1)]
@@ -90,6 +94,32 @@ def _mean(values: list) -> float | None:
     return sum(v) / len(v) if v else None
 
 
+def _change(c) -> str:
+    if c is None:
+        return "—"
+    mark = "*" if c[2] < 0 else "†" if c[1] > 0 else ""
+    return f"{c[0]:+.3f} [{c[1]:+.3f}, {c[2]:+.3f}]{mark}"
+
+
+def change_lines(res: dict) -> list[str]:
+    """With --against: per site and task the change of the error ratio, with its interval."""
+    if not res["against"]:
+        return []
+    change, other = res["against"]["change"], res["against"]["round"]
+    tasks = [t for t in TASKS if any(t in c for c in change.values())]
+    return [f"Change against round {other}: error ratio at round {res['round']} − at round {other} on the same "
+            f"test samples, with its 95 % paired bootstrap interval (the baseline rescored on each draw, a site's "
+            f"tasks sharing it for the average); * lower now at 95 %, † higher now at 95 %.", "",
+            "| site | " + " | ".join(tasks) + " | average |", "| --- |" + " ---: |" * (len(tasks) + 1),
+            *(f"| {site} | " + " | ".join(_change(c.get(t)) for t in tasks) + f" | {_change(c.get('average'))} |"
+              for site, c in change.items()), ""]
+
+
+def _skipped_lines(res: dict) -> list[str]:
+    return [f"Left out, as the run's central evaluator left it out: {k['name']} ({k['why']})." for k in res["skipped"]] \
+        + ([""] if res["skipped"] else [])
+
+
 def markdown(res: dict) -> str:
     m = res["models"]
     what = (f"site {m['site']}'s personalised models ({m['which']}; {m['file']}, from round {m['from_round']}, "
@@ -105,6 +135,8 @@ def markdown(res: dict) -> str:
         "training site of the run, heldout = held out by the run, new = not in the run's federation "
         "(scored as a held-out site).", "",
         *summary_lines(res), "",
+        *_skipped_lines(res),
+        *change_lines(res),
         "## Every cell", "",
         markdown_table(res["rows"]), ""])
 
@@ -130,23 +162,32 @@ def main(argv=None) -> int:
                    help="score this site (repeatable; default: every site of the run's federation)")
     p.add_argument("--models", default=None, help="a site's personalised models (finetune_site.py's .safetensors)")
     p.add_argument("--which", default="kept", help=f"with --models: {', '.join(PERSONAL_CHOICES)} (default kept)")
+    p.add_argument("--against", type=int, default=None, metavar="ROUND",
+                   help="also score this round on the same samples and give each ratio's change with its 95 %% "
+                        "paired interval (e.g. --against 0: what training changed)")
     p.add_argument("--max-test", type=int, default=None,
                    help="the first N test samples of each site (0 = all; default: the run's eval-max-samples)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: the run's)")
     p.add_argument("--out", default=None, help="output folder (default: under <run>/evaluations/)")
     args = p.parse_args(argv)
     try:
+        if args.out and Path(args.out).exists() and not Path(args.out).is_dir():  # before minutes of scoring
+            raise ValueError(f"--out {args.out}: is a file, not a folder")
+        if args.which in PERSONAL_CHOICES and args.which != "kept" and not args.models:
+            raise ValueError(f"--which {args.which!r} chooses among a site's personalised models; give them with "
+                             f"--models, or leave --which out")
         res = evaluate_checkpoint(args.run, args.round, args.site, args.models, args.which, args.max_test,
-                                  args.device)
+                                  args.device, args.against)
         out = Path(args.out) if args.out else default_out(res, bool(args.site), args.max_test is not None)
         md, js = write_result(res, out)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
-        print(f"error: {getattr(e, 'filename', '') or ''}: {e.strerror or e}", file=sys.stderr)
+    except OSError as e:  # e.g. an --out below a file, a full disk
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
-    print("\n".join(summary_lines(res)))
+    print("\n".join(summary_lines(res) + [""] + _skipped_lines(res) + change_lines(res)))
     print(f"written: {md} and {js}")
     return 0
 

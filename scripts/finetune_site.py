@@ -37,8 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedfm.config import RunConfig  # noqa: E402
-from fedfm.runlog import RunLog, read_run_config, write_json, write_personal_models  # noqa: E402
+from fedfm.runlog import RunLog, write_json, write_personal_models  # noqa: E402
 
 
 # the share of the labelled samples held back to choose, per task, between the start and the
@@ -50,7 +49,7 @@ def finetune_site(run_dir: str, site_path: str, fraction: float = 1.0, steps: in
                   refit_epochs: int = 0, refit_scope: str = "head", holdout: float = HOLDOUT) -> dict:
     from fedfm.baselines import fit_baseline
     from fedfm.evaluate import evaluate_sites, own_state
-    from fedfm.federated import build_run_model, load_site_tasks, local_train, numpy_state, torch_state
+    from fedfm.federated import build_run_model, load_site_tasks, local_train, numpy_state, read_run, torch_state
     from fedfm.model import get_adapter_state, set_adapter_state
     from fedfm.scenarios import load_site
     from fedfm.tasks import sample_range
@@ -66,15 +65,8 @@ def finetune_site(run_dir: str, site_path: str, fraction: float = 1.0, steps: in
         raise ValueError(f"--refit-scope {refit_scope!r} is not allowed; expected one of {', '.join(REFIT_SCOPES)}")
     if not 0 <= holdout < 1:
         raise ValueError(f"--holdout {holdout} is not allowed; expected a number in [0, 1) (0 = no held-back choice)")
-    conf = read_run_config(run_dir)  # before RunLog, which would create checkpoints/ in any folder
-    where = Path(run_dir) / "config.json"
-    try:
-        cfg = RunConfig.from_flower(conf["run_config"])
-        num_beams, backbone = conf["model"]["config"]["num_beams"], conf["backbone"]["path"]
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{where}: lacks {e} (a run of another fedfm version, or an edited file)") from None
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
+    run = read_run(run_dir)  # before RunLog, which would create checkpoints/ in any folder
+    cfg, num_beams, backbone = run.cfg, run.num_beams, run.backbone
     log = RunLog(run_dir)
     last = log.last_complete_round()
     if last is None:

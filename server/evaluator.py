@@ -26,7 +26,7 @@ import numpy as np
 from flwr.app import ArrayRecord, MetricRecord
 
 from fedfm.config import RunConfig, SiteEntry
-from fedfm.evaluate import map_sites
+from fedfm.evaluate import EXCLUDED, map_sites
 from fedfm.federated import load_site_tasks, personal_keys, resolve_device, torch_state
 from fedfm.runlog import RunLog, read_json, read_samples, samples_path, write_json, write_samples
 
@@ -99,7 +99,7 @@ class CentralEvaluator:
             if isinstance(res, Exception):
                 self.sites.remove(entry)
                 self._tds.pop(entry.name, None)
-                msg = f"site excluded from central evaluation: {res}"
+                msg = f"{EXCLUDED}: {res}"  # scripts/evaluate.py leaves the site out again by it
                 print(f"fedfm: site {entry.name}: {msg}", file=sys.stderr, flush=True)
                 if self.runlog:
                     self.runlog.append_event(0, entry.name, "error", msg)

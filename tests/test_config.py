@@ -46,6 +46,8 @@ def test_from_flower_resolves_paths_and_coerces_ints(tmp_path):
 @pytest.mark.parametrize("key, value, needle", [
     ("strategy", "fedsgd", "one of fedavg, fedprox, fedadam, fedavgm"),
     ("head-refit-scope", "embedding", "one of head, features"),
+    ("head-prior-tasks", "BF,CE", "'all' or a comma-separated list of BF, DE, PE, LoS (the pooled heads)"),
+    ("head-prior-tasks", "", "'all' or a comma-separated list of BF, DE, PE, LoS (the pooled heads)"),
     ("num-server-rounds", 0, "integer >= 1"),
     ("fraction-train", 1.5, "(0, 1]"),
     ("fraction-evaluate", -0.5, "[0, 1] (0 = no federated evaluation)"),
@@ -57,6 +59,13 @@ def test_bad_values_name_key_value_and_allowed(key, value, needle):
     with pytest.raises(ValueError) as e:
         RunConfig.from_flower({key: value})
     assert f"`{key}`" in str(e.value) and needle in str(e.value)
+
+
+def test_head_prior_tasks_names_the_pooled_heads_it_holds_and_needs_head_prior_mu():
+    with pytest.raises(ValueError, match=r"^run config: `head-prior-tasks` = 'BF' is used only with `head-prior-mu` > 0"):
+        RunConfig.from_flower({"head-prior-tasks": "BF"})
+    assert RunConfig.from_flower({"head-prior-mu": 1.0, "head-prior-tasks": "LoS, BF"}).prior_tasks == ("BF", "LoS")
+    assert RunConfig.from_flower({"head-prior-mu": 1.0}).prior_tasks == ("BF", "DE", "PE", "LoS")
 
 
 @pytest.mark.parametrize("given, needle", [

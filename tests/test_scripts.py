@@ -337,13 +337,66 @@ def test_evaluate_scores_a_personalised_site_as_finetune_site_s_table(fed_run, c
         assert ratios == pytest.approx({r["task"]: r[f"ratio_{which}"] for r in table["rows"]}, rel=1e-9), which
 
 
+def test_evaluate_against_another_round_gives_each_ratio_s_change_with_its_interval(fed_run, capsys):
+    # --against 0: the round-0 cells on the same samples (those the run logged), and per site and
+    # task the ratio's change round 2 − round 0 with its paired interval; the site's average change
+    # is the difference of its average scores
+    script = _load_script("evaluate")
+    run = fed_run["run"]
+    assert script.main([str(run), "--against", "0"]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    res = _evaluation(run / "evaluations" / f"round-{ROUNDS:03d}-vs000")
+    assert res["round"] == ROUNDS and res["against"]["round"] == 0
+    logged = {(r["site"], r["task"]): r for r in read_jsonl(run / "metrics.jsonl")
+              if r["source"] == "federated" and r["round"] == 0}
+    then = {(r["site"], r["task"]): r for r in res["against"]["rows"]}
+    assert set(then) == set(logged)
+    for key, r in then.items():
+        assert _close(r["model"], {k: v for k, v in logged[key].items() if k in r["model"]}), key
+    now = {(r["site"], r["task"]): r for r in res["rows"]}
+    change = res["against"]["change"]
+    assert set(change) == {"alpha", "beta", "gamma"}
+    for (site, task), r in now.items():
+        delta, lo, hi = change[site][task]
+        assert delta == pytest.approx(r["ratio"] - then[(site, task)]["ratio"], abs=1e-12) and lo <= delta <= hi
+    for site in change:
+        avg = np.mean([now[(site, t)]["ratio"] - then[(site, t)]["ratio"] for t in TASKS])
+        assert change[site]["average"][0] == pytest.approx(avg, abs=1e-12)
+    assert any(c[1] < c[2] for site in change.values() for c in site.values())  # intervals, not points
+    assert "Change against round 0" in printed and f"{change['gamma']['average'][0]:+.3f} [" in printed
+
+
+def test_evaluate_leaves_out_a_site_the_run_excluded_and_says_so(fed_run, tmp_path, capsys):
+    # a site whose data the run's evaluator could not make or read was left out of every round
+    # (an event); scoring the run again leaves it out too, by name, rather than score it anew
+    import shutil
+
+    from fedfm.evaluate import EXCLUDED
+
+    run = tmp_path / "run"
+    shutil.copytree(fed_run["run"], run)
+    RunLog(run).append_event(0, "gamma", "error", f"{EXCLUDED}: gamma.yaml: its cache is unreadable")
+    assert _load_script("evaluate").main([str(run), "--out", str(tmp_path / "ev")]) == 0
+    printed = capsys.readouterr().out
+    res = _evaluation(tmp_path / "ev")
+    assert [s["name"] for s in res["sites"]] == ["alpha", "beta"] and {r["site"] for r in res["rows"]} == {"alpha", "beta"}
+    assert res["skipped"] == [{"name": "gamma", "why": f"{EXCLUDED}: gamma.yaml: its cache is unreadable"}]
+    line = f"Left out, as the run's central evaluator left it out: gamma ({EXCLUDED}: gamma.yaml: its cache is unreadable)."
+    assert line in printed and line in (tmp_path / "ev" / "evaluation.md").read_text()
+
+
 @pytest.mark.parametrize("case, message", [
     ("round", "error: --round 7: {run} has no complete checkpoint for it; complete rounds: 0, 1, 2"),
     ("which", "error: --which 'best' is not allowed; expected one of kept, before, after"),
     ("max-test", "error: --max-test -1 is not allowed"),
     ("renamed", "error: {root}/alpha2.yaml: site 'alpha' is a train site of the run, but this YAML is not the run's"),
     ("beams", "error: {root}/wide.yaml: mmwave.codebook_beams is 64, the run's model has 32 beams"),
-    ("models", "error: {root}/gamma.yaml: the models of site"),
+    ("models", "error: {models}: the models of site 'gamma'; pass its YAML with --site"),
+    ("models-round", "error: --round 1: {models} was personalised from round 2; leave --round out"),
+    ("which-alone", "error: --which 'after' chooses among a site's personalised models; give them with --models"),
+    ("out-file", "error: --out {root}/gamma.yaml: is a file, not a folder"),
+    ("against", "error: --against 9: {run} has no complete checkpoint for it; complete rounds: 0, 1, 2"),
+    ("models-against", "error: --against compares two rounds of the run; a site's personalised models are compared"),
     ("yaml", "error: {root}/broken.yaml: `sub6.antennas` = -4 is not allowed"),
 ])
 def test_evaluate_bad_input_is_one_line_and_writes_nothing(fed_run, capsys, case, message):
@@ -356,18 +409,22 @@ def test_evaluate_bad_input_is_one_line_and_writes_nothing(fed_run, capsys, case
     args = {"round": ["--round", "7"], "which": ["--which", "best"], "max-test": ["--max-test", "-1"],
             "renamed": ["--site", str(root / "alpha2.yaml")], "beams": ["--site", str(root / "wide.yaml")],
             "yaml": ["--site", str(root / "broken.yaml")]}
-    if case == "models":  # alpha's YAML with gamma's personalised models
+    models = run / "finetune" / "gamma-0.5-steps2-holdout0.2.safetensors"
+    if case.startswith("models"):  # gamma's personalised models, with alpha's YAML or another round
         assert _load_script("finetune_site").main(["--run", str(run), "--site", str(root / "gamma.yaml"),
                                                    "--fraction", "0.5", "--steps", "2"]) == 0
         capsys.readouterr()
-        args["models"] = ["--site", str(root / "alpha.yaml"), "--models",
-                          str(run / "finetune" / "gamma-0.5-steps2-holdout0.2.safetensors")]
-        message = message.replace("{root}/gamma.yaml", str(run / "finetune" / "gamma-0.5-steps2-holdout0.2.safetensors"))
+        args["models"] = ["--site", str(root / "alpha.yaml"), "--models", str(models)]
+        args["models-round"] = ["--site", str(root / "gamma.yaml"), "--models", str(models), "--round", "1"]
+    args["models-against"] = ["--site", str(root / "gamma.yaml"), "--models", str(models), "--against", "0"]
+    args["against"] = ["--against", "9"]
+    args["which-alone"] = ["--which", "after"]
+    args["out-file"] = ["--out", str(root / "gamma.yaml")]
     before = sorted((run / "evaluations").rglob("*")) if (run / "evaluations").exists() else []
     rc = _load_script("evaluate").main([str(run), *args[case]])
     out, err = capsys.readouterr()
     assert rc == 2 and out == ""
-    assert err.count("\n") == 1 and err.startswith(message.format(run=run, root=root)), err
+    assert err.count("\n") == 1 and err.startswith(message.format(run=run, root=root, models=models)), err
     after = sorted((run / "evaluations").rglob("*")) if (run / "evaluations").exists() else []
     assert after == before
 

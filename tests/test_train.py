@@ -293,6 +293,44 @@ def test_head_prior_pulls_pooled_heads_back_to_their_anchor(rng):
             np.testing.assert_allclose((p.detach() - prior[n]).numpy(), 0.5 - step, rtol=1e-3, err_msg=n)
 
 
+def test_head_prior_holds_only_the_heads_it_is_given(rng):
+    # prior_tasks=("BF",) (run config head-prior-tasks=BF), every pooled-head parameter 0.5 off
+    # its anchor, μ = 1 (the penalty's gradient, 0.5 an element, outweighs the data's): the BF
+    # head ends nearer its anchor than without the penalty; the LoS head takes the step it takes
+    # without any penalty, 0.01 (head_lr_scale · lr_at(0)), to 1 % of it (Adam's first step is
+    # g/(|g| + eps): the clipping's rescale of g reaches it only through eps, measured 0.14 %);
+    # held at its anchor too it is pulled back instead; a task outside the pooled heads is refused
+    from fedfm.train import head_prior
+
+    tasks = fake_tasks(rng)
+    held, free, both = (build_model(tiny_cfg()) for _ in range(3))
+    prior = head_prior(held)
+    assert any("heads.BF." in n for n in prior) and any("heads.LoS." in n for n in prior)
+    for model in (held, free, both):
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in prior:
+                    p.add_(0.5)
+    kw = dict(steps=1, batch_size=BSZ, lr=1e-3, seed=0)
+    finetune(held, tasks, prior_mu=1.0, prior=prior, prior_tasks=("BF",), **kw)
+    finetune(both, tasks, prior_mu=1.0, prior=prior, prior_tasks=("BF", "LoS"), **kw)
+    finetune(free, tasks, **kw)
+    p_held, p_free, p_both = (dict(m.named_parameters()) for m in (held, free, both))
+
+    def off(params, head):
+        return sum(float((params[n].detach() - prior[n]).abs().sum()) for n in prior if f"heads.{head}." in n)
+
+    assert off(p_held, "BF") < off(p_free, "BF")
+    for n in prior:
+        if "heads.LoS." in n:
+            np.testing.assert_allclose(p_held[n].detach().numpy(), p_free[n].detach().numpy(), rtol=0, atol=1e-4,
+                                       err_msg=n)
+    assert off(p_both, "LoS") < off(p_free, "LoS")
+    for bad in ((), ("BF", "CE")):
+        with pytest.raises(ValueError, match=r"^finetune: `prior_tasks` .* should be a non-empty subset of BF, DE, PE, LoS"):
+            finetune(held, tasks, prior_mu=1.0, prior_tasks=bad, **kw)
+
+
 def test_head_prior_defaults_to_the_call_start_and_checks_its_keys(rng):
     # anchored at the call's start, the penalty's gradient is exactly zero on step 1: the same
     # step as without it; a prior that lacks a pooled-head parameter is refused by name
