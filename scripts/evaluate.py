@@ -19,9 +19,12 @@ metrics.jsonl (a site the run excluded for its data is left out again, and said 
 per task the one the site deploys; ``before`` / ``after``), with its starts and baselines fitted
 on the labelled samples it was personalised with, as finetune_site.py's table is.
 
-Writes ``evaluation.md`` (the sites × tasks table of error ratios, then every row with its
-metric and 95 % interval) and ``evaluation.json`` (rows, per-site averages, what was scored)
-to ``--out`` (default ``<run>/evaluations/round-NNN[-<sites>][-<models>-<which>][-test<N>]``);
+``--against R`` scores round R too, on the same samples with the same baselines, and adds per
+site and task the change of the error ratio with its 95 % paired bootstrap interval.
+
+Writes ``evaluation.md`` (the sites × tasks table of error ratios, with --against the changes,
+then every row with its metric and 95 % interval) and ``evaluation.json`` (rows, per-site averages, what was scored)
+to ``--out`` (default ``<run>/evaluations/round-NNN[-<sites>][-<models>-<which>][-test<N>][-vs<R>]``);
 the JSON, written last, marks the result complete. When anything fails no result is written
 (a new site's generated data stays in the cache, as any site's does).
 """
@@ -98,7 +101,10 @@ def _change(c) -> str:
     if c is None:
         return "—"
     mark = "*" if c[2] < 0 else "†" if c[1] > 0 else ""
-    return f"{c[0]:+.3f} [{c[1]:+.3f}, {c[2]:+.3f}]{mark}"
+    # three decimals, as the ratios; a change too small for them (CE's LMMSE start barely moves)
+    # in two significant digits, so that a resolved one does not read +0.000 [+0.000, +0.000]
+    fmt = "{:+.3f}" if max(abs(x) for x in c) >= 5e-4 or not any(c) else "{:+.1e}"
+    return f"{fmt.format(c[0])} [{fmt.format(c[1])}, {fmt.format(c[2])}]{mark}"
 
 
 def change_lines(res: dict) -> list[str]:
