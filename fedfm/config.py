@@ -130,10 +130,7 @@ class RunConfig:
             raise ValueError(f"run config: `head-refit-scope` = {self.head_refit_scope!r} is used only with "
                              f"`head-refit-epochs` >= 1, and it is 0; set head-refit-epochs, or leave "
                              f"`head-refit-scope` at its default {defaults['head_refit_scope']!r}")
-        pooled = ("BF", "DE", "PE", "LoS")
-        named = _named_tasks(self.head_prior_tasks, pooled)
-        _check("head-prior-tasks", self.head_prior_tasks, bool(named) and set(named) <= set(pooled),
-               f"'all' or a comma-separated list of {', '.join(pooled)} (the pooled heads)")
+        parse_prior_tasks(self.head_prior_tasks)
         if self.head_prior_tasks != defaults["head_prior_tasks"] and self.head_prior_mu == 0:
             raise ValueError(f"run config: `head-prior-tasks` = {self.head_prior_tasks!r} is used only with "
                              f"`head-prior-mu` > 0, and it is 0; set head-prior-mu, or leave `head-prior-tasks` "
@@ -165,9 +162,7 @@ class RunConfig:
     @property
     def prior_tasks(self) -> tuple[str, ...]:
         """The pooled heads ``head-prior-mu`` holds near their classical start (``head-prior-tasks``)."""
-        pooled = ("BF", "DE", "PE", "LoS")
-        named = _named_tasks(self.head_prior_tasks, pooled)
-        return tuple(t for t in pooled if t in named)
+        return parse_prior_tasks(self.head_prior_tasks)
 
     @property
     def personal_adapter_tasks(self) -> tuple[str, ...]:
@@ -237,17 +232,34 @@ def _named_tasks(value: str, every: tuple[str, ...] | None = None) -> list[str]:
     return [t.strip() for t in value.split(",") if t.strip()]
 
 
+POOLED_HEADS = ("BF", "DE", "PE", "LoS")  # the heads head-prior-mu can hold (fedfm.train.POOLED_TASKS)
+
+
+def parse_prior_tasks(value: str, key: str = "run config: `head-prior-tasks`") -> tuple[str, ...]:
+    """``head-prior-tasks`` (run config; train_central.py's flag): 'all' or a comma-separated list
+    of the pooled heads → those heads in their order; ValueError naming ``key`` and the value."""
+    named = _named_tasks(value, POOLED_HEADS)
+    if not named or not set(named) <= set(POOLED_HEADS):
+        raise ValueError(f"{key} = {value!r} is not allowed; expected 'all' or a comma-separated list of "
+                         f"{', '.join(POOLED_HEADS)} (the pooled heads)")
+    return tuple(t for t in POOLED_HEADS if t in named)
+
+
 def resume_mismatch(cfg: "RunConfig", recorded: Mapping[str, Any]) -> str | None:
     """Why ``cfg`` cannot continue the run whose recorded run config is ``recorded`` (a
     config.json's ``run_config``): the first key it changes, or None."""
     mine = cfg.to_flower()
+    # a key the run's fedfm version did not record yet had its default then (head-prior-tasks
+    # set on a resume of a run from before it existed would change what the run trains)
+    defaults = RunConfig().to_flower()
     for key in mine:
-        if key in RESUME_MAY_CHANGE or key not in recorded:
+        if key in RESUME_MAY_CHANGE:
             continue
-        if mine[key] != recorded[key]:
-            return (f"`{key}` is {mine[key]!r} here but the run was started with {recorded[key]!r}; a resume keeps "
+        then = recorded.get(key, defaults[key])
+        if mine[key] != then:
+            return (f"`{key}` is {mine[key]!r} here but the run was started with {then!r}; a resume keeps "
                     f"the run's settings (only {', '.join(RESUME_MAY_CHANGE[:7])} may change): set "
-                    f"{key}={recorded[key]!r} or start a new run")
+                    f"{key}={then!r} or start a new run")
     return None
 
 

@@ -276,13 +276,14 @@ def checkpoint_sites(conf: dict, site_paths=(), where: str = "config.json", excl
 def _personal_meta(models_path, meta, run_dir) -> dict:
     """The parts of a personalised-models file's ``meta`` this needs, checked, naming the file."""
     ok = (isinstance(meta, dict) and isinstance(meta.get("site"), str)
-          and all(isinstance(meta.get(k), int) and not isinstance(meta.get(k), bool) and meta[k] >= 0
-                  for k in ("from_round", "labelled_samples")))
+          and all(isinstance(meta.get(k), int) and not isinstance(meta.get(k), bool) and meta[k] >= low
+                  for k, low in (("from_round", 0), ("labelled_samples", 2))))  # finetune_site needs 2
     if not ok:
         raise ValueError(f"{models_path}: its header lacks the site, round or labelled samples it was personalised "
                          f"with; re-run scripts/finetune_site.py")
     # finetune_site.py writes into <run>/finetune/; `run` is the path as it was given there
-    inside = Path(models_path).resolve().parent.parent == Path(run_dir).resolve()
+    file = Path(models_path).resolve()
+    inside = file.parent.name == "finetune" and file.parent.parent == Path(run_dir).resolve()
     if not inside and Path(str(meta.get("run", ""))).resolve() != Path(run_dir).resolve():
         raise ValueError(f"{models_path}: personalised from run {meta.get('run')}, not {run_dir}; pass that run")
     return meta
@@ -336,7 +337,10 @@ def evaluate_checkpoint(run_dir, round_: int | None = None, site_paths=(), model
     rounds = log.complete_rounds()
     if not rounds:
         raise ValueError(f"{run_dir}: no complete round to score")
-    check_backbone(run.backbone, run.backbone_sha256)  # the file the run used: one line if it moved or changed
+    try:  # the file the run used: one line if it moved or changed
+        check_backbone(run.backbone, run.backbone_sha256)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{run.where}: the run's backbone cannot be used ({e})") from None
     personal = None
     if models_path is not None:
         models, kept, meta = read_personal_models(models_path)
@@ -368,9 +372,14 @@ def evaluate_checkpoint(run_dir, round_: int | None = None, site_paths=(), model
                 excluded[e.get("site")] = e["message"]
     sites = checkpoint_sites(run.conf, site_paths, run.where, excluded)
     if personal:
+        from fedfm.scenarios import spec_hash
+
         sites = [s for s in sites if s[0].name == personal["site"]]
         if not sites:
             raise ValueError(f"{models_path}: the models of site {personal['site']!r}; pass its YAML with --site")
+        if meta.get("spec_hash") and spec_hash(sites[0][0]) != meta["spec_hash"]:  # files since stop 42 carry it
+            raise ValueError(f"{sites[0][2]}: site {personal['site']!r} is not the one {models_path} was personalised "
+                             f"on (spec hash {spec_hash(sites[0][0])}, the file's {meta['spec_hash']})")
     for spec, _, path in sites:
         if spec.mmwave.codebook_beams != num_beams:  # the BF head's width is the run's codebook
             raise ValueError(f"{path}: mmwave.codebook_beams is {spec.mmwave.codebook_beams}, the run's model has "
@@ -415,6 +424,9 @@ def evaluate_checkpoint(run_dir, round_: int | None = None, site_paths=(), model
     scored = {r: [] for r in checkpoints} if checkpoints else {round_: []}
     for (spec, role, _), (test, baselines) in zip(sites, map_sites(prepare, sites)):
         if personal:  # per task the model asked for (kept: the one the site deploys)
+            if which == "kept" and set(test) - set(kept):
+                raise ValueError(f"{models_path}: names no kept model for {', '.join(sorted(set(test) - set(kept)))}; "
+                                 f"re-run scripts/finetune_site.py")
             groups = {}
             for t in test:
                 groups.setdefault(kept[t] if which == "kept" else which, []).append(t)

@@ -101,7 +101,7 @@ def local_and_central(run_dir: Path, centralized: bool = True) -> dict:
     pooled = {task: [train[e.name][task] for e in sites] for task in train[sites[0].name]}
     finetune(model, pooled, steps=budget * len(sites), batch_size=cfg.batch_size, lr=cfg.lr,
              dwa_temperature=cfg.dwa_temperature, seed=derive_seed(cfg.seed, "centralized"),
-             prior_mu=cfg.head_prior_mu, head_lr_scale=cfg.head_lr_scale)  # anchored at the call's start: the initial heads, as built
+             prior_mu=cfg.head_prior_mu, prior_tasks=cfg.prior_tasks, head_lr_scale=cfg.head_lr_scale)  # anchored at the call's start: the initial heads, as built
     if cfg.head_refit_epochs > 0:  # as every site's local training ends (fedfm.federated.local_train)
         refit_heads(model, pooled, epochs=cfg.head_refit_epochs, seed=derive_seed(cfg.seed, "centralized"),
                     scope=cfg.head_refit_scope)
@@ -183,7 +183,7 @@ def federated_steps(run_dir: Path) -> dict[str, int]:
 # run-config keys the local-only and centralized trainings and their scoring read (besides the
 # federation, backbone, model config and initial adapters, checked separately); the per-site
 # budget is num-server-rounds × local-steps, so 5 × 40 and 10 × 20 share a reference
-REFERENCE_KEYS = ("preset", "batch-size", "lr", "lora-r", "lora-alpha", "dwa-temperature", "head-prior-mu", "head-lr-scale",
+REFERENCE_KEYS = ("preset", "batch-size", "lr", "lora-r", "lora-alpha", "dwa-temperature", "head-prior-mu", "head-prior-tasks", "head-lr-scale",
                   "head-refit-epochs", "head-refit-scope", "train-max-samples", "eval-max-samples", "seed", "device")
 
 

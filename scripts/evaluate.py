@@ -24,7 +24,7 @@ site and task the change of the error ratio with its 95 % paired bootstrap inter
 
 Writes ``evaluation.md`` (the sites × tasks table of error ratios, with --against the changes,
 then every row with its metric and 95 % interval) and ``evaluation.json`` (rows, per-site averages, what was scored)
-to ``--out`` (default ``<run>/evaluations/round-NNN[-<sites>][-<models>-<which>][-test<N>][-vs<R>]``);
+to ``--out`` (default ``<run>/evaluations/round-NNN[-<sites>][-<models>-<which>][-test<N>][-vsRRR]``);
 the JSON, written last, marks the result complete. When anything fails no result is written
 (a new site's generated data stays in the cache, as any site's does).
 """
@@ -97,14 +97,17 @@ def _mean(values: list) -> float | None:
     return sum(v) / len(v) if v else None
 
 
+def _num(x: float) -> str:
+    # three decimals, as the ratios; a change too small for them (CE's LMMSE start barely moves)
+    # in two significant digits, so that a resolved one does not read +0.000 [+0.000, +0.000]
+    return f"{x:+.3f}" if abs(x) >= 5e-4 or x == 0 else f"{x:+.1e}"
+
+
 def _change(c) -> str:
     if c is None:
         return "—"
     mark = "*" if c[2] < 0 else "†" if c[1] > 0 else ""
-    # three decimals, as the ratios; a change too small for them (CE's LMMSE start barely moves)
-    # in two significant digits, so that a resolved one does not read +0.000 [+0.000, +0.000]
-    fmt = "{:+.3f}" if max(abs(x) for x in c) >= 5e-4 or not any(c) else "{:+.1e}"
-    return f"{fmt.format(c[0])} [{fmt.format(c[1])}, {fmt.format(c[2])}]{mark}"
+    return f"{_num(c[0])} [{_num(c[1])}, {_num(c[2])}]{mark}"
 
 
 def change_lines(res: dict) -> list[str]:
@@ -126,15 +129,20 @@ def _skipped_lines(res: dict) -> list[str]:
         + ([""] if res["skipped"] else [])
 
 
-def markdown(res: dict) -> str:
+def scored_line(res: dict) -> str:
     m = res["models"]
     what = (f"site {m['site']}'s personalised models ({m['which']}; {m['file']}, from round {m['from_round']}, "
             f"side inputs and baselines fitted on its first {m['labelled_samples']} train samples)"
             if m else f"round {res['round']}'s checkpoint")
     test = "every test sample" if not res["max_test"] else f"the first {res['max_test']} test samples"
+    sha = f"backbone sha256 {res['backbone_sha256'][:12]}…" if res["backbone_sha256"] else "backbone hash not recorded"
+    return f"Scored: {what}; {sha}; {test} of each site."
+
+
+def markdown(res: dict) -> str:
     return "\n".join([
         f"# Evaluation of {res['run']}", "",
-        f"Scored: {what}; backbone sha256 {res['backbone_sha256'][:12]}…; {test} of each site.", "",
+        scored_line(res), "",
         "Cells: model error ÷ the site's own classical baseline error (NMSE linear for CE/CP/PF, MAE for "
         "DE/PE, 1 − top-1 for BF, 1 − accuracy for LoS; lower is better, 1 = the baseline). * the 95 % "
         "paired-bootstrap interval lies below 1 (beaten at 95 %), † above 1 (lost at 95 %). Roles: train = a "
@@ -163,7 +171,8 @@ def write_result(res: dict, out: Path) -> tuple[Path, Path]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="a federated run folder (runs/<id>)")
-    p.add_argument("--round", type=int, default=None, help="a complete round (default: the last)")
+    p.add_argument("--round", type=int, default=None,
+                   help="a complete round (default: the last; with --models the round they were personalised from)")
     p.add_argument("--site", action="append", default=[], metavar="SITE.yaml",
                    help="score this site (repeatable; default: every site of the run's federation)")
     p.add_argument("--models", default=None, help="a site's personalised models (finetune_site.py's .safetensors)")
@@ -193,7 +202,7 @@ def main(argv=None) -> int:
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
-    print("\n".join(summary_lines(res) + [""] + _skipped_lines(res) + change_lines(res)))
+    print("\n".join([scored_line(res), ""] + summary_lines(res) + [""] + _skipped_lines(res) + change_lines(res)))
     print(f"written: {md} and {js}")
     return 0
 

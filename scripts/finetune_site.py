@@ -51,7 +51,7 @@ def finetune_site(run_dir: str, site_path: str, fraction: float = 1.0, steps: in
     from fedfm.evaluate import evaluate_sites, own_state
     from fedfm.federated import build_run_model, load_site_tasks, local_train, numpy_state, read_run, torch_state
     from fedfm.model import get_adapter_state, set_adapter_state
-    from fedfm.scenarios import load_site
+    from fedfm.scenarios import load_site, spec_hash
     from fedfm.tasks import sample_range
     from fedfm.train import REFIT_SCOPES
 
@@ -145,8 +145,8 @@ def finetune_site(run_dir: str, site_path: str, fraction: float = 1.0, steps: in
     write_personal_models(log.dir / "finetune" / models_file,
                           {"before": start, "after": numpy_state(get_adapter_state(model))},
                           {r["task"]: r["kept"] for r in rows},
-                          {k: out[k] for k in ("run", "site", "fraction", "labelled_samples", "trained_samples",
-                                               "held_back_samples", "from_round")})
+                          {**{k: out[k] for k in ("run", "site", "fraction", "labelled_samples", "trained_samples",
+                                                  "held_back_samples", "from_round")}, "spec_hash": spec_hash(spec)})
     write_json(log.dir / "finetune" / name, out)
     return out
 

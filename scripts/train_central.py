@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedfm.config import check_batch_size  # noqa: E402
+from fedfm.config import check_batch_size, parse_prior_tasks  # noqa: E402
 from fedfm.evaluate import evaluate_sites, markdown_table, predict, summarise  # noqa: E402
 from fedfm.metrics import BOOTSTRAP_DRAWS, BOOTSTRAP_SEED  # noqa: E402
 from fedfm.report import CE_CP_PRIOR_NOTE  # noqa: E402
@@ -110,7 +110,7 @@ def run_central(federation: str, out: str, preset: str = "tiny", steps: int = 30
                 stage1_steps: int = 0, batch_size: int = 32, lr: float = 1e-3, dwa_temperature: float = 2.0,
                 seed: int = 0, device: str | None = None, cache_dir: str | None = None, max_test: int = 0,
                 max_train: int = 0, head_prior_mu: float = 0.0, refit_epochs: int = 0, adapter: str | None = None,
-                refit_scope: str = "head", log=print) -> dict:
+                refit_scope: str = "head", log=print, head_prior_tasks: str = "all") -> dict:
     if ablation not in ABLATIONS:
         raise ValueError(f"--ablation {ablation!r} is not allowed; expected one of {', '.join(ABLATIONS)}")
     out_dir = Path(out)
@@ -130,6 +130,9 @@ def run_central(federation: str, out: str, preset: str = "tiny", steps: int = 30
             ("--refit-epochs", refit_epochs, refit_epochs >= 0, "an integer >= 0 (0 = no refit)")):
         if not ok:  # checked before anything is written or trained
             raise ValueError(f"{flag} {value} is not allowed; expected {allowed}")
+    prior_tasks = parse_prior_tasks(head_prior_tasks, "--head-prior-tasks")
+    if head_prior_tasks != "all" and head_prior_mu == 0:
+        raise ValueError(f"--head-prior-tasks {head_prior_tasks} is used only with --head-prior-mu > 0, and it is 0")
     if refit_scope not in REFIT_SCOPES:
         raise ValueError(f"--refit-scope {refit_scope!r} is not allowed; expected one of {', '.join(REFIT_SCOPES)}")
     if adapter is not None and ablation == "single-task":
@@ -145,7 +148,7 @@ def run_central(federation: str, out: str, preset: str = "tiny", steps: int = 30
     # what the fine-tuning was: saved in adapter.safetensors' header and reported; a loaded state
     # brings the settings of the run that fine-tuned it instead
     trained = {"steps": steps, "stage1_steps": stage1_steps, "batch_size": batch_size, "lr": lr,
-               "head_prior_mu": head_prior_mu, "ablation": ablation}
+               "head_prior_mu": head_prior_mu, "head_prior_tasks": ",".join(prior_tasks), "ablation": ablation}
     meta = {"federation": fed.name, **trained, "seed": seed, "max_train": max_train, "backbone": backbone}
     loaded = None
     if adapter is not None:  # checked before anything is written: same preset, beams and backbone
@@ -171,7 +174,7 @@ def run_central(federation: str, out: str, preset: str = "tiny", steps: int = 30
     pooled = {t: [train[s.name][t] for s in fed.train_sites] for t in train[fed.train_sites[0].name]}
     kw = dict(steps=steps, batch_size=batch_size, lr=lr, dwa_temperature=dwa_temperature, seed=seed,
               device=device, stage1_steps=stage1_steps, train_lora=ablation != "frozen",
-              prior_mu=head_prior_mu)  # anchored at the heads as built: finetune's call-start default
+              prior_mu=head_prior_mu, prior_tasks=prior_tasks)  # anchored at the heads as built: finetune's call-start default
     t0 = time.perf_counter()
     history: list = ProgressHistory(steps, log)
     refit, before = {}, None
@@ -283,6 +286,8 @@ def main(argv=None) -> int:
     p.add_argument("--dwa-temperature", type=float, default=2.0)
     p.add_argument("--head-prior-mu", type=float, default=0.0,
                    help="L2-SP weight pulling the BF/DE/PE/LoS heads towards their classical start (0 = off)")
+    p.add_argument("--head-prior-tasks", default="all",
+                   help="the heads --head-prior-mu holds: all (BF, DE, PE, LoS) or a comma-separated list of them")
     p.add_argument("--refit-epochs", type=int, default=0,
                    help="after fine-tuning, refit the BF/DE/PE/LoS heads alone on frozen features for up to "
                         "N epochs, keeping the best epoch on a held-back fifth of the train samples (0 = off)")
@@ -303,7 +308,7 @@ def main(argv=None) -> int:
         r = run_central(a.federation, a.out, a.preset, a.steps, a.backbone, a.no_pretrain, a.pretrain_steps,
                         a.ablation, a.stage1_steps, a.batch_size, a.lr, a.dwa_temperature, a.seed, a.device,
                         a.cache_dir, a.max_test, a.max_train, a.head_prior_mu, a.refit_epochs, a.adapter,
-                        a.refit_scope)
+                        a.refit_scope, head_prior_tasks=a.head_prior_tasks)
     except ValueError as e:
         print(f"train_central: {e}", file=sys.stderr)
         return 2

@@ -129,6 +129,12 @@ def test_resume_mismatch_names_the_first_changed_training_key():
                                      eval_every=2, round_timeout=5.0), recorded) is None
     why = resume_mismatch(RunConfig(federation="/f.yaml", lr=2e-3, seed=3), recorded)
     assert why.startswith("`lr` is 0.002 here but the run was started with 0.001") and "set lr=0.001" in why
+    # a key the run's fedfm did not record yet (a run from before head-prior-tasks) had its
+    # default: the same value resumes, another one is refused
+    older = {k: v for k, v in RunConfig(head_prior_mu=1.0).to_flower().items() if k != "head-prior-tasks"}
+    assert resume_mismatch(RunConfig(head_prior_mu=1.0), older) is None
+    why = resume_mismatch(RunConfig(head_prior_mu=1.0, head_prior_tasks="BF"), older)
+    assert why.startswith("`head-prior-tasks` is 'BF' here but the run was started with 'all'"), why
 
 
 def test_with_recorded_settings_fills_what_is_not_given(tmp_path):

@@ -385,6 +385,27 @@ def test_evaluate_leaves_out_a_site_the_run_excluded_and_says_so(fed_run, tmp_pa
     assert line in printed and line in (tmp_path / "ev" / "evaluation.md").read_text()
 
 
+def test_evaluate_refuses_personalised_models_on_another_site_of_the_same_name(fed_run, tmp_path, capsys):
+    # a site the run never saw, personalised, then a YAML of the same name but another seed: its
+    # models file records the site's spec hash, so they are not scored on the other site
+    root = tmp_path
+    gamma = (fed_run["root"] / "gamma.yaml").read_text()
+    (root / "eps.yaml").write_text(gamma.replace("name: gamma", "name: eps").replace("seed: 13", "seed: 15"))
+    (root / "eps2.yaml").write_text(gamma.replace("name: gamma", "name: eps").replace("seed: 13", "seed: 16"))
+    run = fed_run["run"]
+    assert _load_script("finetune_site").main(["--run", str(run), "--site", str(root / "eps.yaml"), "--fraction", "0.5",
+                                               "--steps", "2"]) == 0
+    models = run / "finetune" / "eps-0.5-steps2-holdout0.2.safetensors"
+    capsys.readouterr()
+    assert _load_script("evaluate").main([str(run), "--site", str(root / "eps2.yaml"), "--models", str(models)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith(f"error: {root / 'eps2.yaml'}: site 'eps' is not the one {models} was personalised on")
+    assert _load_script("evaluate").main([str(run), "--site", str(root / "eps.yaml"), "--models", str(models),
+                                          "--out", str(tmp_path / "ev")]) == 0  # its own site: scored
+    assert _evaluation(tmp_path / "ev")["sites"][0]["role"] == "new"
+
+
 @pytest.mark.parametrize("case, message", [
     ("round", "error: --round 7: {run} has no complete checkpoint for it; complete rounds: 0, 1, 2"),
     ("which", "error: --which 'best' is not allowed; expected one of kept, before, after"),
@@ -1017,6 +1038,12 @@ def test_output_scripts_refuse_a_folder_with_results_and_check_flags_before_writ
         with pytest.raises(ValueError, match=rf"^{flag} \S+ is not allowed"):
             central.run_central(str(fed_path), str(tmp_path / "fresh"), **{**kw, **change})
         assert not (tmp_path / "fresh").exists()  # refused before anything was written
+    for change, message in (({"head_prior_tasks": "CE", "head_prior_mu": 1.0},
+                             r"^--head-prior-tasks = 'CE' is not allowed; expected 'all' or a comma-separated list of BF"),
+                            ({"head_prior_tasks": "BF"}, r"^--head-prior-tasks BF is used only with --head-prior-mu > 0")):
+        with pytest.raises(ValueError, match=message):
+            central.run_central(str(fed_path), str(tmp_path / "fresh"), **{**kw, **change})
+        assert not (tmp_path / "fresh").exists()
     # a saved state that does not belong to the model asked for: one line naming the file, nothing written
     saved = out / "adapter.safetensors"
     (tmp_path / "junk.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
