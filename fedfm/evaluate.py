@@ -214,10 +214,9 @@ def map_sites(fn, items: list) -> list:
 
 
 # ---- a run's checkpoint, scored again (scripts/evaluate.py) ------------------------------
-# "train": a training site of the run (its labels-fitted starts, its own heads or local model);
-# "heldout": one of the run's held-out sites; "new": a site the run's federation does not name,
-# scored as a held-out one (no label of its own reaches the model; its baselines fit its train split)
-CHECKPOINT_ROLES = ("train", "heldout", "new")
+# A site's role there: "train" (a training site of the run: its label-fitted starts, its own heads
+# or local model), "heldout" (one of the run's held-out sites) or "new" (a site the run's
+# federation does not name, scored as a held-out one: no label of its own reaches the model)
 PERSONAL_CHOICES = ("kept", "before", "after")
 
 
@@ -387,7 +386,6 @@ def evaluate_checkpoint(run_dir, round_: int | None = None, site_paths=(), model
     checkpoints = {}
     if personal:
         states = {m: models[m] for m in ("before", "after")}
-        where = models_path
     else:
         for r in {round_, *(() if against is None else (against,))}:
             glob, strategy_state, _ = log.load_checkpoint(r)

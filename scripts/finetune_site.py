@@ -48,7 +48,7 @@ HOLDOUT = 0.2
 def finetune_site(run_dir: str, site_path: str, fraction: float = 1.0, steps: int | None = None,
                   refit_epochs: int = 0, refit_scope: str = "head", holdout: float = HOLDOUT) -> dict:
     from fedfm.baselines import fit_baseline
-    from fedfm.evaluate import evaluate_sites, own_state
+    from fedfm.evaluate import evaluate_sites, own_state, ratio_changes
     from fedfm.federated import build_run_model, load_site_tasks, local_train, numpy_state, read_run, torch_state
     from fedfm.model import get_adapter_state, set_adapter_state
     from fedfm.scenarios import load_site, spec_hash
@@ -123,13 +123,15 @@ def finetune_site(run_dir: str, site_path: str, fraction: float = 1.0, steps: in
     after = evaluate_sites(model, test, baselines, keep_errors=True)
     held_after = evaluate_sites(model, held, {}, keep_errors=True) if held else None
     choice = kept_models(held_before, held_after) if held else {}
+    # each ratio's change after − before with its paired interval over the site's test samples
+    change = ratio_changes(after, before)[spec.name]
     rows = []
     for b, a in zip(before, after):
         c = choice.get(b["task"], {"kept": "after", "held_back_ratio": None})
         k = a if c["kept"] == "after" else b
         rows.append({"task": b["task"], "baseline": b["baseline"], "before": b["model"], "after": a["model"],
                      "ratio_before": b["ratio"], "ratio_after": a["ratio"], "ratio_after_ci": a["ratio_ci"],
-                     "change_ci": _change_ci(b, a), "kept": c["kept"], "ratio_kept": k["ratio"],
+                     "change_ci": change[b["task"]], "kept": c["kept"], "ratio_kept": k["ratio"],
                      "held_back_ratio": c["held_back_ratio"]})
     name = result_name(spec.name, fraction, steps, refit_epochs, refit_scope, holdout)
     models_file = name.removesuffix(".json") + ".safetensors"
@@ -183,20 +185,6 @@ def result_name(site: str, fraction: float, steps: int | None, refit_epochs: int
     # always named: a result from before --holdout existed (`<site>-<fraction>.json`, every label
     # trained) is not overwritten by the default's, another experiment
     return name + f"-holdout{holdout:g}.json"
-
-
-def _change_ci(before: dict, after: dict) -> list[float] | None:
-    """The error ratio's change after − before with its 95 % paired bootstrap interval over the
-    site's test samples ([delta, lo, hi]; fedfm.metrics.paired_bootstrap: the same draws rescore
-    both models and the baseline), None without a baseline or with a non-finite ratio."""
-    from fedfm.metrics import paired_bootstrap
-
-    t = before["task"]
-    if "baseline_errors" not in before or not all(
-            r["ratio"] is not None and math.isfinite(r["ratio"]) for r in (before, after)):
-        return None
-    ci = paired_bootstrap({t: after["model_errors"]}, {t: before["model_errors"]}, {t: before["baseline_errors"]})
-    return [ci["delta"], ci["lo"], ci["hi"]]
 
 
 def _num(v: float | None) -> str:
