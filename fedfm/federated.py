@@ -11,9 +11,12 @@ ArrayRecord takes them as they are and safetensors writes them.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import os
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -212,22 +215,62 @@ class LocalResult:
     seed: int
 
 
-# Ray reuses a ClientApp actor across rounds and sites: keep the last site's model and
-# tasks so that a site drawn again does not rebuild them (one entry bounds the memory).
-_LAST: dict = {}
+# Ray reuses a ClientApp actor across rounds and sites, and with more sites than actors (the
+# default: 4 training sites on 2 cores, one actor a core) a site is seldom drawn by the actor
+# that trained it last: its tasks took 7–9 s to build again each round (RESULTS.md). So a
+# process keeps the sites' tasks it built, least recently used out first, within
+# :func:`site_cache_budget`, and one model: the model does not depend on the site (the sites'
+# classical starts are in their tasks) and its trainable state is all it carries between
+# sites, which set_adapter_state replaces.
+_TASKS: OrderedDict = OrderedDict()  # (spec hash, cache dir, train-max-samples) → tasks
+_MODEL: dict = {}                    # key, model, prior (its heads as built)
+
+
+def site_cache_budget() -> int:
+    """Bytes of site tasks one process keeps: a fifth of the machine's memory shared by its
+    cores (a simulation runs a ClientApp actor a core); one site is always kept."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX sysconf
+        total = 8 << 30
+    return int(0.2 * total / (os.cpu_count() or 1))
+
+
+def _nbytes(obj) -> int:
+    """Bytes of the arrays in a site's tasks (TaskData fields, their extras); a shared array
+    counts each time, so the cache errs on the small side."""
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return sum(_nbytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    return 0
 
 
 def _site_model_and_tasks(cfg: RunConfig, spec: SiteSpec, num_beams: int, backbone: str, device: str):
+    """(model, tasks, heads' prior) for one site's local training, built once per process."""
     from fedfm.train import head_prior
 
-    key = (spec_hash(spec), cfg.preset, cfg.lora_r, cfg.lora_alpha, num_beams, backbone, cfg.cache_dir, device,
-           cfg.train_max_samples)
-    if _LAST.get("key") != key:
-        _LAST.clear()
-        tasks = load_site_tasks(spec, "train", cfg.cache_dir, cfg.train_max_samples)
+    model_key = (cfg.preset, cfg.lora_r, cfg.lora_alpha, cfg.seed, num_beams, backbone, device)
+    if _MODEL.get("key") != model_key:
         model = build_run_model(cfg, num_beams, backbone, device)
-        _LAST.update(key=key, tasks=tasks, model=model, prior=head_prior(model))
-    return _LAST["model"], _LAST["tasks"]
+        _MODEL.clear()
+        _MODEL.update(key=model_key, model=model, prior=head_prior(model))
+    key = (spec_hash(spec), cfg.cache_dir, cfg.train_max_samples)
+    if key in _TASKS:
+        _TASKS.move_to_end(key)
+    else:
+        tasks = load_site_tasks(spec, "train", cfg.cache_dir, cfg.train_max_samples)
+        _TASKS[key] = (tasks, _nbytes(tasks))
+        budget = site_cache_budget()
+        while len(_TASKS) > 1 and sum(n for _, n in _TASKS.values()) > budget:
+            _TASKS.popitem(last=False)
+    return _MODEL["model"], _TASKS[key][0], _MODEL["prior"]
 
 
 def round_schedule(round_: int, local_steps: int, num_rounds: int) -> tuple[int, int]:
@@ -302,7 +345,7 @@ def local_train(cfg: RunConfig, spec: SiteSpec, state: dict[str, np.ndarray], ro
 
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
-    model, site_tasks = _site_model_and_tasks(cfg, spec, num_beams, backbone, device)
+    model, site_tasks, prior = _site_model_and_tasks(cfg, spec, num_beams, backbone, device)
     tasks = tasks if tasks is not None else site_tasks
     set_adapter_state(model, torch_state(state))
     seed = round_seed(cfg, spec.name, round_)
@@ -312,7 +355,7 @@ def local_train(cfg: RunConfig, spec: SiteSpec, state: dict[str, np.ndarray], ro
     if cfg.lr_schedule == "run" and steps is None:
         kwargs["schedule"] = round_schedule(round_, cfg.local_steps, cfg.num_server_rounds)
     if cfg.head_prior_mu > 0:  # anchored at the heads as built, not as received: every round pulls
-        kwargs.update(prior_mu=cfg.head_prior_mu, prior=_LAST["prior"],  # towards the same classical start
+        kwargs.update(prior_mu=cfg.head_prior_mu, prior=prior,  # towards the same classical start
                       prior_tasks=cfg.prior_tasks)
     keep = cfg.local_optimizer == "keep" and bool(run_key) and steps is None
     if keep:
@@ -370,23 +413,98 @@ def set_python_random_state(rng, state: list) -> None:
     rng.setstate((version, tuple(internal), gauss))
 
 
-def pretrain_backbone_centrally(cfg: RunConfig, train_specs: list[SiteSpec], num_beams: int, out_dir: Path) -> str:
+def pretrain_key(cfg: RunConfig, train_specs: list[SiteSpec], num_beams: int, device: str) -> dict:
+    """Everything the server's central pretraining depends on: same key, same backbone bits
+    (seeded generators, one process; measured byte-identical across runs, RESULTS.md)."""
+    from fedfm.files import package_digest
+    from fedfm.train import usable_cores
+
+    return {"sites": [[s.name, spec_hash(s)] for s in train_specs],
+            "model": model_config(cfg, num_beams).to_dict(),
+            "steps": cfg.pretrain_steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed,
+            "device": device, "threads": usable_cores(), "versions": package_versions(),
+            "fedfm_source": package_digest()}
+
+
+BACKBONE_FILES = ("backbone.safetensors", "backbone.json")  # the checkpoint and its sidecar (fedfm.model)
+
+
+def _cached_backbone(store: Path, key: dict) -> bool:
+    """Whether ``store`` holds a sound backbone made under ``key``; a damaged entry is
+    reported on stderr (and pretrained again by the caller), never used."""
+    import json
+    import sys
+
+    from fedfm.model import load_backbone
+
+    if not (store / "key.json").exists():
+        return False
+    try:
+        if json.loads((store / "key.json").read_text()) != json.loads(json.dumps(key)):  # tuples as lists
+            raise ValueError("its key.json records other inputs")
+        load_backbone(store / BACKBONE_FILES[0])  # the file against its sidecar's sha256, finite values
+        return True
+    except (ValueError, OSError) as e:
+        print(f"fedfm: {store}: cached backbone unusable ({e}); pretraining again", file=sys.stderr, flush=True)
+        return False
+
+
+def _store_backbone(out_dir: Path, store: Path, key: dict) -> None:
+    """Copy the pretrained backbone into the cache; key.json last, so an entry without it is
+    never read. A cache that cannot be written costs the next run its pretraining, no more."""
+    import json
+    import os
+    import shutil
+    import sys
+
+    try:
+        store.mkdir(parents=True, exist_ok=True)
+        (store / "key.json").unlink(missing_ok=True)
+        for name in BACKBONE_FILES:
+            shutil.copyfile(out_dir / name, store / f"{name}.tmp")
+            os.replace(store / f"{name}.tmp", store / name)
+        (store / "key.json.tmp").write_text(json.dumps(key, indent=1))
+        os.replace(store / "key.json.tmp", store / "key.json")
+    except OSError as e:
+        print(f"fedfm: {store}: backbone not cached ({e})", file=sys.stderr, flush=True)
+
+
+def pretrain_backbone_centrally(cfg: RunConfig, train_specs: list[SiteSpec], num_beams: int,
+                                out_dir: Path) -> tuple[str, str]:
     """A small backbone pretrained by masked reconstruction on the federation's own
     training sites' train splits, pooled at the server (issue 4 accepts this for the
-    default run when the report says so; ``stage=pretrain`` is the federated way)."""
+    default run when the report says so; ``stage=pretrain`` is the federated way).
+
+    Returns (its path in ``out_dir``, the cache entry it was copied from or ""). The same
+    inputs (:func:`pretrain_key`: sites, model, steps, seed, versions, fedfm's source) give
+    the same bits, so a run reuses ``<cache>/backbones/<key hash>/`` when an earlier run made
+    it, and keeps its own copy either way; delete that folder to pretrain again."""
+    import hashlib
+    import json
+    import shutil
+
     from fedfm.model import base_model, save_backbone
     from fedfm.train import all_cores, pretrain
 
     device = resolve_device(cfg.device)
+    key = pretrain_key(cfg, train_specs, num_beams, device)
+    store = cache_root(cfg.cache_dir) / "backbones" / hashlib.sha256(
+        json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = out_dir / BACKBONE_FILES[0]
+    if _cached_backbone(store, key):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in BACKBONE_FILES:
+            shutil.copyfile(store / name, out_dir / name)
+        return str(path), str(store)
     arrays = [load_split(spec, "train", cfg.cache_dir or None) for spec in train_specs]
     model = build_run_model(cfg, num_beams, None, device)
     with all_cores():  # before round 1: the sites are idle
         pretrain(model, list(zip(train_specs, arrays)), steps=cfg.pretrain_steps, batch_size=cfg.batch_size,
                  lr=cfg.lr, seed=derive_seed(cfg.seed, "pretrain"), device=device)
-    path = out_dir / "backbone.safetensors"
     save_backbone(path, base_model(model).backbone, model_config(cfg, num_beams),
                   meta={"source": "central", "sites": [s.name for s in train_specs], "steps": cfg.pretrain_steps})
-    return str(path)
+    _store_backbone(out_dir, store, key)
+    return str(path), ""
 
 
 @dataclass
@@ -472,9 +590,12 @@ def setup_run(cfg: RunConfig) -> RunSetup:
         backbone, source = recorded["path"], recorded["source"]
     elif not backbone:
         print(f"fedfm: no backbone given: pretraining one centrally ({cfg.pretrain_steps} steps)", flush=True)
-        backbone = pretrain_backbone_centrally(cfg, [e.spec for e in good if e.role == "train"], num_beams,
-                                               runlog.dir / "backbone")
+        backbone, reused = pretrain_backbone_centrally(cfg, [e.spec for e in good if e.role == "train"],
+                                                       num_beams, runlog.dir / "backbone")
         source = "central masked pretraining on the federation's training sites' synthetic train splits"
+        if reused:  # the same inputs and code as an earlier run's: the same bits (pretrain_key)
+            print(f"fedfm: the same pretraining was cached: {reused} (copied into the run)", flush=True)
+            source += f" (reused from the cache entry {reused}, made with the same inputs and code)"
     digest = check_backbone(backbone, "")
     if recorded and digest != recorded["sha256"]:
         raise ValueError(f"resume={runlog.dir}: backbone {backbone} has sha256 {digest[:12]}…, the run was "

@@ -207,3 +207,39 @@ def test_head_refit_epochs_refits_only_the_pooled_heads_after_local_training(set
     assert any(r["epoch"] > 0 for r in info.values())  # something was refitted, and it is what the site sent
     mine = get_adapter_state(model)
     assert all(torch.equal(mine[k], torch.from_numpy(replies[3][k])) for k in pooled)
+
+
+def test_a_process_keeps_its_sites_tasks_and_a_site_trained_after_another_equals_one_trained_afresh(
+        setup, monkeypatch):
+    import fedfm.federated as fed
+    from fedfm.config import load_federation_sites
+
+    root, backbone, _, state, cache = setup
+    specs = [e.spec for e in load_federation_sites(str(write_federation(root / "keep"))) if e.role == "train"]
+    cfg = RunConfig.from_flower(run_config(root / "keep" / "fed.yaml", root / "run", cache, backbone),
+                                base_dir=root)
+    loads = []
+    real = fed.load_site_tasks
+    monkeypatch.setattr(fed, "load_site_tasks", lambda spec, *a, **k: loads.append(spec.name) or real(spec, *a, **k))
+
+    def trained(spec):
+        return fed.local_train(cfg, spec, state, 1, num_beams=NUM_BEAMS, backbone=backbone).state
+
+    fed._TASKS.clear(), fed._MODEL.clear()
+    fresh = trained(specs[0])
+    trained(specs[1])
+    again = trained(specs[0])  # the model as the other site left it, the tasks from the cache
+    assert loads == ["alpha", "beta"]
+    assert all(np.array_equal(again[k], fresh[k]) for k in fresh)
+    assert len(fed._TASKS) == 2 and list(fed._TASKS)[-1][0] == fed.spec_hash(specs[0])  # most recent last
+
+    # a budget below one site's tasks: a new site evicts the others, then a site left out loads again
+    gamma = next(e.spec for e in load_federation_sites(str(root / "keep" / "fed.yaml")) if e.name == "gamma")
+    monkeypatch.setattr(fed, "site_cache_budget", lambda: 1)
+    trained(gamma)
+    assert loads == ["alpha", "beta", "gamma"] and list(fed._TASKS)[0][0] == fed.spec_hash(gamma)
+    assert len(fed._TASKS) == 1
+    trained(specs[0])
+    assert loads == ["alpha", "beta", "gamma", "alpha"] and len(fed._TASKS) == 1
+    tasks, size = next(iter(fed._TASKS.values()))
+    assert size == fed._nbytes(tasks) >= sum(td.inputs.nbytes + td.targets.nbytes for td in tasks.values()) > 0

@@ -7,7 +7,7 @@ import pytest
 
 from fedfm.metrics import HEADLINE
 from fedfm.runlog import RunLog, read_json, read_jsonl, read_samples, samples_path
-from fl_fixtures import (InProcessGrid, make_backbone, run_config, server_context, task_identity,  # noqa: F401
+from fl_fixtures import (NUM_BEAMS, InProcessGrid, make_backbone, run_config, server_context, task_identity,  # noqa: F401
                          write_federation)
 from server.app import main as server_main
 
@@ -268,6 +268,8 @@ def test_a_site_whose_test_data_cannot_be_made_is_excluded_from_evaluation(tmp_p
 def test_the_evaluators_sites_prepared_on_several_threads_equal_one_after_another(tmp_path, cache_dir, backbone,
                                                                                   monkeypatch):
     import fedfm.federated
+    import dataclasses
+
     import fedfm.train
     from fedfm.config import RunConfig, load_federation_sites
     from fedfm.federated import build_run_model
@@ -497,3 +499,53 @@ def test_a_round_without_any_update_writes_no_checkpoint_and_a_resume_repeats_it
     b, _, _ = resumed.load_checkpoint(2)
     assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
     assert read_json(resumed.dir / "report.json")["rounds_without_update"] == []
+
+
+def test_central_pretraining_is_cached_by_its_inputs_and_a_damaged_entry_pretrained_again(tmp_path, capsys,
+                                                                                          monkeypatch):
+    import dataclasses
+
+    import fedfm.train
+    from fedfm.config import RunConfig, load_federation_sites
+    from fedfm.federated import pretrain_backbone_centrally
+    from fedfm.files import sha256_file
+
+    fed = write_federation(tmp_path / "fed")
+    specs = [e.spec for e in load_federation_sites(str(fed)) if e.role == "train"]
+    cache = tmp_path / "cache"
+    cfg = RunConfig(preset="tiny", seed=5, pretrain_steps=2, batch_size=8, cache_dir=str(cache), device="cpu")
+    first, reused = pretrain_backbone_centrally(cfg, specs, NUM_BEAMS, tmp_path / "a")
+    assert reused == ""
+    digest = sha256_file(first)
+    (entry,) = (cache / "backbones").iterdir()
+    calls = []
+    real = fedfm.train.pretrain
+    monkeypatch.setattr(fedfm.train, "pretrain", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    # the same inputs: copied from the cache into the run's own folder, not pretrained
+    second, reused = pretrain_backbone_centrally(cfg, specs, NUM_BEAMS, tmp_path / "b")
+    assert (reused, calls) == (str(entry), [])
+    assert second == str(tmp_path / "b" / "backbone.safetensors") and sha256_file(second) == digest
+    assert (tmp_path / "b" / "backbone.json").read_bytes() == (tmp_path / "a" / "backbone.json").read_bytes()
+
+    # another input (one more step, another seed): another entry, pretrained
+    for change in ({"pretrain_steps": 3}, {"seed": 6}):
+        other, reused = pretrain_backbone_centrally(dataclasses.replace(cfg, **change), specs, NUM_BEAMS,
+                                                    tmp_path / f"c{len(calls)}")
+        assert reused == "" and sha256_file(other) != digest
+    assert len(calls) == 2 and len(list((cache / "backbones").iterdir())) == 3
+
+    # a damaged entry is named on stderr and pretrained again, to the same bits (the premise of the cache)
+    blob = entry / "backbone.safetensors"
+    blob.write_bytes(blob.read_bytes()[:-8] + b"\0" * 8)
+    capsys.readouterr()
+    again, reused = pretrain_backbone_centrally(cfg, specs, NUM_BEAMS, tmp_path / "d")
+    err = capsys.readouterr().err
+    assert reused == "" and len(calls) == 3
+    assert f"{entry}: cached backbone unusable" in err and "hash mismatch" in err and "pretraining again" in err
+    assert sha256_file(again) == digest and sha256_file(blob) == digest  # the entry mended
+
+    # fedfm's source is in the key: other code, another entry
+    monkeypatch.setattr("fedfm.files.package_digest", lambda: "0" * 64)
+    _, reused = pretrain_backbone_centrally(cfg, specs, NUM_BEAMS, tmp_path / "e")
+    assert reused == "" and len(calls) == 4
