@@ -233,6 +233,11 @@ def site_cache_budget() -> int:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # not a POSIX sysconf
         total = 8 << 30
+    try:  # a container's limit (cgroup v2), where lower than the host's memory
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        total = min(total, int(limit)) if limit.isdigit() else total
+    except OSError:
+        pass
     return int(0.2 * total / (os.cpu_count() or 1))
 
 
@@ -252,8 +257,9 @@ def _nbytes(obj) -> int:
     return 0
 
 
-def _site_model_and_tasks(cfg: RunConfig, spec: SiteSpec, num_beams: int, backbone: str, device: str):
-    """(model, tasks, heads' prior) for one site's local training, built once per process."""
+def _site_model_and_tasks(cfg: RunConfig, spec: SiteSpec, num_beams: int, backbone: str, device: str,
+                          need_tasks: bool = True):
+    """(model, tasks or None, heads' prior) for one site's local training, built once per process."""
     from fedfm.train import head_prior
 
     model_key = (cfg.preset, cfg.lora_r, cfg.lora_alpha, cfg.seed, num_beams, backbone, device)
@@ -262,6 +268,8 @@ def _site_model_and_tasks(cfg: RunConfig, spec: SiteSpec, num_beams: int, backbo
         _MODEL.clear()
         _MODEL.update(key=model_key, model=model, prior=head_prior(model))
     key = (spec_hash(spec), cfg.cache_dir, cfg.train_max_samples)
+    if not need_tasks:  # the caller brings its own (compare.py, finetune_site.py)
+        return _MODEL["model"], None, _MODEL["prior"]
     if key in _TASKS:
         _TASKS.move_to_end(key)
     else:
@@ -345,7 +353,8 @@ def local_train(cfg: RunConfig, spec: SiteSpec, state: dict[str, np.ndarray], ro
 
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
-    model, site_tasks, prior = _site_model_and_tasks(cfg, spec, num_beams, backbone, device)
+    model, site_tasks, prior = _site_model_and_tasks(cfg, spec, num_beams, backbone, device,
+                                                     need_tasks=tasks is None)
     tasks = tasks if tasks is not None else site_tasks
     set_adapter_state(model, torch_state(state))
     seed = round_seed(cfg, spec.name, round_)
@@ -415,56 +424,86 @@ def set_python_random_state(rng, state: list) -> None:
 
 def pretrain_key(cfg: RunConfig, train_specs: list[SiteSpec], num_beams: int, device: str) -> dict:
     """Everything the server's central pretraining depends on: same key, same backbone bits
-    (seeded generators, one process; measured byte-identical across runs, RESULTS.md)."""
+    (seeded generators, one process; measured byte-identical across runs, RESULTS.md). The
+    sites' train splits are named by their cache files' sha256 (the data cache is keyed by the
+    spec alone, so data made again after a change of the generator's code reads as other data),
+    and the hardware by its CPU's instruction set and GPU (a cache folder may be shared)."""
+    import json
+    import platform
+
+    from fedfm.data import split_path
     from fedfm.files import package_digest
     from fedfm.train import usable_cores
 
-    return {"sites": [[s.name, spec_hash(s)] for s in train_specs],
-            "model": model_config(cfg, num_beams).to_dict(),
+    data = []
+    for spec in train_specs:
+        load_split(spec, "train", cfg.cache_dir or None)  # made, or checked against its sidecar, first
+        sidecar = split_path(spec, "train", cfg.cache_dir or None).with_suffix(".json")
+        data.append([spec.name, spec_hash(spec), json.loads(sidecar.read_text())["sha256"]])
+    hardware = {"machine": platform.machine(), "cpu": torch.backends.cpu.get_cpu_capability(),
+                "cores": usable_cores()}
+    if device.startswith("cuda"):
+        hardware["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return {"sites": data, "model": model_config(cfg, num_beams).to_dict(),
             "steps": cfg.pretrain_steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed,
-            "device": device, "threads": usable_cores(), "versions": package_versions(),
+            "device": device, "hardware": hardware, "versions": package_versions(),
             "fedfm_source": package_digest()}
 
 
 BACKBONE_FILES = ("backbone.safetensors", "backbone.json")  # the checkpoint and its sidecar (fedfm.model)
 
 
-def _cached_backbone(store: Path, key: dict) -> bool:
-    """Whether ``store`` holds a sound backbone made under ``key``; a damaged entry is
-    reported on stderr (and pretrained again by the caller), never used."""
+def _sound_backbone(folder: Path, key: dict | None = None) -> bool:
+    """Whether ``folder`` holds a backbone that loads (its sha256 against its sidecar, finite
+    values) and, given ``key``, was made under it; a damaged one is reported on stderr (and
+    pretrained again by the caller), never used."""
     import json
     import sys
 
     from fedfm.model import load_backbone
 
-    if not (store / "key.json").exists():
+    if key is not None and not (folder / "key.json").exists():
         return False
     try:
-        if json.loads((store / "key.json").read_text()) != json.loads(json.dumps(key)):  # tuples as lists
-            raise ValueError("its key.json records other inputs")
-        load_backbone(store / BACKBONE_FILES[0])  # the file against its sidecar's sha256, finite values
+        if key is not None and json.loads((folder / "key.json").read_text()) != json.loads(json.dumps(key)):
+            raise ValueError("its key.json records other inputs")  # (the dumps: tuples read back as lists)
+        load_backbone(folder / BACKBONE_FILES[0])
         return True
     except (ValueError, OSError) as e:
-        print(f"fedfm: {store}: cached backbone unusable ({e}); pretraining again", file=sys.stderr, flush=True)
+        print(f"fedfm: {folder}: cached backbone unusable ({e}); pretraining again", file=sys.stderr, flush=True)
         return False
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    """``src`` to ``dst`` through a temp file of its own in ``dst``'s folder: a reader (or a
+    second writer: two runs may share a cache) never sees half a file."""
+    import os
+    import shutil
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _store_backbone(out_dir: Path, store: Path, key: dict) -> None:
     """Copy the pretrained backbone into the cache; key.json last, so an entry without it is
     never read. A cache that cannot be written costs the next run its pretraining, no more."""
     import json
-    import os
-    import shutil
     import sys
 
     try:
         store.mkdir(parents=True, exist_ok=True)
         (store / "key.json").unlink(missing_ok=True)
         for name in BACKBONE_FILES:
-            shutil.copyfile(out_dir / name, store / f"{name}.tmp")
-            os.replace(store / f"{name}.tmp", store / name)
-        (store / "key.json.tmp").write_text(json.dumps(key, indent=1))
-        os.replace(store / "key.json.tmp", store / "key.json")
+            _copy_atomic(out_dir / name, store / name)
+        (out_dir / "key.json").write_text(json.dumps(key, indent=1))  # the run keeps what it was made under
+        _copy_atomic(out_dir / "key.json", store / "key.json")
     except OSError as e:
         print(f"fedfm: {store}: backbone not cached ({e})", file=sys.stderr, flush=True)
 
@@ -482,6 +521,7 @@ def pretrain_backbone_centrally(cfg: RunConfig, train_specs: list[SiteSpec], num
     import hashlib
     import json
     import shutil
+    import sys
 
     from fedfm.model import base_model, save_backbone
     from fedfm.train import all_cores, pretrain
@@ -491,11 +531,17 @@ def pretrain_backbone_centrally(cfg: RunConfig, train_specs: list[SiteSpec], num
     store = cache_root(cfg.cache_dir) / "backbones" / hashlib.sha256(
         json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = out_dir / BACKBONE_FILES[0]
-    if _cached_backbone(store, key):
+    if _sound_backbone(store, key):
         out_dir.mkdir(parents=True, exist_ok=True)
-        for name in BACKBONE_FILES:
-            shutil.copyfile(store / name, out_dir / name)
-        return str(path), str(store)
+        try:
+            for name in (*BACKBONE_FILES, "key.json"):
+                shutil.copyfile(store / name, out_dir / name)
+        except OSError as e:  # an entry removed or rewritten meanwhile: pretrain
+            print(f"fedfm: {store}: cached backbone not copied ({e}); pretraining again", file=sys.stderr,
+                  flush=True)
+        else:
+            if _sound_backbone(out_dir, key):  # the copy, checked as the entry was
+                return str(path), str(store)
     arrays = [load_split(spec, "train", cfg.cache_dir or None) for spec in train_specs]
     model = build_run_model(cfg, num_beams, None, device)
     with all_cores():  # before round 1: the sites are idle

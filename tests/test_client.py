@@ -209,37 +209,50 @@ def test_head_refit_epochs_refits_only_the_pooled_heads_after_local_training(set
     assert all(torch.equal(mine[k], torch.from_numpy(replies[3][k])) for k in pooled)
 
 
+@pytest.mark.parametrize("options", [{}, {"head-prior-mu": 1.0, "head-refit-epochs": 2, "local-optimizer": "keep"}],
+                         ids=["plain", "prior-refit-keep"])
 def test_a_process_keeps_its_sites_tasks_and_a_site_trained_after_another_equals_one_trained_afresh(
-        setup, monkeypatch):
+        setup, monkeypatch, options):
     import fedfm.federated as fed
     from fedfm.config import load_federation_sites
 
     root, backbone, _, state, cache = setup
-    specs = [e.spec for e in load_federation_sites(str(write_federation(root / "keep"))) if e.role == "train"]
-    cfg = RunConfig.from_flower(run_config(root / "keep" / "fed.yaml", root / "run", cache, backbone),
+    fed_yaml = write_federation(root / "keep")
+    entries = {e.name: e.spec for e in load_federation_sites(str(fed_yaml))}
+    cfg = RunConfig.from_flower(run_config(fed_yaml, root / f"run-{len(options)}", cache, backbone, **options),
                                 base_dir=root)
-    loads = []
-    real = fed.load_site_tasks
-    monkeypatch.setattr(fed, "load_site_tasks", lambda spec, *a, **k: loads.append(spec.name) or real(spec, *a, **k))
+    loads, builds = [], []
+    real_load, real_build = fed.load_site_tasks, fed.build_run_model
+    monkeypatch.setattr(fed, "load_site_tasks", lambda spec, *a, **k: loads.append(spec.name) or real_load(spec, *a, **k))
+    monkeypatch.setattr(fed, "build_run_model", lambda *a, **k: builds.append(1) or real_build(*a, **k))
 
-    def trained(spec):
-        return fed.local_train(cfg, spec, state, 1, num_beams=NUM_BEAMS, backbone=backbone).state
+    def trained(name, fresh=False):
+        if fresh:  # as in a new process
+            fed._TASKS.clear(), fed._MODEL.clear()
+        return fed.local_train(cfg, entries[name], state, 1, num_beams=NUM_BEAMS, backbone=backbone,
+                               run_key=f"keep-{len(options)}-{name}-{fresh}").state
 
-    fed._TASKS.clear(), fed._MODEL.clear()
-    fresh = trained(specs[0])
-    trained(specs[1])
-    again = trained(specs[0])  # the model as the other site left it, the tasks from the cache
-    assert loads == ["alpha", "beta"]
-    assert all(np.array_equal(again[k], fresh[k]) for k in fresh)
-    assert len(fed._TASKS) == 2 and list(fed._TASKS)[-1][0] == fed.spec_hash(specs[0])  # most recent last
+    try:
+        first = trained("alpha", fresh=True)
+        trained("beta")
+        again = trained("alpha")  # the model as beta's training left it, alpha's tasks from the cache
+        assert loads == ["alpha", "beta"] and builds == [1]  # one model for both sites
+        assert all(np.array_equal(again[k], first[k]) for k in first)
+        assert any(not np.array_equal(again[k], state[k]) for k in state)  # it trained
+        assert len(fed._TASKS) == 2 and list(fed._TASKS)[-1][0] == fed.spec_hash(entries["alpha"])  # most recent last
 
-    # a budget below one site's tasks: a new site evicts the others, then a site left out loads again
-    gamma = next(e.spec for e in load_federation_sites(str(root / "keep" / "fed.yaml")) if e.name == "gamma")
-    monkeypatch.setattr(fed, "site_cache_budget", lambda: 1)
-    trained(gamma)
-    assert loads == ["alpha", "beta", "gamma"] and list(fed._TASKS)[0][0] == fed.spec_hash(gamma)
-    assert len(fed._TASKS) == 1
-    trained(specs[0])
-    assert loads == ["alpha", "beta", "gamma", "alpha"] and len(fed._TASKS) == 1
-    tasks, size = next(iter(fed._TASKS.values()))
-    assert size == fed._nbytes(tasks) >= sum(td.inputs.nbytes + td.targets.nbytes for td in tasks.values()) > 0
+        # a budget below one site's tasks: a new site evicts the others, then a site left out loads again
+        monkeypatch.setattr(fed, "site_cache_budget", lambda: 1)
+        trained("gamma")
+        assert loads == ["alpha", "beta", "gamma"] and list(fed._TASKS)[0][0] == fed.spec_hash(entries["gamma"])
+        assert len(fed._TASKS) == 1
+        trained("alpha")
+        assert loads == ["alpha", "beta", "gamma", "alpha"] and len(fed._TASKS) == 1
+        tasks, size = next(iter(fed._TASKS.values()))
+        assert size == fed._nbytes(tasks) >= sum(td.inputs.nbytes + td.targets.nbytes for td in tasks.values()) > 0
+
+        # a caller with its own tasks (compare.py, finetune_site.py) adds none to the cache
+        fed.local_train(cfg, entries["beta"], state, 1, num_beams=NUM_BEAMS, backbone=backbone, tasks=tasks)
+        assert loads == ["alpha", "beta", "gamma", "alpha"] and len(fed._TASKS) == 1
+    finally:
+        fed._TASKS.clear(), fed._MODEL.clear()

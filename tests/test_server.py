@@ -268,8 +268,6 @@ def test_a_site_whose_test_data_cannot_be_made_is_excluded_from_evaluation(tmp_p
 def test_the_evaluators_sites_prepared_on_several_threads_equal_one_after_another(tmp_path, cache_dir, backbone,
                                                                                   monkeypatch):
     import fedfm.federated
-    import dataclasses
-
     import fedfm.train
     from fedfm.config import RunConfig, load_federation_sites
     from fedfm.federated import build_run_model
@@ -529,23 +527,36 @@ def test_central_pretraining_is_cached_by_its_inputs_and_a_damaged_entry_pretrai
     assert (tmp_path / "b" / "backbone.json").read_bytes() == (tmp_path / "a" / "backbone.json").read_bytes()
 
     # another input (one more step, another seed): another entry, pretrained
-    for change in ({"pretrain_steps": 3}, {"seed": 6}):
+    for change in ({"pretrain_steps": 3}, {"seed": 6}, {"lr": cfg.lr / 2}):
         other, reused = pretrain_backbone_centrally(dataclasses.replace(cfg, **change), specs, NUM_BEAMS,
                                                     tmp_path / f"c{len(calls)}")
         assert reused == "" and sha256_file(other) != digest
-    assert len(calls) == 2 and len(list((cache / "backbones").iterdir())) == 3
+    assert len(calls) == 3 and len(list((cache / "backbones").iterdir())) == 4
+    # the sites in another order: another entry (the pooled batches differ)
+    _, reused = pretrain_backbone_centrally(cfg, specs[::-1], NUM_BEAMS, tmp_path / "r")
+    assert reused == "" and len(calls) == 4
 
     # a damaged entry is named on stderr and pretrained again, to the same bits (the premise of the cache)
     blob = entry / "backbone.safetensors"
-    blob.write_bytes(blob.read_bytes()[:-8] + b"\0" * 8)
+    blob.write_bytes(blob.read_bytes()[:-8] + bytes(b ^ 0xFF for b in blob.read_bytes()[-8:]))
     capsys.readouterr()
     again, reused = pretrain_backbone_centrally(cfg, specs, NUM_BEAMS, tmp_path / "d")
     err = capsys.readouterr().err
-    assert reused == "" and len(calls) == 3
+    assert reused == "" and len(calls) == 5
     assert f"{entry}: cached backbone unusable" in err and "hash mismatch" in err and "pretraining again" in err
     assert sha256_file(again) == digest and sha256_file(blob) == digest  # the entry mended
 
     # fedfm's source is in the key: other code, another entry
     monkeypatch.setattr("fedfm.files.package_digest", lambda: "0" * 64)
     _, reused = pretrain_backbone_centrally(cfg, specs, NUM_BEAMS, tmp_path / "e")
-    assert reused == "" and len(calls) == 4
+    assert reused == "" and len(calls) == 6
+
+    # the site's data made again by other code (the data cache is keyed by the spec alone): another entry
+    monkeypatch.undo()
+    monkeypatch.setattr(fedfm.train, "pretrain", lambda *a, **k: calls.append(1) or real(*a, **k))
+    from fedfm.data import _write_atomic, load_split, split_path
+    arrays = load_split(specs[0], "train", cache)
+    _write_atomic(split_path(specs[0], "train", cache), {**arrays, "h_sub6": arrays["h_sub6"] * np.float32(1.01)},
+                  specs[0], "train")
+    _, reused = pretrain_backbone_centrally(cfg, specs, NUM_BEAMS, tmp_path / "f")
+    assert len(calls) == 7 and reused == ""
