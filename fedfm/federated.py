@@ -424,7 +424,8 @@ def set_python_random_state(rng, state: list) -> None:
 
 def pretrain_key(cfg: RunConfig, train_specs: list[SiteSpec], num_beams: int, device: str) -> dict:
     """Everything the server's central pretraining depends on: same key, same backbone bits
-    (seeded generators, one process; measured byte-identical across runs, RESULTS.md). The
+    (seeded generators, one process; measured byte-identical across runs on CPU, RESULTS.md;
+    on CUDA a reused entry is a backbone of the same recipe, not checked to the bit). The
     sites' train splits are named by their cache files' sha256 (the data cache is keyed by the
     spec alone, so data made again after a change of the generator's code reads as other data),
     and the hardware by its CPU's instruction set and GPU (a cache folder may be shared)."""
@@ -439,15 +440,31 @@ def pretrain_key(cfg: RunConfig, train_specs: list[SiteSpec], num_beams: int, de
     for spec in train_specs:
         load_split(spec, "train", cfg.cache_dir or None)  # made, or checked against its sidecar, first
         sidecar = split_path(spec, "train", cfg.cache_dir or None).with_suffix(".json")
-        data.append([spec.name, spec_hash(spec), json.loads(sidecar.read_text())["sha256"]])
+        try:
+            digest = json.loads(sidecar.read_text())["sha256"]
+        except (OSError, ValueError, KeyError, TypeError) as e:  # changed since load_split read it
+            raise ValueError(f"{sidecar}: unreadable data sidecar ({type(e).__name__}: {e}); "
+                             f"another process may be rewriting the cache: run again") from None
+        data.append([spec.name, spec_hash(spec), digest])
     hardware = {"machine": platform.machine(), "cpu": torch.backends.cpu.get_cpu_capability(),
-                "cores": usable_cores()}
+                "cpu_model": _cpu_model(), "cores": usable_cores()}
     if device.startswith("cuda"):
         hardware["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return {"sites": data, "model": model_config(cfg, num_beams).to_dict(),
             "steps": cfg.pretrain_steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed,
             "device": device, "hardware": hardware, "versions": package_versions(),
             "fedfm_source": package_digest()}
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (Linux), "" elsewhere: BLAS kernels differ between vendors."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
 BACKBONE_FILES = ("backbone.safetensors", "backbone.json")  # the checkpoint and its sidecar (fedfm.model)
@@ -469,7 +486,7 @@ def _sound_backbone(folder: Path, key: dict | None = None) -> bool:
             raise ValueError("its key.json records other inputs")  # (the dumps: tuples read back as lists)
         load_backbone(folder / BACKBONE_FILES[0])
         return True
-    except (ValueError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 (safetensors' own error is a plain Exception): pretraining is always safe
         print(f"fedfm: {folder}: cached backbone unusable ({e}); pretraining again", file=sys.stderr, flush=True)
         return False
 
@@ -502,7 +519,6 @@ def _store_backbone(out_dir: Path, store: Path, key: dict) -> None:
         (store / "key.json").unlink(missing_ok=True)
         for name in BACKBONE_FILES:
             _copy_atomic(out_dir / name, store / name)
-        (out_dir / "key.json").write_text(json.dumps(key, indent=1))  # the run keeps what it was made under
         _copy_atomic(out_dir / "key.json", store / "key.json")
     except OSError as e:
         print(f"fedfm: {store}: backbone not cached ({e})", file=sys.stderr, flush=True)
@@ -549,6 +565,7 @@ def pretrain_backbone_centrally(cfg: RunConfig, train_specs: list[SiteSpec], num
                  lr=cfg.lr, seed=derive_seed(cfg.seed, "pretrain"), device=device)
     save_backbone(path, base_model(model).backbone, model_config(cfg, num_beams),
                   meta={"source": "central", "sites": [s.name for s in train_specs], "steps": cfg.pretrain_steps})
+    (out_dir / "key.json").write_text(json.dumps(key, indent=1))  # the run keeps what it was made under
     _store_backbone(out_dir, store, key)
     return str(path), ""
 

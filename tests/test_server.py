@@ -516,6 +516,7 @@ def test_central_pretraining_is_cached_by_its_inputs_and_a_damaged_entry_pretrai
     assert reused == ""
     digest = sha256_file(first)
     (entry,) = (cache / "backbones").iterdir()
+    assert (tmp_path / "a" / "key.json").read_bytes() == (entry / "key.json").read_bytes()  # the run keeps its key
     calls = []
     real = fedfm.train.pretrain
     monkeypatch.setattr(fedfm.train, "pretrain", lambda *a, **k: calls.append(1) or real(*a, **k))
