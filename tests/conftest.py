@@ -26,6 +26,19 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("fedfm-cache")
 
 
+@pytest.fixture(autouse=True)
+def fresh_site_caches():
+    """Each test starts with the per-process caches of local training empty (fedfm.federated
+    keeps the sites' tasks and one model between calls, as a Ray actor does): the in-process
+    federations of the tests share one pytest process, and a test's floats should not depend
+    on which tests ran before it."""
+    import fedfm.federated as fed
+
+    fed._TASKS.clear(), fed._MODEL.clear()
+    yield
+    fed._TASKS.clear(), fed._MODEL.clear()
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
