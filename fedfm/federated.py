@@ -12,8 +12,13 @@ ArrayRecord takes them as they are and safetensors writes them.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
+import json
 import os
+import shutil
+import sys
+import tempfile
 import time
 import uuid
 from collections import OrderedDict
@@ -267,9 +272,9 @@ def _site_model_and_tasks(cfg: RunConfig, spec: SiteSpec, num_beams: int, backbo
         model = build_run_model(cfg, num_beams, backbone, device)
         _MODEL.clear()
         _MODEL.update(key=model_key, model=model, prior=head_prior(model))
-    key = (spec_hash(spec), cfg.cache_dir, cfg.train_max_samples)
     if not need_tasks:  # the caller brings its own (compare.py, finetune_site.py)
         return _MODEL["model"], None, _MODEL["prior"]
+    key = (spec_hash(spec), cfg.cache_dir, cfg.train_max_samples)
     if key in _TASKS:
         _TASKS.move_to_end(key)
     else:
@@ -423,13 +428,13 @@ def set_python_random_state(rng, state: list) -> None:
 
 
 def pretrain_key(cfg: RunConfig, train_specs: list[SiteSpec], num_beams: int, device: str) -> dict:
-    """Everything the server's central pretraining depends on: same key, same backbone bits
+    """(The sites' train splits loaded first, by :func:`load_split`.) Everything the server's
+    central pretraining depends on: same key, same backbone bits
     (seeded generators, one process; measured byte-identical across runs on CPU, RESULTS.md;
     on CUDA a reused entry is a backbone of the same recipe, not checked to the bit). The
     sites' train splits are named by their cache files' sha256 (the data cache is keyed by the
     spec alone, so data made again after a change of the generator's code reads as other data),
     and the hardware by its CPU's instruction set and GPU (a cache folder may be shared)."""
-    import json
     import platform
 
     from fedfm.data import split_path
@@ -437,8 +442,7 @@ def pretrain_key(cfg: RunConfig, train_specs: list[SiteSpec], num_beams: int, de
     from fedfm.train import usable_cores
 
     data = []
-    for spec in train_specs:
-        load_split(spec, "train", cfg.cache_dir or None)  # made, or checked against its sidecar, first
+    for spec in train_specs:  # the caller has loaded them (made, or checked against their sidecars)
         sidecar = split_path(spec, "train", cfg.cache_dir or None).with_suffix(".json")
         try:
             digest = json.loads(sidecar.read_text())["sha256"]
@@ -470,19 +474,16 @@ def _cpu_model() -> str:
 BACKBONE_FILES = ("backbone.safetensors", "backbone.json")  # the checkpoint and its sidecar (fedfm.model)
 
 
-def _sound_backbone(folder: Path, key: dict | None = None) -> bool:
-    """Whether ``folder`` holds a backbone that loads (its sha256 against its sidecar, finite
-    values) and, given ``key``, was made under it; a damaged one is reported on stderr (and
-    pretrained again by the caller), never used."""
-    import json
-    import sys
-
+def _sound_backbone(folder: Path, key: dict) -> bool:
+    """Whether ``folder`` holds a backbone made under ``key`` that loads (its sha256 against
+    its sidecar, finite values); a damaged one is reported on stderr (and pretrained again by
+    the caller), never used."""
     from fedfm.model import load_backbone
 
-    if key is not None and not (folder / "key.json").exists():
+    if not (folder / "key.json").exists():
         return False
     try:
-        if key is not None and json.loads((folder / "key.json").read_text()) != json.loads(json.dumps(key)):
+        if json.loads((folder / "key.json").read_text()) != json.loads(json.dumps(key)):
             raise ValueError("its key.json records other inputs")  # (the dumps: tuples read back as lists)
         load_backbone(folder / BACKBONE_FILES[0])
         return True
@@ -494,10 +495,6 @@ def _sound_backbone(folder: Path, key: dict | None = None) -> bool:
 def _copy_atomic(src: Path, dst: Path) -> None:
     """``src`` to ``dst`` through a temp file of its own in ``dst``'s folder: a reader (or a
     second writer: two runs may share a cache) never sees half a file."""
-    import os
-    import shutil
-    import tempfile
-
     fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -511,9 +508,6 @@ def _copy_atomic(src: Path, dst: Path) -> None:
 def _store_backbone(out_dir: Path, store: Path, key: dict) -> None:
     """Copy the pretrained backbone into the cache; key.json last, so an entry without it is
     never read. A cache that cannot be written costs the next run its pretraining, no more."""
-    import json
-    import sys
-
     try:
         store.mkdir(parents=True, exist_ok=True)
         (store / "key.json").unlink(missing_ok=True)
@@ -534,15 +528,11 @@ def pretrain_backbone_centrally(cfg: RunConfig, train_specs: list[SiteSpec], num
     inputs (:func:`pretrain_key`: sites, model, steps, seed, versions, fedfm's source) give
     the same bits, so a run reuses ``<cache>/backbones/<key hash>/`` when an earlier run made
     it, and keeps its own copy either way; delete that folder to pretrain again."""
-    import hashlib
-    import json
-    import shutil
-    import sys
-
     from fedfm.model import base_model, save_backbone
     from fedfm.train import all_cores, pretrain
 
     device = resolve_device(cfg.device)
+    arrays = [load_split(spec, "train", cfg.cache_dir or None) for spec in train_specs]
     key = pretrain_key(cfg, train_specs, num_beams, device)
     store = cache_root(cfg.cache_dir) / "backbones" / hashlib.sha256(
         json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -558,7 +548,6 @@ def pretrain_backbone_centrally(cfg: RunConfig, train_specs: list[SiteSpec], num
         else:
             if _sound_backbone(out_dir, key):  # the copy, checked as the entry was
                 return str(path), str(store)
-    arrays = [load_split(spec, "train", cfg.cache_dir or None) for spec in train_specs]
     model = build_run_model(cfg, num_beams, None, device)
     with all_cores():  # before round 1: the sites are idle
         pretrain(model, list(zip(train_specs, arrays)), steps=cfg.pretrain_steps, batch_size=cfg.batch_size,
