@@ -472,6 +472,40 @@ def _cpu_model() -> str:
 
 
 BACKBONE_FILES = ("backbone.safetensors", "backbone.json")  # the checkpoint and its sidecar (fedfm.model)
+BACKBONE_CACHE_KEEP = 8  # complete entries kept under <cache>/backbones/: the most recently used
+
+
+def _prune_backbones(root: Path, current: Path) -> list[Path]:
+    """Remove all but the :data:`BACKBONE_CACHE_KEEP` most recently used complete entries
+    under ``root`` (used: their ``key.json``'s mtime, which a run sets when it stores or reuses
+    one), never ``current``; returns what it removed. Any code change makes a new key, so without this
+    the cache grows by one backbone per change (4 MB for ``tiny``, ~80 MB for ``base``). An
+    entry without ``key.json`` (another run may be writing it) is left alone. A cache that
+    cannot be listed or removed from is left as it is: pruning is housekeeping."""
+    try:
+        entries = [p for p in root.iterdir() if p != current and (p / "key.json").is_file()]
+        entries.sort(key=lambda p: (p / "key.json").stat().st_mtime, reverse=True)
+    except OSError:
+        return []
+    removed = []
+    for p in entries[max(BACKBONE_CACHE_KEEP - 1, 0):]:   # ``current`` is one of the kept
+        shutil.rmtree(p, ignore_errors=True)
+        if not p.exists():
+            removed.append(p)
+    return removed
+
+
+def _mark_used(store: Path) -> None:
+    """Set the entry's ``key.json`` mtime to now (what :func:`_prune_backbones` orders by) and
+    prune the cache around it."""
+    try:
+        os.utime(store / "key.json")
+    except OSError:
+        return
+    removed = _prune_backbones(store.parent, store)
+    if removed:
+        print(f"fedfm: {store.parent}: removed {len(removed)} least recently used cached backbone(s) "
+              f"(keeping {BACKBONE_CACHE_KEEP}): {', '.join(p.name for p in removed)}", flush=True)
 
 
 def _sound_backbone(folder: Path, key: dict) -> bool:
@@ -516,6 +550,8 @@ def _store_backbone(out_dir: Path, store: Path, key: dict) -> None:
         _copy_atomic(out_dir / "key.json", store / "key.json")
     except OSError as e:
         print(f"fedfm: {store}: backbone not cached ({e})", file=sys.stderr, flush=True)
+        return
+    _mark_used(store)
 
 
 def pretrain_backbone_centrally(cfg: RunConfig, train_specs: list[SiteSpec], num_beams: int,
@@ -527,7 +563,8 @@ def pretrain_backbone_centrally(cfg: RunConfig, train_specs: list[SiteSpec], num
     Returns (its path in ``out_dir``, the cache entry it was copied from or ""). The same
     inputs (:func:`pretrain_key`: sites, model, steps, seed, versions, fedfm's source) give
     the same bits, so a run reuses ``<cache>/backbones/<key hash>/`` when an earlier run made
-    it, and keeps its own copy either way; delete that folder to pretrain again."""
+    it, and keeps its own copy either way; delete that folder to pretrain again. The cache
+    keeps the :data:`BACKBONE_CACHE_KEEP` most recently used entries."""
     from fedfm.model import base_model, save_backbone
     from fedfm.train import all_cores, pretrain
 
@@ -547,6 +584,7 @@ def pretrain_backbone_centrally(cfg: RunConfig, train_specs: list[SiteSpec], num
                   flush=True)
         else:
             if _sound_backbone(out_dir, key):  # the copy, checked as the entry was
+                _mark_used(store)
                 return str(path), str(store)
     model = build_run_model(cfg, num_beams, None, device)
     with all_cores():  # before round 1: the sites are idle

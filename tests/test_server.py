@@ -1,6 +1,7 @@
 """ServerApp end to end in process (real ClientApp handlers, no Ray): what a run writes,
 resume equivalence, and a broken site YAML that leaves the other sites' rounds intact."""
 import json
+import time
 
 import numpy as np
 import pytest
@@ -561,3 +562,44 @@ def test_central_pretraining_is_cached_by_its_inputs_and_a_damaged_entry_pretrai
                   specs[0], "train")
     _, reused = pretrain_backbone_centrally(cfg, specs, NUM_BEAMS, tmp_path / "f")
     assert len(calls) == 7 and reused == ""
+
+
+def test_the_backbone_cache_keeps_its_most_recently_used_entries(tmp_path, capsys, monkeypatch):
+    import os
+
+    import fedfm.federated as federated
+    from fedfm.config import RunConfig, load_federation_sites
+    from fedfm.federated import pretrain_backbone_centrally
+
+    fed = write_federation(tmp_path / "fed")
+    specs = [e.spec for e in load_federation_sites(str(fed)) if e.role == "train"]
+    cache = tmp_path / "cache"
+    root = cache / "backbones"
+    root.mkdir(parents=True)
+    # five older complete entries, used 1..5 hours ago, and one another run is writing (no key.json)
+    for age in range(1, 6):
+        old = root / f"old{age}"
+        old.mkdir()
+        (old / "key.json").write_text("{}")
+        os.utime(old / "key.json", (time.time() - 3600 * age,) * 2)
+    (root / "partial").mkdir()
+    monkeypatch.setattr(federated, "BACKBONE_CACHE_KEEP", 3)
+    cfg = RunConfig(preset="tiny", seed=5, pretrain_steps=2, batch_size=8, cache_dir=str(cache), device="cpu")
+    pretrain_backbone_centrally(cfg, specs, NUM_BEAMS, tmp_path / "a")
+    new = [p for p in root.iterdir() if p.name not in {f"old{a}" for a in range(1, 6)} | {"partial"}]
+    assert len(new) == 1
+    # kept: the new entry, the two most recently used old ones, and the partial one
+    assert sorted(p.name for p in root.iterdir()) == sorted([new[0].name, "old1", "old2", "partial"])
+    assert "removed 3 least recently used cached backbone(s) (keeping 3)" in capsys.readouterr().out
+
+    # a reuse counts as a use: old2 used now, then a run of another input keeps old2 and drops old1
+    (root / "old1" / "key.json").touch()
+    os.utime(new[0] / "key.json", (time.time() - 7200 * 3,) * 2)   # the new entry looks old ...
+    _, reused = pretrain_backbone_centrally(cfg, specs, NUM_BEAMS, tmp_path / "b")
+    assert reused == str(new[0])                                     # ... until it is reused
+    assert (new[0] / "key.json").stat().st_mtime > time.time() - 60
+    assert sorted(p.name for p in root.iterdir()) == sorted([new[0].name, "old1", "old2", "partial"])
+    import dataclasses
+    pretrain_backbone_centrally(dataclasses.replace(cfg, seed=6), specs, NUM_BEAMS, tmp_path / "c")
+    names = {p.name for p in root.iterdir()}
+    assert len(names) == 4 and {new[0].name, "old1", "partial"} <= names and "old2" not in names
