@@ -478,10 +478,10 @@ BACKBONE_CACHE_KEEP = 8  # complete entries kept under <cache>/backbones/: the m
 def _prune_backbones(root: Path, current: Path) -> list[Path]:
     """Remove all but the :data:`BACKBONE_CACHE_KEEP` most recently used complete entries
     under ``root`` (used: their ``key.json``'s mtime, which a run sets when it stores or reuses
-    one), never ``current``; returns what it removed. Any code change makes a new key, so without this
-    the cache grows by one backbone per change (4 MB for ``tiny``, ~80 MB for ``base``). An
-    entry without ``key.json`` (another run may be writing it) is left alone. A cache that
-    cannot be listed or removed from is left as it is: pruning is housekeeping."""
+    one), never ``current``; returns what it removed. Any code change makes a new key, so
+    without this the cache grows by one backbone per change (4 MB for ``tiny``, ~80 MB for
+    ``base``). An entry without ``key.json`` (another run may be writing it) is left alone. A
+    cache that cannot be listed or removed from is left as it is: pruning is housekeeping."""
     try:
         entries = [p for p in root.iterdir() if p != current and (p / "key.json").is_file()]
         entries.sort(key=lambda p: (p / "key.json").stat().st_mtime, reverse=True)

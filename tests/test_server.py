@@ -565,6 +565,7 @@ def test_central_pretraining_is_cached_by_its_inputs_and_a_damaged_entry_pretrai
 
 
 def test_the_backbone_cache_keeps_its_most_recently_used_entries(tmp_path, capsys, monkeypatch):
+    import dataclasses
     import os
 
     import fedfm.federated as federated
@@ -592,14 +593,13 @@ def test_the_backbone_cache_keeps_its_most_recently_used_entries(tmp_path, capsy
     assert sorted(p.name for p in root.iterdir()) == sorted([new[0].name, "old1", "old2", "partial"])
     assert "removed 3 least recently used cached backbone(s) (keeping 3)" in capsys.readouterr().out
 
-    # a reuse counts as a use: old2 used now, then a run of another input keeps old2 and drops old1
+    # a reuse counts as a use: old1 used now and the new entry reused, then a run of another input drops old2
     (root / "old1" / "key.json").touch()
     os.utime(new[0] / "key.json", (time.time() - 7200 * 3,) * 2)   # the new entry looks old ...
     _, reused = pretrain_backbone_centrally(cfg, specs, NUM_BEAMS, tmp_path / "b")
     assert reused == str(new[0])                                     # ... until it is reused
     assert (new[0] / "key.json").stat().st_mtime > time.time() - 60
     assert sorted(p.name for p in root.iterdir()) == sorted([new[0].name, "old1", "old2", "partial"])
-    import dataclasses
     pretrain_backbone_centrally(dataclasses.replace(cfg, seed=6), specs, NUM_BEAMS, tmp_path / "c")
     names = {p.name for p in root.iterdir()}
     assert len(names) == 4 and {new[0].name, "old1", "partial"} <= names and "old2" not in names
