@@ -11,6 +11,7 @@ PE float32 [S] dB; LoS float32 [S] probability of LoS.
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -194,23 +195,48 @@ def markdown_table(rows: list[dict]) -> str:
 
 def map_sites(fn, items: list) -> list:
     """``[fn(item) for item in items]`` with the items one per core: a site's set-up (its test
-    views, its baselines' fits) on the central evaluator and in scripts/evaluate.py (64 s → 37 s
-    for default.yaml's six sites on 2 cores). NumPy and torch release the GIL in their kernels and
-    the sites are independent (fitted once per process into keyed caches). Each BLAS call runs on
-    one thread (threadpoolctl; torch runs one between rounds), so the numbers depend neither on
-    how many sites run at once nor on OMP_NUM_THREADS: a multi-threaded BLAS sums in another
-    order when two calls share it, and PF's AR start amplifies that (7e-4 of its NMSE on a
-    site). A site whose data is still to be generated waits for fedfm.data's lock: one thread at
-    a time generates (generation seeds and runs Sionna). ``fn``'s exceptions propagate; return
-    one to report it per item."""
+    views, its baselines' fits) and its scoring on the central evaluator and in
+    scripts/evaluate.py (set-up 64 s → 37 s for default.yaml's six sites on 2 cores; a round's
+    scoring ~15–25 % less than one site after another on every core, RESULTS.md "Model
+    throughput"). NumPy and torch release the GIL in their kernels and the sites are independent
+    (fitted once per process into keyed caches; each scored with its own model copy,
+    :func:`site_copy`). Each worker runs its BLAS calls (threadpoolctl) and torch's kernels
+    (``torch.set_num_threads(1)``: OpenMP's and MKL's thread counts are per thread) on one
+    thread, so the numbers depend neither on how many sites run at once nor on the core count or
+    OMP_NUM_THREADS: a multi-threaded kernel sums in another order (2.4e-7 of a prediction with 2
+    torch threads), and PF's AR start amplifies a BLAS's (7e-4 of its NMSE on a site). A site
+    whose data is still to be generated waits for fedfm.data's lock: one thread at a time
+    generates (generation seeds and runs Sionna). ``fn``'s exceptions propagate; return one to
+    report it per item."""
     from concurrent.futures import ThreadPoolExecutor
-
-    from threadpoolctl import threadpool_limits
 
     from fedfm.train import usable_cores
 
+    outer = torch.get_num_threads()
+
+    def on_one_thread(item):
+        torch.set_num_threads(1)
+        try:
+            return fn(item)
+        finally:  # torch also keeps the last count set as the one threads it meets later start with
+            torch.set_num_threads(outer)
+
     with threadpool_limits(limits=1), ThreadPoolExecutor(max(1, min(len(items), usable_cores()))) as pool:
-        return list(pool.map(fn, items))
+        return list(pool.map(on_one_thread, items))
+
+
+def site_copy(model: nn.Module, state: dict, lock) -> nn.Module:
+    """An inference copy of ``model`` with adapter ``state`` loaded (:func:`merged_copy`: LoRA
+    merged), made under ``lock``: the sites of :func:`map_sites` share one model to load their
+    states into, and each scores its own copy."""
+    import copy
+
+    from fedfm.model import set_adapter_state
+
+    with lock:
+        set_adapter_state(model, state)
+        net = merged_copy(model)
+        return net if net is not model else copy.deepcopy(model)
 
 
 # ---- a run's checkpoint, scored again (scripts/evaluate.py) ------------------------------
@@ -319,9 +345,7 @@ def evaluate_checkpoint(run_dir, round_: int | None = None, site_paths=(), model
     from fedfm.baselines import fit_baseline
     from fedfm.federated import build_run_model, check_backbone, load_site_tasks, read_run, torch_state
     from fedfm.federated import resolve_device as run_device
-    from fedfm.model import set_adapter_state
     from fedfm.runlog import RunLog, read_jsonl, read_personal_models
-    from fedfm.train import all_cores
 
     if which not in PERSONAL_CHOICES:
         raise ValueError(f"--which {which!r} is not allowed; expected one of {', '.join(PERSONAL_CHOICES)}")
@@ -394,7 +418,7 @@ def evaluate_checkpoint(run_dir, round_: int | None = None, site_paths=(), model
     model = build_run_model(cfg, num_beams, run.backbone, dev)
     n_test = cfg.eval_max_samples if max_test is None else max_test
 
-    def prepare(site):  # its test views and baselines, as the evaluator prepares them (map_sites)
+    def prepare(site):  # its test views and baselines, as the evaluator prepares them
         spec, role, _ = site
         if personal:  # scored as finetune_site.py scores its table
             labelled = personal["labelled_samples"]
@@ -406,21 +430,23 @@ def evaluate_checkpoint(run_dir, round_: int | None = None, site_paths=(), model
             train = load_site_tasks(spec, "train", cfg.cache_dir, cfg.train_max_samples, labels=False)
         return test, {t: fit_baseline(t, train[t], spec) for t in test}
 
+    lock = threading.Lock()
+
     def score(spec, role, test, baselines, states, groups, where) -> list[dict]:
         by_task = {}
-        for name, tasks in groups.items():  # one merge per state (merged_copy in evaluate_sites)
+        for name, tasks in groups.items():  # one merge per state
             try:
-                set_adapter_state(model, torch_state(states[name]))
+                net = site_copy(model, torch_state(states[name]), lock)
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from None
-            with all_cores():  # as the evaluator between rounds
-                for r in evaluate_sites(model, {spec.name: {t: test[t] for t in tasks}}, {spec.name: baselines},
-                                        {spec.name: role}, device=dev, keep_errors=against is not None):
-                    by_task[r["task"]] = r
+            for r in evaluate_sites(net, {spec.name: {t: test[t] for t in tasks}}, {spec.name: baselines},
+                                    {spec.name: role}, device=dev, keep_errors=against is not None):
+                by_task[r["task"]] = r
         return [by_task[t] for t in test]  # in the tasks' order
 
-    scored = {r: [] for r in checkpoints} if checkpoints else {round_: []}
-    for (spec, role, _), (test, baselines) in zip(sites, map_sites(prepare, sites)):
+    def prepare_and_score(site) -> dict[int, list[dict]]:  # {round: rows}, as the evaluator scores a round
+        spec, role, _ = site
+        test, baselines = prepare(site)
         if personal:  # per task the model asked for (kept: the one the site deploys)
             if which == "kept" and set(test) - set(kept):
                 raise ValueError(f"{models_path}: names no kept model for {', '.join(sorted(set(test) - set(kept)))}; "
@@ -428,12 +454,18 @@ def evaluate_checkpoint(run_dir, round_: int | None = None, site_paths=(), model
             groups = {}
             for t in test:
                 groups.setdefault(kept[t] if which == "kept" else which, []).append(t)
-            scored[round_] += score(spec, role, test, baselines, states, groups, models_path)
-            continue
+            return {round_: score(spec, role, test, baselines, states, groups, models_path)}
+        out = {}
         for r, (glob, strategy_state) in checkpoints.items():
             own = own_state(strategy_state, spec.name) if role == "train" else {}
-            scored[r] += score(spec, role, test, baselines, {"run": {**glob, **own}}, {"run": list(test)},
-                               log.checkpoint_dir(r))
+            out[r] = score(spec, role, test, baselines, {"run": {**glob, **own}}, {"run": list(test)},
+                           log.checkpoint_dir(r))
+        return out
+
+    scored = {r: [] for r in checkpoints} if checkpoints else {round_: []}
+    for site_rows in map_sites(prepare_and_score, sites):  # one site per core, each on one thread
+        for r, rows in site_rows.items():
+            scored[r] += rows  # in the sites' order
     comparison = None
     if against is not None:
         comparison = {"round": against, "rows": [_without_errors(r) for r in scored[against]],

@@ -19,6 +19,7 @@ site × task table goes to ``metrics.jsonl``.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from typing import Callable
 
@@ -111,37 +112,36 @@ class CentralEvaluator:
         return out
 
     def __call__(self, round_: int, arrays: ArrayRecord) -> MetricRecord:
-        from fedfm.train import all_cores
-
-        with all_cores():  # between rounds the sites are idle: the evaluator takes every core
-            return self._evaluate(round_, arrays)
-
-    def _evaluate(self, round_: int, arrays: ArrayRecord) -> MetricRecord:
-        from fedfm.evaluate import predict
+        from fedfm.evaluate import predict, site_copy
         from fedfm.metrics import average_score, sample_errors, score
-        from fedfm.model import set_adapter_state
-        from fedfm.model.lora import merged_copy
 
         t0 = time.perf_counter()
         state = {k: a.numpy() for k, a in arrays.items()}
         self.model.eval()
-        rows, summary, errors = [], {}, {}
-        for entry in self.sites:
+        lock = threading.Lock()
+
+        def score_site(entry: SiteEntry) -> tuple[list[dict], dict, dict]:
             own = self.personal_for(entry.name) if entry.role == "train" else {}
-            set_adapter_state(self.model, torch_state({**state, **own}))
             local = bool(own) and self.cfg.site_model == "local"
-            own_heads = set() if local else {t for t in self.test_tasks(entry) if personal_keys(own, (t,), (t,))}
-            site_metrics = {}
-            net = merged_copy(self.model)   # this site's state, LoRA merged once for its seven tasks
-            for task, td in self.test_tasks(entry).items():
-                pred = predict(net, td, device=self.device,
-                               side_cache=self._side.setdefault((entry.name, task), {}))
+            tds = self.test_tasks(entry)
+            own_heads = set() if local else {t for t in tds if personal_keys(own, (t,), (t,))}
+            net = site_copy(self.model, torch_state({**state, **own}), lock)  # LoRA merged once for its tasks
+            rows, site_metrics, errors = [], {}, {}
+            for task, td in tds.items():
+                pred = predict(net, td, device=self.device, side_cache=self._side.setdefault((entry.name, task), {}))
                 site_metrics[task] = score(task, pred, td)
-                errors.setdefault(entry.name, {})[task] = sample_errors(task, pred, td)
+                errors[task] = sample_errors(task, pred, td)
                 rows.append({"round": round_, "site": entry.name, "role": entry.role, "task": task,
                              "source": "federated", **({"head": "own"} if task in own_heads else {}),
                              **({"model": "local"} if local else {}),
                              **site_metrics[task]})
+            return rows, site_metrics, errors
+
+        # between rounds the sites are idle: the evaluator takes every core, one site on each
+        rows, summary, errors = [], {}, {}
+        for entry, (site_rows, site_metrics, site_errors) in zip(self.sites, map_sites(score_site, self.sites)):
+            rows += site_rows  # in the federation's order
+            errors[entry.name] = site_errors
             summary[entry.name] = (entry.role, average_score(site_metrics, self.baselines[entry.name]))
         if self.runlog:
             write_samples(samples_path(self.runlog.dir, f"round-{round_:03d}"), errors)

@@ -266,8 +266,8 @@ def test_a_site_whose_test_data_cannot_be_made_is_excluded_from_evaluation(tmp_p
     assert "No space left on device" in capsys.readouterr().err
 
 
-def test_the_evaluators_sites_prepared_on_several_threads_equal_one_after_another(tmp_path, cache_dir, backbone,
-                                                                                  monkeypatch):
+def test_the_evaluators_sites_prepared_and_scored_on_several_threads_equal_one_after_another(tmp_path, cache_dir,
+                                                                                             backbone, monkeypatch):
     import fedfm.federated
     import fedfm.train
     from fedfm.config import RunConfig, load_federation_sites
@@ -319,6 +319,44 @@ def test_the_evaluators_sites_prepared_on_several_threads_equal_one_after_anothe
             a, b = td.extras.get("stats"), three._tds[s][t].extras.get("stats")
             assert same(a, b), (s, t)
             assert a is None or a is not b  # fitted twice, not one cached object
+    # a round scored with the sites on three threads (one torch thread each, one shared model to
+    # load their states into) equals it scored one after another, bit for bit; the state is not
+    # the model's own, so a site scored with the state it was built with would show
+    import torch
+    from flwr.app import Array, ArrayRecord
+
+    import fedfm.evaluate
+
+    from fedfm.model import get_adapter_state
+
+    rng = np.random.default_rng(0)
+    arrays = ArrayRecord({k: Array((v.numpy() + 0.05 * rng.standard_normal(v.shape)).astype(np.float32))
+                          for k, v in get_adapter_state(model).items()})
+    scored_by, real_predict = {}, fedfm.evaluate.predict
+
+    def predict(net, td, **kw):
+        scored_by.setdefault(cores, set()).add(threading.get_ident())
+        assert torch.get_num_threads() == 1  # each site on one core, whatever the process's count
+        return real_predict(net, td, **kw)
+
+    monkeypatch.setattr(fedfm.evaluate, "predict", predict)
+    for cores, ev in ((1, one), (3, three)):
+        monkeypatch.setattr(fedfm.train, "usable_cores", lambda: cores)
+        ev(1, arrays)
+    assert len(scored_by[1]) == 1 and len(scored_by[3]) > 1
+    rows = {c: [r for r in read_jsonl(tmp_path / f"cores{c}" / "metrics.jsonl") if r["round"] == 1] for c in (1, 3)}
+    assert len(rows[1]) == 21 and rows[3] == rows[1]
+    e = {c: read_samples(samples_path(tmp_path / f"cores{c}", "round-001")) for c in (1, 3)}
+    assert all(np.array_equal(e[3][s][t], e[1][s][t]) for s in e[1] for t in e[1][s])
+    # and it is the state given that was scored (here on the test's thread, torch's own thread count)
+    from fedfm.federated import torch_state
+    from fedfm.metrics import score
+    from fedfm.model import set_adapter_state
+
+    set_adapter_state(model, torch_state({k: a.numpy() for k, a in arrays.items()}))
+    td = one._tds["beta"]["PE"]
+    logged = next(r for r in rows[1] if r["site"] == "beta" and r["task"] == "PE")
+    assert logged["mae_db"] == pytest.approx(score("PE", real_predict(model, td), td)["mae_db"], rel=1e-6)
 
 
 def test_personal_heads_resume_and_score_each_site_with_its_own(tmp_path, cache_dir, backbone, task_identity):
