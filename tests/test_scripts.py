@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -909,12 +910,36 @@ def test_compare_lines_targets():
     assert "federated better than local-only on every training site: not computed (no score for a)" in lines
 
 
+# ---- bench_eval.py -----------------------------------------------------------------------
+def test_bench_eval_scores_the_run_s_round_as_logged_on_each_core_count(fed_run):
+    import subprocess
+
+    cores = sorted({1, min(2, len(os.sched_getaffinity(0)))})
+    before = sorted(p.relative_to(fed_run["run"]) for p in fed_run["run"].rglob("*"))
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_eval.py"), str(fed_run["run"]),
+                        "--cores", *map(str, cores), "--repeat", "1"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[0].startswith(f"run {fed_run['run']}, round {ROUNDS}; 3 sites"), p.stdout
+    rows = [line.split("|")[1:-1] for line in lines[3:]]
+    assert [int(r[0]) for r in rows] == cores and len(lines) == 3 + len(cores)
+    for r in rows:  # every cell's score equal, bit for bit, to the first core count's and to the run's own
+        assert r[5].strip() == "equal" and r[6].strip() == "equal", lines
+        assert float(r[1]) > 0 and float(r[2]) > 0 and float(r[3]) > 0
+    assert sorted(p.relative_to(fed_run["run"]) for p in fed_run["run"].rglob("*")) == before  # wrote nothing there
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_eval.py"), str(fed_run["run"]),
+                          "--round", "7"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stdout == "" and bad.stderr.count("\n") == 1, bad.stderr
+    assert bad.stderr.startswith(f"error: {fed_run['run']}: no complete checkpoint for round 7; complete rounds: 0, 1, 2")
+
+
 # ---- a folder that is not a run -----------------------------------------------------------
 _NOT_A_RUN = {
     "report": ["{run}"],
     "finetune_site": ["--run", "{run}", "--site", "unused.yaml"],
     "compare": ["unused.yaml", "--skip-federated", "--out", "{run}"],
     "evaluate": ["{run}"],
+    "bench_eval": ["{run}"],
 }
 
 
