@@ -196,9 +196,9 @@ def markdown_table(rows: list[dict]) -> str:
 def map_sites(fn, items: list) -> list:
     """``[fn(item) for item in items]`` with the items one per core: a site's set-up (its test
     views, its baselines' fits) and its scoring on the central evaluator and in
-    scripts/evaluate.py (set-up 64 s → 37 s for default.yaml's six sites on 2 cores; a round's
-    scoring ~15–25 % less than one site after another on every core, RESULTS.md "Model
-    throughput"). NumPy and torch release the GIL in their kernels and the sites are independent
+    scripts/evaluate.py (on 2 cores, for default.yaml's six sites: set-up 64 s → 37 s; a round's
+    scoring 15–25 % less than one site after another on both cores, RESULTS.md "Model
+    throughput"; a host with more cores than sites leaves the rest idle). NumPy and torch release the GIL in their kernels and the sites are independent
     (fitted once per process into keyed caches; each scored with its own model copy,
     :func:`site_copy`). Each worker runs its BLAS calls (threadpoolctl) and torch's kernels
     (``torch.set_num_threads(1)``: OpenMP's and MKL's thread counts are per thread) on one
@@ -215,28 +215,34 @@ def map_sites(fn, items: list) -> list:
     outer = torch.get_num_threads()
 
     def on_one_thread(item):
+        # a thread takes torch's process-wide count at its first call into ATen, whenever that
+        # comes, and only then its own: so make that call before setting the thread's count,
+        # which no other worker can then change
+        torch.get_num_threads()
         torch.set_num_threads(1)
-        try:
-            return fn(item)
-        finally:  # torch also keeps the last count set as the one threads it meets later start with
-            torch.set_num_threads(outer)
+        return fn(item)
 
-    with threadpool_limits(limits=1), ThreadPoolExecutor(max(1, min(len(items), usable_cores()))) as pool:
-        return list(pool.map(on_one_thread, items))
+    try:
+        with threadpool_limits(limits=1), ThreadPoolExecutor(max(1, min(len(items), usable_cores()))) as pool:
+            return list(pool.map(on_one_thread, items))
+    finally:  # the process-wide count (what threads started later take) back to the caller's
+        torch.set_num_threads(outer)
 
 
 def site_copy(model: nn.Module, state: dict, lock) -> nn.Module:
-    """An inference copy of ``model`` with adapter ``state`` loaded (:func:`merged_copy`: LoRA
-    merged), made under ``lock``: the sites of :func:`map_sites` share one model to load their
-    states into, and each scores its own copy."""
+    """An inference copy of ``model`` with adapter ``state`` loaded and LoRA merged (as
+    :func:`merged_copy`), the state loaded and the copy taken under ``lock``: the sites of
+    :func:`map_sites` share one model to load their states into, and each scores its own copy."""
     import copy
+
+    from peft import PeftModel
 
     from fedfm.model import set_adapter_state
 
-    with lock:
+    with lock:  # the shared model only: the merge is the copy's own
         set_adapter_state(model, state)
-        net = merged_copy(model)
-        return net if net is not model else copy.deepcopy(model)
+        net = copy.deepcopy(model)
+    return net.merge_and_unload() if isinstance(net, PeftModel) else net
 
 
 # ---- a run's checkpoint, scored again (scripts/evaluate.py) ------------------------------

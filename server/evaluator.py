@@ -137,7 +137,9 @@ class CentralEvaluator:
                              **site_metrics[task]})
             return rows, site_metrics, errors
 
-        # between rounds the sites are idle: the evaluator takes every core, one site on each
+        # between rounds the sites are idle: one site per core, up to every core (a host with more
+        # cores than sites leaves the rest idle: one torch thread a site keeps the scores the same
+        # on any core count)
         rows, summary, errors = [], {}, {}
         for entry, (site_rows, site_metrics, site_errors) in zip(self.sites, map_sites(score_site, self.sites)):
             rows += site_rows  # in the federation's order

@@ -923,14 +923,25 @@ def test_bench_eval_scores_the_run_s_round_as_logged_on_each_core_count(fed_run)
     assert lines[0].startswith(f"run {fed_run['run']}, round {ROUNDS}; 3 sites"), p.stdout
     rows = [line.split("|")[1:-1] for line in lines[3:]]
     assert [int(r[0]) for r in rows] == cores and len(lines) == 3 + len(cores)
-    for r in rows:  # every cell's score equal, bit for bit, to the first core count's and to the run's own
-        assert r[5].strip() == "equal" and r[6].strip() == "equal", lines
+    for i, r in enumerate(rows):  # every cell's score equal, bit for bit, to the first core count's and the run's
+        assert r[5].strip() == ("—" if i == 0 else "equal") and r[6].strip() == "equal", lines
         assert float(r[1]) > 0 and float(r[2]) > 0 and float(r[3]) > 0
     assert sorted(p.relative_to(fed_run["run"]) for p in fed_run["run"].rglob("*")) == before  # wrote nothing there
     bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_eval.py"), str(fed_run["run"]),
                           "--round", "7"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stdout == "" and bad.stderr.count("\n") == 1, bad.stderr
     assert bad.stderr.startswith(f"error: {fed_run['run']}: no complete checkpoint for round 7; complete rounds: 0, 1, 2")
+
+
+def test_bench_eval_compares_row_sets_cell_by_cell():
+    diff = _load_script("bench_eval").max_rel_diff
+    a = {("s", "CE"): {"site": "s", "nmse": 0.5, "n": 3}, ("s", "BF"): {"site": "s", "top1": 0.25}}
+    assert diff(a, {k: dict(v) for k, v in a.items()}) == 0
+    assert diff({**a, ("s", "BF"): {"site": "s", "top1": 0.2500025}}, a) == pytest.approx(1e-5, rel=1e-6)
+    assert diff({**a, ("s", "BF"): {"site": "s", "top1": None}}, a) == math.inf   # NaN, logged as null
+    assert diff({**a, ("s", "BF"): {"site": "s", "top1": float("nan")}}, a) == math.inf
+    assert diff({("s", "CE"): a[("s", "CE")]}, a) == math.inf                     # a cell in one set only
+    assert diff({**a, ("s", "CE"): {"site": "s", "nmse": 0.5}}, a) == math.inf    # a field in one set only
 
 
 # ---- a folder that is not a run -----------------------------------------------------------

@@ -340,9 +340,15 @@ def test_the_evaluators_sites_prepared_and_scored_on_several_threads_equal_one_a
         return real_predict(net, td, **kw)
 
     monkeypatch.setattr(fedfm.evaluate, "predict", predict)
-    for cores, ev in ((1, one), (3, three)):
-        monkeypatch.setattr(fedfm.train, "usable_cores", lambda: cores)
-        ev(1, arrays)
+    outer = torch.get_num_threads()
+    torch.set_num_threads(2)  # the caller's count, which no site may score on (conftest sets 1)
+    try:
+        for cores, ev in ((1, one), (3, three)):
+            monkeypatch.setattr(fedfm.train, "usable_cores", lambda: cores)
+            ev(1, arrays)
+            assert torch.get_num_threads() == 2  # the caller's again
+    finally:
+        torch.set_num_threads(outer)
     assert len(scored_by[1]) == 1 and len(scored_by[3]) > 1
     rows = {c: [r for r in read_jsonl(tmp_path / f"cores{c}" / "metrics.jsonl") if r["round"] == 1] for c in (1, 3)}
     assert len(rows[1]) == 21 and rows[3] == rows[1]
