@@ -343,8 +343,13 @@ def _saved_rounds(folder: Path) -> list[int]:
 
 def local_train(cfg: RunConfig, spec: SiteSpec, state: dict[str, np.ndarray], round_: int, *,
                 num_beams: int, backbone: str, proximal_mu: float = 0.0, steps: int | None = None,
-                tasks: dict | None = None, run_key: str = "") -> LocalResult:
+                tasks: dict | None = None, run_key: str = "", model: torch.nn.Module | None = None
+                ) -> LocalResult:
     """One site's local multi-task fine-tuning (DWA) from the received adapter state.
+
+    ``model``: one :func:`build_run_model` built for this call alone (its heads as built are the
+    head prior), trained in place, for callers that train several sites at once on threads
+    (scripts/compare.py's local-only arm); else the process's one model (a Ray actor's).
 
     With ``local-optimizer=keep`` and the server's ``run_key`` a site continues its own AdamW
     moments and DWA loss windows from its last round instead of starting them afresh: measured on one site trained
@@ -358,9 +363,16 @@ def local_train(cfg: RunConfig, spec: SiteSpec, state: dict[str, np.ndarray], ro
 
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
-    model, site_tasks, prior = _site_model_and_tasks(cfg, spec, num_beams, backbone, device,
-                                                     need_tasks=tasks is None)
-    tasks = tasks if tasks is not None else site_tasks
+    if model is None:
+        model, site_tasks, prior = _site_model_and_tasks(cfg, spec, num_beams, backbone, device,
+                                                         need_tasks=tasks is None)
+        tasks = tasks if tasks is not None else site_tasks
+    else:
+        from fedfm.train import head_prior
+
+        if tasks is None:
+            raise ValueError("local_train(model=...): pass the site's tasks too")
+        model, prior = model.to(device), head_prior(model)
     set_adapter_state(model, torch_state(state))
     seed = round_seed(cfg, spec.name, round_)
     kwargs = dict(steps=steps if steps is not None else cfg.local_steps, batch_size=cfg.batch_size,

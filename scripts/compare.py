@@ -4,7 +4,9 @@
     python scripts/compare.py scenarios/federations/benchmark.yaml --set num-server-rounds=5
 
 - federated: a real `flwr run .` (scripts/run_federation.py): R rounds × S local steps per site;
-- local-only: each training site alone, R·S steps from the same backbone and initial adapters;
+- local-only: each training site alone, R·S steps from the same backbone and initial adapters
+  (the sites one per core, each on one thread with a model of its own, as the federated arm's
+  sites train one per Ray actor on one thread);
 - centralized: one model on the pooled data of all training sites, R·S·(number of sites)
   steps (the same total gradient computations at the same batch size).
 All three are scored on every training site's test split against the same classical
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+import threading
 from datetime import datetime
 from pathlib import Path
 
@@ -71,6 +74,7 @@ def local_and_central(run_dir: Path, centralized: bool = True) -> dict:
     """Train local-only and (unless ``centralized`` is False) centralized models with the
     federated run's settings and backbone; their per-sample test errors go to
     ``samples/local_only.safetensors`` and ``samples/centralized.safetensors``."""
+    from fedfm.evaluate import map_sites
     from fedfm.federated import build_run_model, local_train, torch_state
     from fedfm.model import set_adapter_state
     from fedfm.scenarios import derive_seed
@@ -87,16 +91,22 @@ def local_and_central(run_dir: Path, centralized: bool = True) -> dict:
            "steps": {"per_site": budget, **({"centralized": budget * len(sites)} if centralized else {})}}
     train = {e.name: _site_tasks(e, "train", cfg.cache_dir, cfg.train_max_samples) for e in sites}
     test = {e.name: _site_tasks(e, "test", cfg.cache_dir, cfg.eval_max_samples, cfg.train_max_samples) for e in sites}
-    model = build_run_model(cfg, num_beams, backbone)
     errors = {arm: {} for arm in ARMS}
-    for e in sites:
-        res = local_train(cfg, e.spec, init, 0, num_beams=num_beams, backbone=backbone, steps=budget,
-                          tasks=train[e.name])
-        set_adapter_state(model, torch_state(res.state))
-        out["local_only"][e.name], errors["local_only"][e.name] = score_model(model, test[e.name])
+    building = threading.Lock()
+
+    def local_only(e):  # a model of its own, trained and scored on one thread (map_sites), as the
+        with building:  # federated arm's sites train on one thread each in their Ray actors
+            own = build_run_model(cfg, num_beams, backbone)
+        local_train(cfg, e.spec, init, 0, num_beams=num_beams, backbone=backbone, steps=budget,
+                    tasks=train[e.name], model=own)
+        return score_model(own, test[e.name])
+
+    for e, scored in zip(sites, map_sites(local_only, sites)):  # one site per core
+        out["local_only"][e.name], errors["local_only"][e.name] = scored
     write_samples(samples_path(run_dir, "local_only"), errors["local_only"])
     if not centralized:
         return out
+    model = build_run_model(cfg, num_beams, backbone)
     set_adapter_state(model, torch_state(init))
     pooled = {task: [train[e.name][task] for e in sites] for task in train[sites[0].name]}
     finetune(model, pooled, steps=budget * len(sites), batch_size=cfg.batch_size, lr=cfg.lr,

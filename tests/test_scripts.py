@@ -566,6 +566,36 @@ def test_compare_equal_per_site_compute(fed_run, capsys):
                        for t in TASKS), (kind, site)
 
 
+def test_compare_local_only_sites_train_on_threads_as_one_after_another(fed_run, monkeypatch):
+    import threading
+
+    import torch
+
+    import fedfm.train
+
+    script = _load_script("compare")
+    seen, real = {}, fedfm.train.finetune
+
+    def finetune(model, tasks, steps, **kw):  # which thread trained, on how many torch threads
+        seen.setdefault(cores, set()).add(threading.get_ident())
+        assert torch.get_num_threads() == 1
+        return real(model, tasks, steps, **kw)
+
+    monkeypatch.setattr(fedfm.train, "finetune", finetune)
+    out, outer = {}, torch.get_num_threads()
+    torch.set_num_threads(2)  # the caller's count, which no site may train on (conftest sets 1)
+    try:
+        for cores in (1, 2):
+            monkeypatch.setattr(fedfm.train, "usable_cores", lambda: cores)
+            out[cores] = script.local_and_central(fed_run["run"], centralized=False)
+    finally:
+        torch.set_num_threads(outer)
+    assert len(seen[1]) == 1 and len(seen[2]) == 2  # one worker; two sites on two
+    assert set(out[1]["local_only"]) == {"alpha", "beta"}
+    assert out[2]["local_only"] == out[1]["local_only"]  # every metric of both sites, bit for bit
+    assert out[1]["local_only"]["alpha"] != out[1]["local_only"]["beta"]
+
+
 def test_compare_skip_centralized_trains_only_the_local_only_arm(fed_run, tmp_path, capsys):
     import shutil
 
