@@ -89,8 +89,11 @@ def local_and_central(run_dir: Path, centralized: bool = True) -> dict:
     budget = cfg.local_steps * cfg.num_server_rounds
     out = {"local_only": {}, "centralized": {},
            "steps": {"per_site": budget, **({"centralized": budget * len(sites)} if centralized else {})}}
-    train = {e.name: _site_tasks(e, "train", cfg.cache_dir, cfg.train_max_samples) for e in sites}
-    test = {e.name: _site_tasks(e, "test", cfg.cache_dir, cfg.eval_max_samples, cfg.train_max_samples) for e in sites}
+    views = map_sites(lambda e: (_site_tasks(e, "train", cfg.cache_dir, cfg.train_max_samples),  # one per core,
+                                 _site_tasks(e, "test", cfg.cache_dir, cfg.eval_max_samples,   # as the evaluator
+                                             cfg.train_max_samples)), sites)                   # prepares them
+    train = {e.name: v[0] for e, v in zip(sites, views)}
+    test = {e.name: v[1] for e, v in zip(sites, views)}
     errors = {arm: {} for arm in ARMS}
     building = threading.Lock()
 
