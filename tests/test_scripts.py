@@ -1285,6 +1285,12 @@ def test_baselines_script_fits_on_the_first_train_samples_and_takes_a_task_subse
         evaluate_baselines(data, spec, "test", variants=True, tasks=("CE",))["CE-LMMSE3D"]["nmse_db"])
     full = script.baseline_scores(fed, "test", str(cache_dir), tasks=("CE",))
     assert few[spec.name]["CE-LMMSE3D"]["nmse_db"] != pytest.approx(full[spec.name]["CE-LMMSE3D"]["nmse_db"], abs=1e-6)
+    import fedfm.train  # the sites fitted one per core equal them fitted one after another, bit for bit
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fedfm.train, "usable_cores", lambda: 1)
+        assert script.baseline_scores(fed, "test", str(cache_dir), tasks=("CE",)) == full
+    assert list(full) == [s.name for s in fed.sites]  # in the federation's order
     assert set(full[spec.name]) == {"CE-interp", "CE-LMMSE", "CE-LMMSE3D"}
     assert script.main([str(fed_path), "--cache-dir", str(cache_dir), "--tasks", "CP", "--max-train", "8"]) == 0
     out = capsys.readouterr().out
