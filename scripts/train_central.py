@@ -74,12 +74,17 @@ def load_train_views(fed, cache_dir=None, max_train: int = 0) -> tuple[dict, dic
     """({train site: {task: TaskData}} of train splits, {site: {task: Baseline}} fitted on every
     site's own train split): a held-out site's train views are dropped once its baselines are fit."""
     from fedfm.baselines import fit_baseline
+    from fedfm.evaluate import map_sites
     from fedfm.federated import load_site_tasks
 
-    train, baselines = {}, {}
-    for spec in fed.sites:
+    def fit(spec):
         views = load_site_tasks(spec, "train", cache_dir, max_train, labels=spec in fed.train_sites)
-        baselines[spec.name] = {t: fit_baseline(t, td, spec) for t, td in views.items()}
+        return views, {t: fit_baseline(t, td, spec) for t, td in views.items()}
+
+    train, baselines = {}, {}
+    # one site per core, each BLAS call on one thread, as the federated run's evaluator fits them
+    for spec, (views, fitted) in zip(fed.sites, map_sites(fit, list(fed.sites))):
+        baselines[spec.name] = fitted
         if spec in fed.train_sites:
             train[spec.name] = views
     return train, baselines

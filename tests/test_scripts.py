@@ -1017,6 +1017,28 @@ def test_report_on_a_corrupt_run_file_names_it(tmp_path, name, text):
     assert sorted(tmp_path.iterdir()) == before
 
 
+def test_train_central_fits_its_sites_one_per_core_as_one_after_another(tmp_path, cache_dir, monkeypatch):
+    import fedfm.train
+    from fedfm.federated import load_site_tasks
+    from fedfm.scenarios import load_federation
+
+    central = _load_script("train_central")
+    fed = load_federation(write_federation(tmp_path / "fed"))
+    got = {}
+    for cores in (1, 2):
+        monkeypatch.setattr(fedfm.train, "usable_cores", lambda: cores)
+        got[cores] = central.load_train_views(fed, str(cache_dir), 16)
+    (train1, base1), (train2, base2) = got[1], got[2]
+    assert list(base2) == list(base1) == [s.name for s in fed.sites] and set(train2) == set(train1) == {"alpha", "beta"}
+    for spec in fed.sites:  # each site's baselines predict the same test samples alike, bit for bit
+        test = load_site_tasks(spec, "test", str(cache_dir), 8, labels=False)
+        for task, b in base1[spec.name].items():
+            np.testing.assert_array_equal(np.asarray(base2[spec.name][task].predict(test[task])),
+                                          np.asarray(b.predict(test[task])))
+        if spec.name in train1:
+            assert all(np.array_equal(train2[spec.name][t].targets, td.targets) for t, td in train1[spec.name].items())
+
+
 def test_train_central_small_budget_scores_every_site(tmp_path, cache_dir):
     central = _load_script("train_central")
     fed_path = write_federation(tmp_path / "fed")
