@@ -198,9 +198,9 @@ def map_sites(fn, items: list) -> list:
     views, its baselines' fits) and its scoring on the central evaluator and in
     scripts/evaluate.py (on 2 cores, for default.yaml's six sites: set-up 64 s → 37 s; a round's
     scoring 15–25 % less than one site after another on both cores, RESULTS.md "Model
-    throughput"; a host with more cores than sites leaves the rest idle). NumPy and torch release the GIL in their kernels and the sites are independent
-    (fitted once per process into keyed caches; each scored with its own model copy,
-    :func:`site_copy`). Each worker runs its BLAS calls (threadpoolctl) and torch's kernels
+    throughput"; a host with more cores than sites leaves the rest idle). NumPy and torch
+    release the GIL in their kernels and the sites are independent (fitted once per process
+    into keyed caches; each scored with its own model copy, :func:`site_copy`). Each worker runs its BLAS calls (threadpoolctl) and torch's kernels
     (``torch.set_num_threads(1)``: OpenMP's and MKL's thread counts are per thread) on one
     thread, so the numbers depend neither on how many sites run at once nor on the core count or
     OMP_NUM_THREADS: a multi-threaded kernel sums in another order (2.4e-7 of a prediction with 2

@@ -113,13 +113,13 @@ def bench(argv) -> int:
     round_ = rounds[-1] if args.round is None else args.round
     if round_ not in rounds:
         raise ValueError(f"{args.run}: no complete checkpoint for round {round_}; complete rounds: "
-                         f"{', '.join(map(str, rounds)) or 'none'}")
+                         f"{', '.join(map(str, rounds))}")
     check_backbone(run.backbone, run.backbone_sha256)
     cfg = dataclasses.replace(run.cfg, device="cpu")  # what the cores do: not a GPU the run may name
     sites = load_federation_sites(cfg.federation)
-    glob, strategy_state, _ = log.load_checkpoint(round_)
-    arrays = ArrayRecord({k: Array(np.asarray(v)) for k, v in glob.items()})
+    glob, strategy_state, _ = log.load_checkpoint(round_)  # here too: one line if it cannot be read
     if args.child:  # its fitted side inputs are its own: the process's caches start empty
+        arrays = ArrayRecord({k: Array(np.asarray(v)) for k, v in glob.items()})
         model = build_run_model(cfg, run.num_beams, run.backbone)
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
@@ -131,7 +131,7 @@ def bench(argv) -> int:
                 t0 = time.perf_counter()
                 ev(round_, arrays)
                 times.append(time.perf_counter() - t0)
-            rows = [r for r in rows_by_cell(Path(tmp) / "metrics.jsonl", round_).values()]
+            rows = list(rows_by_cell(Path(tmp) / "metrics.jsonl", round_).values())
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         Path(args.child).write_text(json.dumps({"setup": setup, "times": times, "passes": passes, "rss": rss,
                                                 "rows": rows}))
