@@ -64,6 +64,48 @@ def flwr_env(flwr_home: Path, port: int) -> dict[str, str]:
     return env
 
 
+RAY_LOCAL = "local"  # Ray's own word for "start an instance of this run's own"
+
+
+def ray_cluster(ray_address: str | None = None) -> str | None:
+    """The Ray cluster a run's simulation joins, resolved as Ray's ``ray.init()`` resolves it in
+    the simulation process: ``ray_address`` (``--ray-address``), else ``RAY_ADDRESS``, else the
+    cluster the last ``ray start --head`` on this host recorded; None when none is named (or
+    "local"): a Ray instance of the run's own. ValueError, before anything is started, naming the
+    address and where it came from when it is malformed or nothing answers there (a cluster
+    stopped without ``ray stop`` leaves its record, and the run would fail deep in its log)."""
+    from ray._common.utils import get_ray_address_file  # Ray's own resolution, not a copy of it
+    from ray._private.services import canonicalize_bootstrap_address
+
+    value = ray_address or os.environ.get("RAY_ADDRESS") or ""
+    if ray_address:
+        source = f"--ray-address {ray_address}"
+    elif value:
+        source = f"RAY_ADDRESS={value}"
+    else:
+        source = f"the cluster `ray start` last recorded in {get_ray_address_file(None)}"
+    if value == RAY_LOCAL:
+        return None
+    if value.startswith("ray://"):
+        raise ValueError(f"{source}: a Ray Client address is not supported; expected HOST:PORT of the "
+                         f"cluster's head (what `ray start --head` prints), or {RAY_LOCAL}")
+    try:
+        address = canonicalize_bootstrap_address(value or None)
+    except (ValueError, ConnectionError) as e:
+        raise ValueError(f"{source}: {e}; expected HOST:PORT of a running cluster's head (what "
+                         f"`ray start --head` prints), or {RAY_LOCAL}") from None
+    if address is None:
+        return None
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise ValueError(f"{source}: no Ray cluster answers at {address} ({e.strerror or e}); start it "
+                         f"(`ray start --head`), point --ray-address at a running one, or pass --ray-address "
+                         f"{RAY_LOCAL} for a Ray instance of the run's own (`ray stop` clears a stale record)") from None
+    return address
+
+
 def start_superlink(flwr_home: Path, env: dict[str, str], port: int, timeout_s: float = 60.0,
                     simulation: bool = True) -> subprocess.Popen:
     """A SuperLink in its own session (so its SuperExec children stop with it): the simulation
@@ -142,6 +184,15 @@ def stop_superlink(proc: subprocess.Popen, term_wait: float = 15.0) -> None:
     SIGTERM at once, but the `flwr-simulation` it spawned does not, and once orphaned it runs
     the rest of the federation with its Ray workers (seen 2026-11-24)."""
     groups = [proc.pid, *_descendant_groups(proc.pid)]  # before any signal: the tree is intact now
+    stop_process_groups(groups, term_wait, reap=proc.poll)
+
+
+def stop_process_groups(groups: list[int], term_wait: float = 15.0, reap=None) -> None:
+    """SIGTERM every process group in ``groups``, wait up to ``term_wait`` s for them to empty,
+    then SIGKILL the ones still running (e.g. the groups of a `ray start` node: its GCS server
+    outlives SIGTERM by more than 10 s here). ``reap``: called while waiting, so an exited
+    leader that is our child does not keep its group alive as a zombie."""
+    reap = reap or (lambda: None)
     for sig, wait in ((signal.SIGTERM, term_wait), (signal.SIGKILL, 5.0)):
         if sig == signal.SIGKILL:  # only groups still running: an emptied one's id may be reused by now
             groups = [g for g in groups if _alive(g)]
@@ -152,11 +203,11 @@ def stop_superlink(proc: subprocess.Popen, term_wait: float = 15.0) -> None:
                 pass
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            proc.poll()  # reap the leader, so only live members keep the group
+            reap()
             if not any(_alive(g) for g in groups):
                 return
             time.sleep(0.2)
-    proc.poll()
+    reap()
 
 
 def tee_run_output(stream: subprocess.Popen, log, path: Path) -> str | None:
@@ -235,24 +286,35 @@ def check_launch_dir(cfg: RunConfig, num_nodes: int | None = None) -> None:
 
 
 def run_federation(overrides: dict, num_supernodes: int, flwr_home: Path, num_cpus: int = 1,
-                   num_gpus: float = 0.0, log=sys.stdout, timeout_s: float | None = None) -> dict:
+                   num_gpus: float = 0.0, log=sys.stdout, timeout_s: float | None = None,
+                   ray_address: str | None = None) -> dict:
     """Start a SuperLink, `flwr run . --stream`, check the outcome, stop the SuperLink.
 
     ``timeout_s`` (None or 0: no limit) stops the run, and the SuperLink with it, that many
     seconds after the start; the result then has ``timed_out`` True and ``ok`` False.
-    Returns {'run_id', 'status', 'status_details', 'run_dir', 'report', 'wall_s', 'ok', 'timed_out'}."""
+    ``ray_address``: the Ray cluster the sites run on (:func:`ray_cluster`; default Ray's own
+    choice, RAY_ADDRESS or this host's `ray start` cluster, else an instance of the run's own).
+    Only what this call started is stopped: a joined cluster keeps running.
+    Returns {'run_id', 'status', 'status_details', 'run_dir', 'report', 'wall_s', 'ok', 'timed_out',
+    'ray_cluster'}."""
     cfg = RunConfig.from_flower(overrides, base_dir=ROOT)  # validate before starting anything
     run_dir = cfg.run_dir
     check_launch_dir(cfg)
+    cluster = ray_cluster(ray_address)
+    if cluster:
+        log.write(f"fedfm: the sites run on the Ray cluster at {cluster}\n")
     run_dir.mkdir(parents=True, exist_ok=True)
     flwr_home.mkdir(parents=True, exist_ok=True)
     run_config_file = run_dir / "run_config.toml"
     write_run_config(run_config_file, cfg.to_flower())
     port = free_port()
     env = flwr_env(flwr_home, port)
+    if ray_address:  # the simulation's ray.init() reads it; the SuperLink's children inherit env
+        env["RAY_ADDRESS"] = ray_address
     t0 = time.monotonic()
     proc = start_superlink(flwr_home, env, port)
-    result = {"run_dir": str(run_dir), "run_id": None, "status": "not started", "status_details": ""}
+    result = {"run_dir": str(run_dir), "run_id": None, "status": "not started", "status_details": "",
+              "ray_cluster": cluster}
     try:
         # Flower wants an integer CPU count (a float fails with "'float' object cannot be interpreted
         # as an integer"); the GPU share may be fractional.
@@ -374,6 +436,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-cpus", type=int, default=1, help="Ray CPUs per simulated site (integer)")
     p.add_argument("--num-gpus", type=float, default=None, help="Ray GPU fraction per site (default: 0, or "
                    "1/num-sites when a GPU is visible)")
+    p.add_argument("--ray-address", default=None, metavar="HOST:PORT",
+                   help="the running Ray cluster to simulate the sites on (its head's address, as `ray start "
+                        "--head` prints it), or local for a Ray instance of this run's own (default: "
+                        "RAY_ADDRESS, else the cluster `ray start` started on this host, else local)")
     p.add_argument("--flwr-home", default=str(ROOT / ".flwr"))
     args = p.parse_args(argv)
 
@@ -387,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides.setdefault("min-train-nodes", default_min_train_nodes(overrides, len(train_sites)))
         num_gpus = args.num_gpus if args.num_gpus is not None else _default_gpus(len(train_sites))
         result = run_federation(overrides, len(train_sites), Path(args.flwr_home), args.num_cpus, num_gpus,
-                                timeout_s=timeout_seconds(args))
+                                timeout_s=timeout_seconds(args), ray_address=args.ray_address)
     except ValueError as e:  # bad config: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
