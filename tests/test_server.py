@@ -550,7 +550,7 @@ def test_central_pretraining_is_cached_by_its_inputs_and_a_damaged_entry_pretrai
 
     import fedfm.train
     from fedfm.config import RunConfig, load_federation_sites
-    from fedfm.federated import pretrain_backbone_centrally
+    from fedfm.backbone_cache import pretrain_backbone_centrally
     from fedfm.files import sha256_file
 
     fed = write_federation(tmp_path / "fed")
@@ -612,9 +612,9 @@ def test_the_backbone_cache_keeps_its_most_recently_used_entries(tmp_path, capsy
     import dataclasses
     import os
 
-    import fedfm.federated as federated
+    import fedfm.backbone_cache as backbone_cache
     from fedfm.config import RunConfig, load_federation_sites
-    from fedfm.federated import pretrain_backbone_centrally
+    from fedfm.backbone_cache import pretrain_backbone_centrally
 
     fed = write_federation(tmp_path / "fed")
     specs = [e.spec for e in load_federation_sites(str(fed)) if e.role == "train"]
@@ -628,7 +628,7 @@ def test_the_backbone_cache_keeps_its_most_recently_used_entries(tmp_path, capsy
         (old / "key.json").write_text("{}")
         os.utime(old / "key.json", (time.time() - 3600 * age,) * 2)
     (root / "partial").mkdir()
-    monkeypatch.setattr(federated, "BACKBONE_CACHE_KEEP", 3)
+    monkeypatch.setattr(backbone_cache, "BACKBONE_CACHE_KEEP", 3)
     cfg = RunConfig(preset="tiny", seed=5, pretrain_steps=2, batch_size=8, cache_dir=str(cache), device="cpu")
     pretrain_backbone_centrally(cfg, specs, NUM_BEAMS, tmp_path / "a")
     new = [p for p in root.iterdir() if p.name not in {f"old{a}" for a in range(1, 6)} | {"partial"}]
