@@ -74,7 +74,8 @@ def ray_cluster(ray_address: str | None = None) -> str | None:
     "local"): a Ray instance of the run's own. ValueError, before anything is started, naming the
     address and where it came from when it is malformed or nothing answers there (a cluster
     stopped without ``ray stop`` leaves its record, and the run would fail deep in its log)."""
-    from ray._common.utils import get_ray_address_file  # Ray's own resolution, not a copy of it
+    # Ray's own resolution, not a copy of it (private modules: pyproject pins ray==2.55.1, which has them)
+    from ray._common.utils import get_ray_address_file
     from ray._private.services import canonicalize_bootstrap_address
 
     value = ray_address or os.environ.get("RAY_ADDRESS") or ""
