@@ -298,8 +298,15 @@ def with_recorded_settings(overrides: Mapping[str, Any]) -> dict[str, Any]:
         recorded = json.loads(path.read_text())["run_config"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: cannot read the run's recorded settings ({e})") from None
+    if not isinstance(recorded, dict):
+        raise ValueError(f"{path}: `run_config` = {recorded!r} is not allowed; expected the run's settings "
+                         f"(a mapping of run-config keys)")
     known = {_kebab(f.name) for f in dataclasses.fields(RunConfig)}
     keep = {k: v for k, v in recorded.items() if k in known and k not in ("out-dir", "resume", "backbone")}
+    try:  # a damaged file is named as such, not blamed on the command line
+        RunConfig.from_flower(keep)
+    except ValueError as e:
+        raise ValueError(f"{path}: the run's recorded settings: {e}") from None
     return {**keep, **overrides}
 
 

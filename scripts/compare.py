@@ -284,7 +284,11 @@ def main(argv=None) -> int:
             if not sep:
                 raise ValueError(f"--set {item!r}: expected KEY=VALUE")
             overrides[key] = _parse_value(value)
+        for key, flag in (("federation", "its first argument"), ("out-dir", "--out")):
+            if key in overrides:
+                raise ValueError(f"--set {key}={overrides[key]}: compare.py takes the {key} from {flag}")
         overrides.update(federation=str(Path(args.federation).resolve()), **{"out-dir": str(out)})
+        RunConfig.from_flower(overrides, base_dir=ROOT)  # every key's type and range, before any is used
         held = read_json(out / "compare.json", None)
         ref = Path(args.reference).resolve() if args.reference else None
         # its arms' per-sample errors would be deleted and replaced; taking them again from the

@@ -98,6 +98,9 @@ def ray_cluster(ray_address: str | None = None) -> str | None:
     if address is None:
         return None
     host, _, port = address.rpartition(":")
+    if not port.isdigit():
+        raise ValueError(f"{source}: port {port!r} is not a number; expected HOST:PORT of a running cluster's head "
+                         f"(what `ray start --head` prints), or {RAY_LOCAL}")
     try:
         socket.create_connection((host, int(port)), timeout=5).close()
     except OSError as e:
@@ -401,8 +404,11 @@ def default_min_train_nodes(overrides: dict, num_sites: int) -> int:
     """Every training site each round; with fraction-train f < 1 the ⌊f·N⌋ (at least 1) that
     Flower samples: min-train-nodes is also the floor of Flower's sample, so N would make
     fraction-train a no-op."""
-    f = float(overrides.get("fraction-train", 1.0))
-    return num_sites if f >= 1 else max(1, int(num_sites * f))
+    try:
+        f = float(overrides.get("fraction-train", 1.0))
+    except (TypeError, ValueError):
+        return num_sites  # RunConfig's check names the key and what is allowed
+    return num_sites if not 0 < f < 1 else max(1, int(num_sites * f))
 
 
 def run_overrides(args: argparse.Namespace) -> dict:
@@ -428,6 +434,7 @@ def run_overrides(args: argparse.Namespace) -> dict:
     overrides = with_recorded_settings(overrides)
     overrides.setdefault("federation", str((ROOT / DEFAULT_FEDERATION).resolve()))
     overrides["out-dir"] = str(Path(args.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}").resolve())
+    RunConfig.from_flower(overrides, base_dir=ROOT)  # every key's type and range, before any is used
     return overrides
 
 
