@@ -31,11 +31,11 @@ from fedfm.scenarios import SiteSpec, derive_seed, spec_hash
 
 
 def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("run config: `device` = 'cuda' but no CUDA device is visible here")
-    return name
+    """``auto`` → cuda where one is visible, else cpu; ValueError naming the value when it is no
+    device, or a CUDA device this host does not have."""
+    from fedfm.train import resolve_device as torch_device
+
+    return str(torch_device(name))
 
 
 def model_config(cfg: RunConfig, num_beams: int):

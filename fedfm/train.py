@@ -41,6 +41,11 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
         raise ValueError(f"device {device!r} is not allowed; expected auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r}: no CUDA device is visible here (use cpu or auto)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this host has {torch.cuda.device_count()} CUDA device(s); "
+                         f"expected cuda:0 … cuda:{torch.cuda.device_count() - 1}, cuda or auto")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} is not allowed; expected auto, cpu, cuda or cuda:N")
     return dev
 
 
