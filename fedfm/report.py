@@ -46,10 +46,30 @@ def load_run(run_dir: str | Path) -> dict:
             raise ValueError(f"{d / name}: not a JSON object; a run folder's {name} is one fedfm writes")
         return value
 
+    baselines = opt_json("baselines.json")
+    _check_baselines(d / "baselines.json", baselines)
     return {"dir": d, "config": config,
             "metrics": read_jsonl(d / "metrics.jsonl"), "ledger": read_jsonl(d / "ledger.jsonl"),
-            "events": read_jsonl(d / "events.jsonl"), "baselines": opt_json("baselines.json"),
+            "events": read_jsonl(d / "events.jsonl"), "baselines": baselines,
             "compare": opt_json("compare.json")}
+
+
+def _check_baselines(path: Path, baselines: dict) -> None:
+    """ValueError naming the file and the cell when baselines.json is not {site: {task: {metric:
+    number, "baseline": name}}}, as the central evaluator writes it: the report formats every
+    metric as a number, and would otherwise fail with no file named, or write half its files."""
+    for site, tasks in baselines.items():
+        if not isinstance(tasks, dict):
+            raise ValueError(f"{path}: `{site}` = {tasks!r} is not allowed; expected {{task: {{metric: number}}}}")
+        for task, cell in tasks.items():
+            if not isinstance(cell, dict):
+                raise ValueError(f"{path}: `{site}.{task}` = {cell!r} is not allowed; expected {{metric: number}}")
+            for metric, value in cell.items():
+                ok = isinstance(value, str) if metric == "baseline" else (
+                    value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)))
+                if not ok:
+                    expected = "the baseline method's name" if metric == "baseline" else "a number"
+                    raise ValueError(f"{path}: `{site}.{task}.{metric}` = {value!r} is not allowed; expected {expected}")
 
 
 def summarize(run: dict) -> dict:
@@ -737,14 +757,20 @@ def write_report(run_dir: str | Path) -> Path:
     A ``stage=pretrain`` run (config.json's ``stage``) gets the reconstruction report."""
     run = load_run(run_dir)
     pre = run["config"].get("stage") == "pretrain"
-    try:
+    markdown = _markdown_pretrain if pre else _markdown
+    plots = run["dir"] / "plots"
+    if plots.exists() and not plots.is_dir():
+        raise ValueError(f"{plots}: is a file; a run folder's plots/ is the folder the report's figures go "
+                         f"into: move the file away; nothing was written")
+    try:  # everything computed and rendered before the first file is written
         s = (summarize_pretrain if pre else summarize)(run)
-    except (KeyError, TypeError, AttributeError, IndexError) as e:  # a hand-edited or foreign file: one line
+        markdown({**s, "plots": []})
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError) as e:  # a hand-edited or foreign file
         raise ValueError(f"{run['dir']}: a run file does not have the shape fedfm writes ({type(e).__name__}: "
                          f"{e}); config.json, metrics.jsonl, ledger.jsonl and baselines.json are read; "
                          f"nothing was written") from None
-    s["plots"] = (_plots_pretrain if pre else _plots)(run, s, run["dir"] / "plots")
+    s["plots"] = (_plots_pretrain if pre else _plots)(run, s, plots)
     write_json(run["dir"] / "report.json", s)
     path = run["dir"] / "report.md"
-    path.write_text((_markdown_pretrain if pre else _markdown)(s))
+    path.write_text(markdown(s))
     return path
