@@ -292,7 +292,8 @@ def federation_entries(path: str | Path) -> tuple[str, list[tuple[str, str]]]:
         raise _fail(str(p), "name", data["name"], "a non-empty string")
     out: list[tuple[str, str]] = []
     for key, role in (("train_sites", "train"), ("heldout_sites", "heldout")):
-        entries = data.get(key) or []
+        entries = data.get(key)
+        entries = [] if entries is None else entries  # `heldout_sites:` left empty holds none out
         if not isinstance(entries, list) or (key == "train_sites" and not entries):
             raise _fail(str(p), key, entries, "a non-empty list of site YAML paths" if key == "train_sites"
                         else "a list of site YAML paths")

@@ -87,7 +87,11 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    scores = baseline_scores(fed, args.split, args.cache_dir, args.max_train, tasks)
+    try:
+        scores = baseline_scores(fed, args.split, args.cache_dir, args.max_train, tasks)
+    except ValueError as e:  # a site's data cannot be made or read (the message names the file)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     fitted = f"the first {args.max_train} samples of its own train split" if args.max_train else "its own train split"
     print(f"Classical baselines, federation {fed.name!r}, {args.split} split; every site's baselines "
           f"(held-out sites included) fitted on {fitted} ({time.perf_counter() - t0:.0f} s).")

@@ -145,6 +145,10 @@ def run_central(federation: str, out: str, preset: str = "tiny", steps: int = 30
     if adapter is not None and backbone is None and not no_pretrain:
         raise ValueError(f"--adapter {adapter}: give the --backbone it was fine-tuned on (or --no-pretrain); "
                          f"a freshly pretrained backbone cannot match it")
+    if backbone is not None:  # missing, or not matching its sidecar: one line before data is made or a folder written
+        from fedfm.model import load_backbone
+
+        load_backbone(backbone)
     fed = load_federation(federation)
     if adapter is None:  # a loaded state is scored, not trained: the batch size goes unused
         check_batch_size("--batch-size", batch_size, fed.train_sites, max_train)

@@ -120,6 +120,10 @@ def test_federation_rejects_missing_site(tmp_path):
     ("name: [x]\ntrain_sites: [a.yaml]\n", "`name` = ['x'] is not allowed; expected a non-empty string"),
     ("name: f\ntrain_sites: []\n", "`train_sites` = [] is not allowed"),
     ("name: f\ntrain_sites: [a.yaml]\nheldout_sites: b.yaml\n", "`heldout_sites` = 'b.yaml' is not allowed"),
+    # falsy values that are no list once read as "none held out" / "[]"
+    ("name: f\ntrain_sites: [a.yaml]\nheldout_sites: {}\n", "`heldout_sites` = {} is not allowed"),
+    ("name: f\ntrain_sites: [a.yaml]\nheldout_sites: 0\n", "`heldout_sites` = 0 is not allowed"),
+    ("name: f\ntrain_sites: ''\n", "`train_sites` = '' is not allowed"),
 ])
 def test_both_federation_loaders_refuse_a_malformed_federation_file_alike(tmp_path, text, needle):
     from fedfm.config import load_federation_sites

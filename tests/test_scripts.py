@@ -1357,6 +1357,12 @@ def test_run_federation_refuses_before_starting_what_would_fail_hang_or_mislead_
     (root / "names.yaml").write_text("name: n\ntrain_sites: [alpha.yaml, alpha-copy.yaml]\n")
     a_file = tmp_path / "a-file"
     a_file.write_text("not a folder")
+    damaged, not_a_mapping = tmp_path / "damaged", tmp_path / "not-a-mapping"  # a run's config.json, hand-edited
+    recorded = json.loads((run / "config.json").read_text())
+    damaged.mkdir()
+    (damaged / "config.json").write_text(json.dumps({**recorded, "run_config": {**recorded["run_config"], "lr": "x"}}))
+    not_a_mapping.mkdir()
+    (not_a_mapping / "config.json").write_text(json.dumps({**recorded, "run_config": 5}))
     cases = [
         (["--federation", str(root / "twice.yaml")], "that site is listed twice"),
         (["--federation", str(root / "overlap.yaml")], "in both `train_sites` and `heldout_sites`"),
@@ -1376,6 +1382,13 @@ def test_run_federation_refuses_before_starting_what_would_fail_hang_or_mislead_
         (["--set", "batch-size=65"], "`batch-size` = 65 is not allowed: training site alpha"),
         (["--set", "batch-size=9", "--set", "train-max-samples=8"], "has 8 training samples"),
         (["--set", "fedprox-mu=0.5"], "`fedprox-mu` = 0.5 is used only by strategy=fedprox"),
+        # a value the launcher once used before RunConfig checked it: a traceback, or no key named
+        (["--set", "fraction-train=-inf"], "run config: `fraction-train` = -inf is not allowed"),
+        (["--set", "fraction-train=foo"], "run config: `fraction-train` = 'foo' is not allowed"),
+        (["--ray-address", "headnode:abc"], "--ray-address headnode:abc: port 'abc' is not a number"),
+        (["--set", f"resume={damaged}"], f"{damaged / 'config.json'}: the run's recorded settings: run config: "
+                                         f"`lr` = 'x' is not allowed"),
+        (["--set", f"resume={not_a_mapping}"], f"{not_a_mapping / 'config.json'}: `run_config` = 5 is not allowed"),
     ]
     before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
     rf = _load_script("run_federation")
@@ -1488,3 +1501,55 @@ def test_report_refuses_to_rebuild_from_files_that_lost_the_scores(fed_run, tmp_
         samples_path(run, f"round-{ROUNDS:03d}").unlink()
     rc, err = attempt(interrupted_between_evaluations)
     assert rc == 0 and err == "", err
+
+
+def test_scripts_refuse_what_an_audit_found_reaching_a_traceback_in_one_line_writing_nothing(fed_run, tmp_path,
+                                                                                            capsys):
+    """Each once ended in a traceback, a line naming no file or key, or a half-rewritten report."""
+    import shutil
+    import signal
+
+    def refused(script: str, argv: list[str], needle: str) -> None:
+        saved = signal.getsignal(signal.SIGTERM)  # the launchers set their own handler
+        try:
+            assert _load_script(script).main(argv) == 2, (script, argv)
+        finally:
+            signal.signal(signal.SIGTERM, saved)
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and needle in err, (script, argv, err)
+
+    # a path key given a number: checked with every other key before the launcher reads it
+    refused("run_federation", ["--set", "federation=5", "--out", str(tmp_path / "r"), "--flwr-home",
+                               str(tmp_path / "flwr")], "run config: `federation` = 5 is not allowed; expected a string")
+    refused("compare", [str(fed_run["fed"]), "--out", str(tmp_path / "c"), "--set", "federation=x.yaml"],
+            "--set federation=x.yaml: compare.py takes the federation from its first argument")
+    assert not any((tmp_path / n).exists() for n in ("r", "flwr", "c"))
+
+    # a device that is none, or a CUDA device this host lacks
+    for device, needle in (("foo", "device 'foo' is not allowed; expected auto, cpu, cuda or cuda:N"),
+                           ("mps", "device 'mps' is not allowed"),
+                           ("cuda:9", "device 'cuda:9'")):
+        refused("evaluate", [str(fed_run["run"]), "--device", device, "--out", str(tmp_path / "ev")], needle)
+    assert not (tmp_path / "ev").exists()
+
+    # a cache folder that is a file: the site's data cannot be made
+    a_file = tmp_path / "cache-file"
+    a_file.write_text("")
+    refused("baselines", [str(fed_run["fed"]), "--cache-dir", str(a_file)], "cannot write the site's data cache")
+
+    # a missing backbone: refused before any data is made or the output folder created
+    with pytest.raises(ValueError, match="backbone checkpoint not found"):
+        _load_script("train_central").run_central(str(fed_run["fed"]), str(tmp_path / "tc"),
+                                                  backbone=str(tmp_path / "none.safetensors"))
+    assert not (tmp_path / "tc").exists()
+
+    # a baseline cell that is not a number: named, and not one of the report's files rewritten
+    run = tmp_path / "run"
+    shutil.copytree(fed_run["run"], run)
+    baselines = json.loads((run / "baselines.json").read_text())
+    baselines["alpha"]["CE"]["nmse_db"] = "abc"
+    (run / "baselines.json").write_text(json.dumps(baselines))
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    refused("report", [str(run)], f"{run / 'baselines.json'}: `alpha.CE.nmse_db` = 'abc' is not allowed; "
+                                  f"expected a number")
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
