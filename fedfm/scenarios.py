@@ -163,7 +163,8 @@ def _coerce(path: str, key: str, value: Any, typ: type, check, allowed: str) -> 
         if typ in (int, float) and isinstance(value, str):
             try:
                 float(value)
-                hint = "; YAML 1.1 reads an exponent without a sign as text: write 1.0e+3, not 1.0e3"
+                hint = ("; YAML 1.1 reads an exponent without a sign as text: write 1.0e+3, not 1.0e3"
+                        if "e" in value.lower() else f"; it is quoted: write {value.strip()}, not {value!r}")
             except ValueError:
                 pass
         raise _fail(path, key, value, f"{allowed} ({typ.__name__}){hint}")
@@ -312,9 +313,10 @@ def federation_entries(path: str | Path) -> tuple[str, list[tuple[str, str]]]:
 
 def load_listed_site(federation: str | Path, site: str, role: str) -> SiteSpec:
     """The site a federation lists; a missing file is named with the federation that lists it."""
-    if not Path(site).exists():
+    if not Path(site).is_file():
         key = "train_sites" if role == "train" else "heldout_sites"
-        raise ConfigError(f"{site}: no such file, listed in `{key}` of {federation}; expected a site YAML "
+        what = "a folder, not a file" if Path(site).is_dir() else "no such file"
+        raise ConfigError(f"{site}: {what}, listed in `{key}` of {federation}; expected a site YAML "
                           f"path relative to the federation file")
     return load_site(site)
 

@@ -112,6 +112,10 @@ def test_federation_rejects_missing_site(tmp_path):
     # the lenient loader (launchers, ServerApp) excludes that site with the same line
     (entry,) = load_federation_sites(fed)
     assert entry.spec is None and needle in entry.error
+    # a folder listed as a site: named with the federation that lists it
+    fed = write(tmp_path, "name: f\ntrain_sites: [.]\n", "fed.yaml")
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path}: a folder, not a file, listed in `train_sites` of {fed}")):
+        load_federation(fed)
 
 
 @pytest.mark.parametrize("text, needle", [
@@ -148,6 +152,8 @@ def test_hash_and_seeds():
     (GOOD.replace("seed: 101", "seed: 101\nname: other"), "key `name` appears twice (lines"),
     (GOOD.replace("distance_max_m: 300.0", "distance_max_m: .inf"), "`ue.distance_max_m`"),
     (GOOD.replace("distance_max_m: 300.0", "distance_max_m: 1.0e9"), "write 1.0e+3, not 1.0e3"),
+    (GOOD.replace("antennas: 8 ", 'antennas: "8" '), "`sub6.antennas` = '8' is not allowed; expected a positive "
+                                                   "integer (int); it is quoted: write 8, not '8'"),
     (GOOD.replace("  carrier_ghz: 1.9", "  carrier_ghz: 6.5").replace("  carrier_ghz: 28.0", "  carrier_ghz: 6.5"),
      "`mmwave.carrier_ghz` = 6.5 is not allowed; expected a carrier above sub6.carrier_ghz (6.5 GHz)"),
 ])
