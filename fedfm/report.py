@@ -17,6 +17,9 @@ score is the mean over tasks. Lower is better; 1.0 = no better than the baseline
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -769,7 +772,15 @@ def write_report(run_dir: str | Path) -> Path:
         raise ValueError(f"{run['dir']}: a run file does not have the shape fedfm writes ({type(e).__name__}: "
                          f"{e}); config.json, metrics.jsonl, ledger.jsonl and baselines.json are read; "
                          f"nothing was written") from None
-    s["plots"] = (_plots_pretrain if pre else _plots)(run, s, plots)
+    # the figures into a folder of their own first: a plot that fails leaves plots/ as it was
+    staging = Path(tempfile.mkdtemp(prefix=".plots-", dir=run["dir"]))
+    try:
+        s["plots"] = (_plots_pretrain if pre else _plots)(run, s, staging)
+        plots.mkdir(exist_ok=True)
+        for f in staging.iterdir():
+            os.replace(f, plots / f.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     write_json(run["dir"] / "report.json", s)
     path = run["dir"] / "report.md"
     path.write_text(markdown(s))

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -161,12 +162,11 @@ def _coerce(path: str, key: str, value: Any, typ: type, check, allowed: str) -> 
     if not isinstance(value, typ) or isinstance(value, bool):
         hint = ""
         if typ in (int, float) and isinstance(value, str):
-            try:
-                float(value)
-                hint = ("; YAML 1.1 reads an exponent without a sign as text: write 1.0e+3, not 1.0e3"
-                        if "e" in value.lower() else f"; it is quoted: write {value.strip()}, not {value!r}")
-            except ValueError:
-                pass
+            number = re.fullmatch(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE]([+-]?)\d+)?\s*", value)
+            if number and number.group(2) and not number.group(3):
+                hint = "; YAML 1.1 reads an exponent without a sign as text: write 1.0e+3, not 1.0e3"
+            elif number:  # a plain number YAML read as text: it was quoted
+                hint = f"; it is quoted: write {value.strip()}, not {value!r}"
         raise _fail(path, key, value, f"{allowed} ({typ.__name__}){hint}")
     if not check(value):
         raise _fail(path, key, value, allowed)

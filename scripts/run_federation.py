@@ -90,19 +90,22 @@ def ray_cluster(ray_address: str | None = None) -> str | None:
     if value.startswith("ray://"):
         raise ValueError(f"{source}: a Ray Client address is not supported; expected HOST:PORT of the "
                          f"cluster's head (what `ray start --head` prints), or {RAY_LOCAL}")
+    expected = f"expected HOST:PORT of a running cluster's head (what `ray start --head` prints), or {RAY_LOCAL}"
+    if value and value != "auto":  # checked here: Ray logs a traceback for some malformed ones before raising
+        host, sep, port = value.rpartition(":")
+        if not (sep and host.strip("[]") and port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(f"{source}: not a HOST:PORT with a port in 1–65535; {expected}")
     try:
         address = canonicalize_bootstrap_address(value or None)
     except (ValueError, ConnectionError) as e:
-        raise ValueError(f"{source}: {e}; expected HOST:PORT of a running cluster's head (what "
-                         f"`ray start --head` prints), or {RAY_LOCAL}") from None
+        raise ValueError(f"{source}: {e}; {expected}") from None
     if address is None:
         return None
-    host, _, port = address.rpartition(":")
-    if not port.isdigit():
-        raise ValueError(f"{source}: port {port!r} is not a number; expected HOST:PORT of a running cluster's head "
-                         f"(what `ray start --head` prints), or {RAY_LOCAL}")
+    host, _, port = address.rpartition(":")  # a recorded address: Ray wrote it as HOST:PORT
+    if not (port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"{source}: {address} is not a HOST:PORT with a port in 1–65535; {expected}")
     try:
-        socket.create_connection((host, int(port)), timeout=5).close()
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
     except OSError as e:
         raise ValueError(f"{source}: no Ray cluster answers at {address} ({e.strerror or e}); start it "
                          f"(`ray start --head`), point --ray-address at a running one, or pass --ray-address "

@@ -47,10 +47,13 @@ def _start_node(temp_dir: str, head_port: int, head: bool) -> int:
             else ["--address", f"127.0.0.1:{head_port}"])
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
-    out, _ = proc.communicate(timeout=120)
-    if proc.returncode != 0:
-        rf.stop_process_groups([proc.pid], term_wait=5)
-        raise RuntimeError(f"ray start failed ({proc.returncode}):\n{out[-2000:]}")
+    try:
+        out, _ = proc.communicate(timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"ray start failed ({proc.returncode}):\n{out[-2000:]}")
+    except BaseException:  # failed, too slow, or Ctrl-C: what it started so far is not left running
+        rf.stop_process_groups([proc.pid], term_wait=5, reap=proc.poll)
+        raise
     return proc.pid
 
 
@@ -126,8 +129,9 @@ def test_a_federation_runs_on_a_two_node_ray_cluster_as_in_process(tmp_path, cac
     assert result["ok"], f"{result}\n{stream[-3000:]}"
     assert result["ray_cluster"] == rf.ray_cluster(address)
     assert f"the sites run on the Ray cluster at {result['ray_cluster']}" in stream
-    # one actor per node (one CPU each): both nodes trained, and no actor ran anywhere else
-    assert seen == raylets, f"actors under {seen}, the cluster's raylets {raylets}"
+    # one actor per node (one CPU each): both nodes trained (`seen` may also hold the raylets of
+    # another Ray instance on this host, a concurrent run's: only the cluster's are asserted)
+    assert raylets <= seen, f"actors under {seen}, the cluster's raylets {raylets}"
 
     # the cluster is left running, without the run's actors (Ray ends a job's actors with it)
     assert _raylets(temp_dir) == raylets

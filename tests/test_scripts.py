@@ -1385,7 +1385,9 @@ def test_run_federation_refuses_before_starting_what_would_fail_hang_or_mislead_
         # a value the launcher once used before RunConfig checked it: a traceback, or no key named
         (["--set", "fraction-train=-inf"], "run config: `fraction-train` = -inf is not allowed"),
         (["--set", "fraction-train=foo"], "run config: `fraction-train` = 'foo' is not allowed"),
-        (["--ray-address", "headnode:abc"], "--ray-address headnode:abc: port 'abc' is not a number"),
+        (["--ray-address", "headnode:abc"], "--ray-address headnode:abc: not a HOST:PORT with a port in 1–65535"),
+        (["--ray-address", ":6379"], "--ray-address :6379: not a HOST:PORT"),  # Ray logged a traceback for it
+        (["--ray-address", "127.0.0.1:99999"], "--ray-address 127.0.0.1:99999: not a HOST:PORT"),
         (["--set", f"resume={damaged}"], f"{damaged / 'config.json'}: the run's recorded settings: run config: "
                                          f"`lr` = 'x' is not allowed"),
         (["--set", f"resume={not_a_mapping}"], f"{not_a_mapping / 'config.json'}: `run_config` = 5 is not allowed"),
@@ -1553,3 +1555,30 @@ def test_scripts_refuse_what_an_audit_found_reaching_a_traceback_in_one_line_wri
     refused("report", [str(run)], f"{run / 'baselines.json'}: `alpha.CE.nmse_db` = 'abc' is not allowed; "
                                   f"expected a number")
     assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_a_plot_that_fails_leaves_the_report_and_its_plots_as_they_were(fed_run, tmp_path, monkeypatch):
+    import shutil
+
+    import fedfm.report as report
+
+    run = tmp_path / "run"
+    shutil.copytree(fed_run["run"], run)
+    for png in (run / "plots").glob("*.png"):  # so that a figure drawn again, even to the same bits, shows
+        png.write_bytes(b"an earlier figure")
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert any(p.parts[0] == "plots" for p in before)
+    calls, real = [], report._save
+
+    def second_fails(fig, path):  # the first figure is drawn, the second fails (a full disk, matplotlib)
+        calls.append(path.name)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(fig, path)
+
+    monkeypatch.setattr(report, "_save", second_fails)
+    with pytest.raises(OSError, match="No space left"):
+        report.write_report(run)
+    assert len(calls) == 2
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert not [p for p in run.iterdir() if p.name.startswith(".plots-")]
