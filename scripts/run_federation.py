@@ -87,10 +87,9 @@ def ray_cluster(ray_address: str | None = None) -> str | None:
         source = f"the cluster `ray start` last recorded in {get_ray_address_file(None)}"
     if value == RAY_LOCAL:
         return None
-    if value.startswith("ray://"):
-        raise ValueError(f"{source}: a Ray Client address is not supported; expected HOST:PORT of the "
-                         f"cluster's head (what `ray start --head` prints), or {RAY_LOCAL}")
     expected = f"expected HOST:PORT of a running cluster's head (what `ray start --head` prints), or {RAY_LOCAL}"
+    if value.startswith("ray://"):
+        raise ValueError(f"{source}: a Ray Client address is not supported; {expected}")
     if value and value != "auto":  # checked here: Ray logs a traceback for some malformed ones before raising
         host, sep, port = value.rpartition(":")
         if not (sep and host.strip("[]") and port.isdigit() and 0 < int(port) < 65536):
