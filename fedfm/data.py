@@ -109,8 +109,12 @@ def _write_atomic(path: Path, arrays: dict[str, np.ndarray], spec: SiteSpec, spl
         Path(tmp).unlink(missing_ok=True)
         raise
     tmp_meta = path.with_suffix(".json.tmp")
-    tmp_meta.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp_meta, path.with_suffix(".json"))
+    try:
+        tmp_meta.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp_meta, path.with_suffix(".json"))
+    except BaseException:  # the npz without its sidecar reads as not cached, and is made again
+        tmp_meta.unlink(missing_ok=True)
+        raise
 
 
 def load_split(spec: SiteSpec, split: str, cache_dir: str | Path | None = None,
@@ -131,8 +135,9 @@ def load_split(spec: SiteSpec, split: str, cache_dir: str | Path | None = None,
         arrays = generate_split(spec, split, n)
         try:
             _write_atomic(path, arrays, spec, split)
-        except OSError as e:  # a cache dir that is a file, read-only or full: one line naming it
-            raise ValueError(f"{path.parent}: cannot write the site's data cache ({e.strerror or e}); "
+        except OSError as e:  # a cache dir that is a file, read-only or full, a sidecar path taken: one line naming it
+            where = e.filename2 or e.filename or path.parent
+            raise ValueError(f"{where}: cannot write the site's data cache ({e.strerror or e}); "
                              f"choose a writable cache folder (--cache-dir, cache-dir= or FEDFM_CACHE_DIR)") from None
     return arrays
 

@@ -86,6 +86,13 @@ def test_a_cache_that_cannot_be_used_is_one_line(tmp_path, capfd):
     blocker.write_text("")
     with pytest.raises(ValueError, match=rf"^{blocker}/sidecar-\w+: cannot write the site's data cache"):
         load_split(spec, "val", blocker, samples=8)
+    # a sidecar's path taken by a folder: that path named, no temp file left beside the cache
+    other = tmp_path / "other"
+    sidecar = site_cache_dir(spec, other) / "val-8.json"
+    sidecar.mkdir(parents=True)
+    with pytest.raises(ValueError, match=rf"^{sidecar}: cannot write the site's data cache \(Is a directory\)"):
+        load_split(spec, "val", other, samples=8)
+    assert sorted(p.name for p in sidecar.parent.iterdir()) == ["val-8.json", "val-8.npz"]
 
 
 def test_site_tasks_carry_the_channel_stats_of_the_samples_the_site_trains_on(tmp_path):
