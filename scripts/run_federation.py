@@ -90,26 +90,31 @@ def ray_cluster(ray_address: str | None = None) -> str | None:
     expected = f"expected HOST:PORT of a running cluster's head (what `ray start --head` prints), or {RAY_LOCAL}"
     if value.startswith("ray://"):
         raise ValueError(f"{source}: a Ray Client address is not supported; {expected}")
-    if value and value != "auto":  # checked here: Ray logs a traceback for some malformed ones before raising
-        host, sep, port = value.rpartition(":")
-        if not (sep and host.strip("[]") and port.isdigit() and 0 < int(port) < 65536):
-            raise ValueError(f"{source}: not a HOST:PORT with a port in 1–65535; {expected}")
+    if value and value != "auto" and not _host_port(value):  # here: Ray logs a traceback for some before raising
+        raise ValueError(f"{source}: not a HOST:PORT with a port in 1–65535; {expected}")
     try:
         address = canonicalize_bootstrap_address(value or None)
     except (ValueError, ConnectionError) as e:
         raise ValueError(f"{source}: {e}; {expected}") from None
     if address is None:
         return None
-    host, _, port = address.rpartition(":")  # a recorded address: Ray wrote it as HOST:PORT
-    if not (port.isdigit() and 0 < int(port) < 65536):
+    host_port = _host_port(address)  # also a recorded address, which the first check did not see
+    if not host_port:
         raise ValueError(f"{source}: {address} is not a HOST:PORT with a port in 1–65535; {expected}")
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+        socket.create_connection(host_port, timeout=5).close()
     except OSError as e:
         raise ValueError(f"{source}: no Ray cluster answers at {address} ({e.strerror or e}); start it "
                          f"(`ray start --head`), point --ray-address at a running one, or pass --ray-address "
                          f"{RAY_LOCAL} for a Ray instance of the run's own (`ray stop` clears a stale record)") from None
     return address
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of ``HOST:PORT`` (IPv6 brackets stripped), None unless the port is in 1–65535."""
+    host, sep, port = address.rpartition(":")
+    host = host.strip("[]")
+    return (host, int(port)) if sep and host and port.isdigit() and 0 < int(port) < 65536 else None
 
 
 def start_superlink(flwr_home: Path, env: dict[str, str], port: int, timeout_s: float = 60.0,
